@@ -1,0 +1,57 @@
+"""The rollout boundary: what the trainer asks of a generation backend and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """vLLM-style sampling parameters.
+
+    The logprob returned for each sampled token is taken under the distribution it was actually
+    sampled from: logits / temperature, then top-k and top-p truncation, renormalised. At
+    temperature 0 (greedy) it is the log-softmax of the raw logits.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    logprobs: bool = True
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass
+class Request:
+    """One prompt to sample `params.n` completions of; `group_id` names the prompt (GRPO group)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    group_id: str
+    request_id: str
+
+
+@dataclass
+class Completion:
+    request_id: str
+    group_id: str
+    prompt_ids: list[int]
+    tokens: list[int]
+    logprobs: list[float]  # sampling logprob of each token in `tokens`
+    finish_reason: str  # "stop" (a stop token was sampled) or "length"
+    timings: dict = field(default_factory=dict)
