@@ -1,0 +1,1 @@
+"""Training side: algorithms (advantages, policy losses, KL) and the optimisation loop."""
