@@ -7,7 +7,10 @@ key, a value of the wrong type, a choice that does not exist) is reported at sta
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -171,15 +174,118 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     return cfg
 
 
-def section_keys(dc) -> list[str]:
-    return [f.name for f in fields(dc)]
+def _data_dir(repo_name: str, package: str) -> Path:
+    """conf/ or recipes/ at the repository root; inside an installed wheel, the data package."""
+    in_repo = Path(__file__).resolve().parent.parent / repo_name
+    if in_repo.is_dir():
+        return in_repo
+    return Path(str(resources.files(package)))
+
+
+def conf_dir() -> Path:
+    return _data_dir("conf", "slipstream._conf")
+
+
+def recipes_dir() -> Path:
+    return _data_dir("recipes", "slipstream._recipes")
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+_SECTIONS = {"model": ModelConfig, "task": TaskConfig, "algorithm": AlgorithmConfig, "rollout": RolloutConfig,
+             "trainer": TrainerConfig, "logger": LoggerConfig}
 
 
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
     cs.store(name="slipstream_schema", node=SlipstreamConfig)
-    for group, schema in (("model", ModelConfig), ("task", TaskConfig), ("algorithm", AlgorithmConfig),
-                          ("rollout", RolloutConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
-        cs.store(group=group, name=f"{group}_schema", node=schema)
+    # Recipes live in recipes/ (data, `# @package _global_`); hydra sees them as the `recipe` group.
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def _unknown_key_message(full_key: str) -> str:
+    section, _, name = full_key.partition(".")
+    if section in _SECTIONS and name:
+        valid = section_keys(_SECTIONS[section])
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
+        return f"unknown config key '{full_key}'.{hint} Valid keys of '{section}': {', '.join(valid)}"
+    valid = list(_SECTIONS) + ["recipe"]
+    close = difflib.get_close_matches(section, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{full_key}'.{hint} Valid top-level keys: {', '.join(valid)}"
+
+
+def _reject_unknown_keys(raw: dict) -> None:
+    top = set(section_keys(SlipstreamConfig))
+    for key, value in raw.items():
+        if key not in top:
+            raise ConfigError(_unknown_key_message(key))
+        if key in _SECTIONS and isinstance(value, dict):
+            for sub in value:
+                if sub not in section_keys(_SECTIONS[key]):
+                    raise ConfigError(_unknown_key_message(f"{key}.{sub}"))
+
+
+def compose(overrides: list[str]) -> SlipstreamConfig:
+    """Compose conf/ + the chosen recipe + command-line overrides into a validated SlipstreamConfig.
+
+    Every user mistake comes out as ConfigError with a message naming the key or option.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key == "recipe" and "=" in o and o.split("=", 1)[1] not in available_recipes():
+            raise ConfigError(f"unknown recipe '{o.split('=', 1)[1]}'; available recipes: "
+                              f"{', '.join(available_recipes())}")
+        if "." not in key and key in _SECTIONS and "=" in o and o.split("=", 1)[1] not in group_options(key):
+            raise ConfigError(f"unknown {key} '{o.split('=', 1)[1]}'; available: {', '.join(group_options(key))}"
+                              + (f" (or set {key}.name=PATH for a local model directory)" if key == "model" else ""))
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=overrides)
+        _reject_unknown_keys(OmegaConf.to_container(raw, resolve=False))
+        cfg = OmegaConf.to_object(raw)
+    except OverrideParseException as e:
+        raise ConfigError(f"cannot parse override: {e}") from None
+    except MissingConfigException as e:
+        raise ConfigError(str(e).strip()) from None
+    except ConfigCompositionException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigKeyError) or "Could not override" in str(e) or "Could not append" in str(e):
+            key = getattr(cause, "full_key", None) or str(e).split("'")[1]
+            raise ConfigError(_unknown_key_message(key)) from None
+        if isinstance(cause, ValidationError):
+            raise ConfigError(f"{cause.full_key}: {cause.msg.splitlines()[0]}") from None
+        raise ConfigError(str(e).strip()) from None
+    except ValidationError as e:
+        raise ConfigError(f"{e.full_key}: {e.msg.splitlines()[0]}") from None
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(e.full_key)) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).strip()) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return validate(cfg)
+
+
+def section_keys(dc) -> list[str]:
+    return [f.name for f in fields(dc)]

@@ -1,0 +1,133 @@
+"""The actor on the single-process `local` backend: log-probs, the policy update, its optimizer.
+
+Parameters stay in float32; on CUDA the forward runs under bf16 autocast (mixed precision), on
+CPU everything is float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from slipstream.config import AlgorithmConfig, TrainerConfig
+from slipstream.trainer import algorithms as alg
+from slipstream.trainer.batch import RolloutBatch
+
+
+def autocast_for(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def response_logprobs(model, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+    """Log-probs [B, R] of the response tokens under `model` (only R + 1 positions reach the LM head)."""
+    R = batch.response_width
+    ids = batch.input_ids.to(device)
+    with autocast_for(device):
+        out = model(
+            input_ids=ids,
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
+            use_cache=False,
+            logits_to_keep=R + 1,
+        )
+    logits = out.logits[:, :R].float()  # position P-1+j predicts response token j
+    targets = ids[:, batch.prompt_width :]
+    lp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return lp * batch.response_mask.to(device)  # zeros on padding keep later math finite
+
+
+def lr_at(step: int, cfg: TrainerConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+class Actor:
+    def __init__(self, model, tcfg: TrainerConfig, acfg: AlgorithmConfig, device: torch.device, ref_model=None):
+        self.model = model
+        self.tcfg = tcfg
+        self.acfg = acfg
+        self.device = device
+        self.ref_model = ref_model
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=tcfg.lr,
+            betas=tuple(tcfg.betas),
+            weight_decay=tcfg.weight_decay,
+        )
+        self.policy_loss = alg.POLICY_LOSSES[acfg.policy_loss]
+        self.aggregate = alg.LOSS_AGGREGATIONS[acfg.loss_agg]
+
+    def advantages(self, batch: RolloutBatch) -> torch.Tensor:
+        estimator = alg.ADVANTAGE_ESTIMATORS[self.acfg.advantage]
+        return estimator(batch.rewards, batch.group_ids, norm_by_std=self.acfg.norm_adv_by_std)
+
+    @torch.no_grad()
+    def logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
+        mb = self.tcfg.micro_batch_size
+        return torch.cat([response_logprobs(model, batch.rows(s, s + mb), self.device).cpu()
+                          for s in range(0, batch.size, mb)])
+
+    def update(self, batch: RolloutBatch, advantages: torch.Tensor, step: int, max_tokens: int,
+               on_micro_batch=None) -> dict[str, float]:
+        """One optimizer step over the whole batch, accumulated over micro-batches."""
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.tcfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        mb = self.tcfg.micro_batch_size
+        num_tokens = int(batch.response_mask.sum().item())
+        totals: dict[str, float] = {}
+        all_old, all_rollout, all_mask = [], [], []
+        for s in range(0, batch.size, mb):
+            part = batch.rows(s, s + mb)
+            mask = part.response_mask.to(self.device)
+            lp = response_logprobs(self.model, part, self.device)
+            # One update per rollout batch: the trainer's "old" policy is the current one (ratio 1).
+            old = lp.detach()
+            rollout_lp = part.rollout_logprobs.to(self.device)
+            is_w = alg.tis_weights(old, rollout_lp, self.acfg.tis_cap) if self.acfg.tis else None
+            token_loss, metrics = self.policy_loss(
+                lp, old, advantages[s : s + mb].to(self.device), mask,
+                clip_low=self.acfg.clip_low, clip_high=self.acfg.clip_high, is_weights=is_w,
+            )
+            if self.ref_model is not None and self.acfg.kl_coef > 0:
+                with torch.no_grad():
+                    ref_lp = response_logprobs(self.ref_model, part, self.device)
+                kl = alg.kl_k3(lp, ref_lp)
+                token_loss = token_loss + self.acfg.kl_coef * kl
+                totals["kl_ref"] = totals.get("kl_ref", 0.0) + float((kl.detach() * mask).sum())
+            loss = self.aggregate(token_loss, mask, num_seqs=batch.size, num_tokens=max(num_tokens, 1),
+                                  max_tokens=max_tokens)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()}")
+            loss.backward()
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+            weight = float(mask.sum())
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * weight
+            if is_w is not None:
+                totals["tis/weight_mean"] = totals.get("tis/weight_mean", 0.0) + float((is_w * mask).sum())
+                totals["tis/capped_frac"] = totals.get("tis/capped_frac", 0.0) + float(
+                    ((is_w >= self.acfg.tis_cap) * mask).sum())
+            all_old.append(old.cpu())
+            all_rollout.append(part.rollout_logprobs)
+            all_mask.append(part.response_mask)
+            if on_micro_batch is not None:
+                on_micro_batch(part.size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient norm at step {step}")
+        self.optimizer.step()
+        denom = max(num_tokens, 1)
+        out = {"loss": totals.pop("loss"), "grad_norm": float(grad_norm), "lr": lr_at(step, self.tcfg)}
+        if "kl_ref" in totals:
+            out["kl_ref"] = totals.pop("kl_ref") / denom
+        for k, v in totals.items():
+            out[k] = v / denom
+        out.update(alg.mismatch_metrics(torch.cat(all_old), torch.cat(all_rollout), torch.cat(all_mask)))
+        return out

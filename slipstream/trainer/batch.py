@@ -1,0 +1,78 @@
+"""The training batch built from rollout completions.
+
+Layout: every row is [left padding | prompt | response | right padding], with all prompts
+left-padded to the same width P so that response token j of every row sits at column P + j.
+The logits that predict the response are then the last R + 1 positions, for all rows at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slipstream.rollout.types import Completion
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor  # [B, P + R] long
+    attention_mask: torch.Tensor  # [B, P + R] long
+    position_ids: torch.Tensor  # [B, P + R] long
+    response_mask: torch.Tensor  # [B, R] float, 1 on response tokens
+    rollout_logprobs: torch.Tensor  # [B, R] float, 0 on padding
+    rewards: torch.Tensor  # [B] float
+    group_ids: torch.Tensor  # [B] long
+    prompt_width: int
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_width(self) -> int:
+        return self.response_mask.shape[1]
+
+    def rows(self, start: int, end: int) -> "RolloutBatch":
+        return RolloutBatch(
+            input_ids=self.input_ids[start:end],
+            attention_mask=self.attention_mask[start:end],
+            position_ids=self.position_ids[start:end],
+            response_mask=self.response_mask[start:end],
+            rollout_logprobs=self.rollout_logprobs[start:end],
+            rewards=self.rewards[start:end],
+            group_ids=self.group_ids[start:end],
+            prompt_width=self.prompt_width,
+        )
+
+
+def build_batch(completions: list[Completion], rewards: list[float], pad_id: int) -> RolloutBatch:
+    group_index: dict[str, int] = {}
+    gids = [group_index.setdefault(c.group_id, len(group_index)) for c in completions]
+    P = max(len(c.prompt_ids) for c in completions)
+    R = max(1, max(len(c.tokens) for c in completions))
+    B = len(completions)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    resp_mask = torch.zeros((B, R))
+    rollout_lp = torch.zeros((B, R))
+    for i, c in enumerate(completions):
+        p, r = len(c.prompt_ids), len(c.tokens)
+        input_ids[i, P - p : P] = torch.tensor(c.prompt_ids)
+        attn[i, P - p : P + r] = 1
+        if r:
+            input_ids[i, P : P + r] = torch.tensor(c.tokens)
+            resp_mask[i, :r] = 1
+            rollout_lp[i, :r] = torch.tensor(c.logprobs)
+    # Positions count real tokens only, as generation does for left-padded prompts.
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attn,
+        position_ids=position_ids,
+        response_mask=resp_mask,
+        rollout_logprobs=rollout_lp,
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        group_ids=torch.tensor(gids, dtype=torch.long),
+        prompt_width=P,
+    )

@@ -1,0 +1,133 @@
+"""Atomic checkpoints: a checkpoint directory either is complete or is never seen by resume.
+
+A checkpoint is written into `checkpoints/.step_N.tmp-PID`, every file fsynced, a `COMPLETE`
+marker written last, then renamed to `checkpoints/step_N` in one `os.replace`. Resume only
+considers `step_N` directories holding the marker; leftovers of a killed write are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int  # number of completed RL steps
+    epoch: int  # data epoch in progress
+    position: int  # index of the next prompt within the epoch's order
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(root: Path, state: TrainState, model, optimizer, extra: dict | None = None,
+                    keep: int = 2) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state.step:06d}"
+    tmp = root / f".step_{state.step:06d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save(model.state_dict(), tmp / "model.pt")
+    _save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _save({"rng": rng_state(), "extra": extra or {}}, tmp / "state.pt")
+    with open(tmp / "trainer_state.json", "w") as f:
+        json.dump(state.__dict__, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(tmp / MARKER, "w") as f:
+        f.write("ok\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for p in root.iterdir():
+        if p.name.startswith(".step_") and ".tmp-" in p.name:
+            shutil.rmtree(p, ignore_errors=True)  # a write killed earlier
+    if keep > 0:
+        for _, p in _complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = _complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainState, dict]:
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    try:
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        extra_state = torch.load(path / "state.pt", weights_only=False)
+        with open(path / "trainer_state.json") as f:
+            state = TrainState(**json.load(f))
+    except (OSError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+    set_rng_state(extra_state["rng"])
+    return state, extra_state["extra"]

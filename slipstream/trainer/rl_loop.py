@@ -1,0 +1,204 @@
+"""The RL loop, top to bottom: prompts -> rollout -> rewards -> advantages -> update -> sync.
+
+Everything else is a helper this file calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from slipstream.config import SlipstreamConfig
+from slipstream.models import load_model_and_tokenizer
+from slipstream.rollout.hf_backend import HFRolloutBackend
+from slipstream.rollout.types import Request, SamplingParams
+from slipstream.tasks import Problem, build_task
+from slipstream.telemetry import MetricsLogger, progress_bar
+from slipstream.trainer.actor import Actor
+from slipstream.trainer.batch import build_batch
+from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+class PromptStream:
+    """Endless, seeded, reshuffled-every-epoch stream of problems; its position is checkpointed."""
+
+    def __init__(self, problems: list[Problem], seed: int, epoch: int = 0, position: int = 0):
+        self.problems, self.seed, self.epoch, self.position = problems, seed, epoch, position
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.problems), generator=g).tolist()
+
+    def take(self, k: int) -> list[Problem]:
+        out, order = [], self._order()
+        while len(out) < k:
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            out.append(self.problems[order[self.position]])
+            self.position += 1
+        return out
+
+
+def encode_prompt(tokenizer, problem: Problem, system_prompt: str | None) -> list[int]:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": problem.question}
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def evaluate(engine, tokenizer, task, problems: list[Problem], cfg: SlipstreamConfig, show: bool) -> dict:
+    params = SamplingParams(n=1, temperature=cfg.rollout.eval_temperature, max_tokens=cfg.rollout.eval_max_tokens,
+                            seed=cfg.trainer.seed)
+    reqs = [Request(encode_prompt(tokenizer, p, cfg.task.system_prompt), params, p.uid, p.uid) for p in problems]
+    bar = progress_bar(len(reqs), "eval", enabled=show)
+    comps = engine.generate(reqs, progress=bar.update)
+    bar.close()
+    texts = tokenizer.batch_decode([c.tokens for c in comps], skip_special_tokens=True)
+    scores = [task.reward(p, t) for p, t in zip(problems, texts)]
+    return {"eval/accuracy": sum(scores) / max(len(scores), 1),
+            "eval/response_length": sum(len(c.tokens) for c in comps) / max(len(comps), 1)}
+
+
+def train(cfg: SlipstreamConfig) -> dict:
+    tc = cfg.trainer
+    run_dir = Path(tc.run_dir or f"runs/{cfg.recipe}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    device = pick_device(tc.device)
+
+    task = build_task(cfg.task)
+    train_problems, eval_problems = task.train_problems(), task.eval_problems()
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device)
+    ref_model = None
+    if cfg.algorithm.kl_coef > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    actor = Actor(model, tc, cfg.algorithm, device, ref_model=ref_model)
+    # The HF backend generates with the trainer's own module: weight sync is a no-op by design.
+    engine = HFRolloutBackend(model, tokenizer, batch_size=cfg.rollout.batch_size)
+
+    state = TrainState(step=0, epoch=0, position=0)
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = None
+    if tc.resume == "auto":
+        resume_from = latest_checkpoint(ckpt_root)
+    elif tc.resume != "never":
+        resume_from = Path(tc.resume)
+    if resume_from is not None:
+        state, _ = load_checkpoint(resume_from, model, actor.optimizer)
+        print(f"resumed from {resume_from} (step {state.step})")
+    stream = PromptStream(train_problems, tc.seed, state.epoch, state.position)
+    prompt_cache: dict[str, list[int]] = {}
+
+    logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                           run_name=run_dir.name, resume=resume_from is not None)
+    if resume_from is not None:
+        logger.truncate_after(state.step)
+    show = cfg.logger.progress
+    summary: dict = {}
+    with logger:
+        if state.step == 0:
+            t0 = time.perf_counter()
+            before = evaluate(engine, tokenizer, task, eval_problems, cfg, show)
+            before["time/eval"] = time.perf_counter() - t0
+            logger.log(0, before)
+            print(f"held-out accuracy before training: {before['eval/accuracy']:.3f} ({len(eval_problems)} problems)")
+        while state.step < tc.steps:
+            step = state.step + 1
+            t_step = time.perf_counter()
+            # 1. prompts: whole GRPO groups
+            problems = stream.take(tc.prompts_per_step)
+            params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                    top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_tokens,
+                                    seed=tc.seed * 1_000_003 + step)
+            requests = []
+            for p in problems:
+                if p.uid not in prompt_cache:
+                    prompt_cache[p.uid] = encode_prompt(tokenizer, p, cfg.task.system_prompt)
+                requests.append(Request(prompt_cache[p.uid], params, p.uid, f"{step}-{p.uid}"))
+            # 2. rollout
+            t0 = time.perf_counter()
+            bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
+            completions = engine.generate(requests, progress=bar.update)
+            bar.close()
+            t_rollout = time.perf_counter() - t0
+            # 3. rewards
+            t0 = time.perf_counter()
+            by_uid = {p.uid: p for p in problems}
+            texts = tokenizer.batch_decode([c.tokens for c in completions], skip_special_tokens=True)
+            rewards = [task.reward(by_uid[c.group_id], t) for c, t in zip(completions, texts)]
+            t_reward = time.perf_counter() - t0
+            # 4. advantages
+            batch = build_batch(completions, rewards, tokenizer.pad_token_id)
+            advantages = actor.advantages(batch)
+            # 5. update
+            t0 = time.perf_counter()
+            bar = progress_bar(batch.size, f"step {step} update", enabled=show)
+            metrics = actor.update(batch, advantages, step - 1, cfg.rollout.max_tokens, on_micro_batch=bar.update)
+            bar.close()
+            t_update = time.perf_counter() - t0
+            # 6. weight sync (shared module on the HF backend) and bookkeeping
+            t_sync = 0.0
+            state = TrainState(step=step, epoch=stream.epoch, position=stream.position)
+            lengths = [len(c.tokens) for c in completions]
+            rew = torch.tensor(rewards)
+            metrics.update({
+                "reward/mean": float(rew.mean()), "reward/std": float(rew.std()) if len(rewards) > 1 else 0.0,
+                "reward/mixed_groups": _solved_fraction(batch.group_ids, rew),
+                "response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths),
+                "response_length/min": min(lengths),
+                "response/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                "tokens/generated": sum(lengths),
+                "throughput/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9),
+                "time/rollout": t_rollout, "time/reward": t_reward, "time/update": t_update, "time/sync": t_sync,
+            })
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                t0 = time.perf_counter()
+                metrics.update(evaluate(engine, tokenizer, task, eval_problems, cfg, show))
+                metrics["time/eval"] = time.perf_counter() - t0
+            if step == tc.steps:
+                t0 = time.perf_counter()
+                after = evaluate(engine, tokenizer, task, eval_problems, cfg, show)
+                metrics.update(after)
+                metrics["time/eval"] = time.perf_counter() - t0
+            metrics["time/step"] = time.perf_counter() - t_step
+            logger.log(step, metrics)
+            logger.log_rollouts(step, lengths, rewards)
+            if (tc.save_every and step % tc.save_every == 0) or step == tc.steps:
+                save_checkpoint(ckpt_root, state, model, actor.optimizer, keep=tc.keep_checkpoints)
+            summary = metrics
+    first = _first_eval(run_dir)
+    if "eval/accuracy" in summary:
+        print(f"held-out accuracy: before {first:.3f} -> after {summary['eval/accuracy']:.3f}")
+    return {"run_dir": str(run_dir), "eval_before": first, **summary}
+
+
+def _solved_fraction(group_ids: torch.Tensor, rewards: torch.Tensor) -> float:
+    """Fraction of groups with mixed rewards: the only ones that carry a GRPO learning signal."""
+    mixed = [float(rewards[group_ids == g].max() > rewards[group_ids == g].min()) for g in group_ids.unique()]
+    return sum(mixed) / len(mixed)
+
+
+def _first_eval(run_dir: Path) -> float | None:
+    from slipstream.telemetry import read_jsonl
+
+    for row in read_jsonl(run_dir / "metrics.jsonl"):
+        if "eval/accuracy" in row:
+            return row["eval/accuracy"]
+    return None
