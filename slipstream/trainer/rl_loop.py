@@ -6,6 +6,7 @@ Everything else is a helper this file calls.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def train(cfg: SlipstreamConfig) -> dict:
 
     task = build_task(cfg.task)
     train_problems, eval_problems = task.train_problems(), task.eval_problems()
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device)
+    # The trainer keeps float32 master weights; on CUDA the forward passes run under bf16 autocast.
+    model_cfg = dataclasses.replace(cfg.model, dtype="float32") if cfg.model.dtype == "auto" else cfg.model
+    model, tokenizer = load_model_and_tokenizer(model_cfg, device)
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
