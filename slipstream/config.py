@@ -48,6 +48,7 @@ class TaskConfig:
     step_p: float = 0.5
     max_operand: int = 20
     operations: str = "+-*"
+    style: str = "words"  # words: "Start with 7. Add 5, then ..."; expression: "What is (7 + 5) * 3?"
     # gsm8k: local files (jsonl or parquet with `question` and `answer` ending in '#### N').
     path: str | None = None
     eval_path: str | None = None
@@ -141,6 +142,7 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     _choice("model.dtype", cfg.model.dtype, ["auto", "float32", "bfloat16", "float16"])
     _choice("task.name", cfg.task.name, sorted(TASKS))
     _choice("task.answer_format", cfg.task.answer_format, ["strict", "flexible"])
+    _choice("task.style", cfg.task.style, ["words", "expression"])
     _choice("algorithm.advantage", cfg.algorithm.advantage, sorted(ADVANTAGE_ESTIMATORS))
     _choice("algorithm.policy_loss", cfg.algorithm.policy_loss, sorted(POLICY_LOSSES))
     _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, sorted(LOSS_AGGREGATIONS))

@@ -20,6 +20,7 @@ import hashlib
 import random
 from typing import TYPE_CHECKING
 
+from slipstream.tasks.errors import TaskDataError
 from slipstream.tasks.answers import answers_match, extract_answer
 from slipstream.tasks.base import Problem
 
@@ -64,7 +65,20 @@ def in_eval_space(question: str) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < EVAL_SHARE
 
 
-def render_question(start: int, ops: list[list]) -> str:
+def render_expression(start: int, ops: list[list]) -> str:
+    """The chain as one expression, evaluated left to right: parentheses where '*' follows '+'/'-'."""
+    expr, additive = str(start), False
+    for op, a in ops:
+        if op == "*" and additive:
+            expr = f"({expr})"
+        expr = f"{expr} {op} {a}"
+        additive = op in "+-"
+    return f"What is {expr}?"
+
+
+def render_question(start: int, ops: list[list], style: str = "words") -> str:
+    if style == "expression":
+        return render_expression(start, ops)
     parts = []
     for i, (op, a) in enumerate(ops):
         if i == 0:
@@ -83,6 +97,8 @@ class ArithmeticTask:
         unknown = set(cfg.operations) - set(_OP_ORDER)
         if not self.operations or unknown:
             raise ValueError(f"task.operations={cfg.operations!r} must be a non-empty subset of '+-*'")
+        if cfg.style not in ("words", "expression"):
+            raise ValueError(f"task.style={cfg.style!r} must be one of: words, expression")
         if cfg.max_operand < 1:
             raise ValueError(f"task.max_operand={cfg.max_operand} must be >= 1")
         self._steps = list(range(cfg.min_steps, cfg.max_steps + 1))
@@ -128,7 +144,7 @@ class ArithmeticTask:
         values = [start]
         for op, a in ops:
             values.append(apply_op(values[-1], op, a))
-        question = render_question(start, ops)
+        question = render_question(start, ops, self.cfg.style)
         meta = {"steps": len(ops), "start": start, "ops": ops, "values": values}
         problem = Problem(uid=uid, question=self._with_instruction(question), answer=str(values[-1]),
                           meta=meta)
@@ -148,11 +164,11 @@ class ArithmeticTask:
         while len(problems) < want:
             attempts += 1
             if attempts > max_attempts:
-                raise ValueError(
+                raise TaskDataError(
                     f"arithmetic: could only generate {len(problems)} of {want} distinct {split} "
                     f"problems; raise task.max_operand or task.max_steps, or lower task.num_{split}")
             start, ops = self._sample_chain(rng)
-            question = render_question(start, ops)
+            question = render_question(start, ops, self.cfg.style)
             if in_eval_space(question) != (split == "eval"):
                 continue
             if split == "eval":

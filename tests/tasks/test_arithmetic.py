@@ -186,3 +186,15 @@ def test_registry():
     assert isinstance(build_task(_cfg(num_train=3)), ArithmeticTask)
     with pytest.raises(ValueError, match=r"'nope'.*arithmetic, gsm8k"):
         build_task(TaskConfig(name="nope"))
+
+
+def test_expression_style_evaluates_left_to_right():
+    from slipstream.config import TaskConfig
+    from slipstream.tasks.arithmetic import ArithmeticTask, render_expression
+
+    assert render_expression(7, [["+", 5], ["*", 3], ["-", 4]]) == "What is (7 + 5) * 3 - 4?"
+    assert render_expression(7, [["*", 5], ["+", 3], ["*", 2]]) == "What is (7 * 5 + 3) * 2?"
+    task = ArithmeticTask(TaskConfig(style="expression", num_train=50, num_eval=10, instruction=""))
+    for p in task.train_problems() + task.eval_problems():
+        expr = p.question.removeprefix("What is ").removesuffix("?")
+        assert eval(expr) == int(p.answer)  # Python's precedence agrees with the parentheses

@@ -1,0 +1,50 @@
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from slipstream import config as C
+from slipstream.config import ConfigError, compose
+
+
+def test_every_recipe_composes_and_validates():
+    assert {"default", "smoke", "smollm2-gpu"} <= set(C.available_recipes())
+    for name in C.available_recipes():
+        cfg = compose([f"recipe={name}"])
+        assert cfg.recipe == name
+
+
+def test_recipe_and_overrides_take_effect():
+    cfg = compose(["recipe=smoke", "trainer.lr=0.5", "algorithm=dapo", "rollout.n=3"])
+    assert cfg.model.name == "tiny-random"  # the recipe's group override
+    assert cfg.trainer.lr == 0.5 and cfg.rollout.n == 3
+    assert cfg.algorithm.clip_high == 0.28 and cfg.algorithm.loss_agg == "token-mean"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("recipe=smok", "unknown recipe 'smok'; available recipes: default, smoke"),
+    ("trainer.lrr=1", "unknown config key 'trainer.lrr'. Did you mean 'trainer.lr'?"),
+    ("+trainer.foo=1", "unknown config key 'trainer.foo'"),
+    ("traner.lr=1", "Did you mean 'trainer'?"),
+    ("trainer.steps=abc", "trainer.steps"),
+    ("model=foo", "unknown model 'foo'; available: smollm2-135m-instruct, tiny-random"),
+    ("algorithm=ppo", "unknown algorithm 'ppo'; available: dapo, dr_grpo, grpo"),
+    ("algorithm.loss_agg=mean", "algorithm.loss_agg='mean' is not valid; choose one of"),
+    ("rollout.temperature=-1", "rollout.temperature=-1.0 must be >= 0"),
+    ("task.name=gsm8k", "task.path must name a GSM8K-format file"),
+    ("task.style=poem", "task.style='poem' is not valid; choose one of: words, expression"),
+    ("rollout.n=1", "rollout.n must be >= 2 for GRPO"),
+    ("trainer.steps", "cannot parse override"),
+])
+def test_user_mistakes_are_named(override, expected):
+    with pytest.raises(ConfigError) as e:
+        compose(["recipe=smoke", override] if not override.startswith("recipe=") else [override])
+    assert expected in str(e.value)
+
+
+def test_config_reference_documents_every_key():
+    doc = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    for section, schema in C._SECTIONS.items():
+        assert f"## {section}" in doc
+        for f in fields(schema):
+            assert f"`{f.name}`" in doc, f"docs/config.md lacks {section}.{f.name}"
