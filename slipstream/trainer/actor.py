@@ -21,8 +21,13 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
-def response_logprobs(model, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
-    """Log-probs [B, R] of the response tokens under `model` (only R + 1 positions reach the LM head)."""
+def response_logprobs(model, batch: RolloutBatch, device: torch.device, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [B, R] of the response tokens under `model` (only R + 1 positions reach the LM head).
+
+    The policy being trained is the one the rollout samples from, softmax(logits / temperature);
+    top-k/top-p truncation is not applied here, and the difference it makes to the rollout's
+    log-probs is part of the measured mismatch that truncated importance sampling corrects.
+    """
     R = batch.response_width
     ids = batch.input_ids.to(device)
     with autocast_for(device):
@@ -34,6 +39,8 @@ def response_logprobs(model, batch: RolloutBatch, device: torch.device) -> torch
             logits_to_keep=R + 1,
         )
     logits = out.logits[:, :R].float()  # position P-1+j predicts response token j
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
     targets = ids[:, batch.prompt_width :]
     lp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return lp * batch.response_mask.to(device)  # zeros on padding keep later math finite
@@ -46,8 +53,10 @@ def lr_at(step: int, cfg: TrainerConfig) -> float:
 
 
 class Actor:
-    def __init__(self, model, tcfg: TrainerConfig, acfg: AlgorithmConfig, device: torch.device, ref_model=None):
+    def __init__(self, model, tcfg: TrainerConfig, acfg: AlgorithmConfig, device: torch.device, ref_model=None,
+                 temperature: float = 1.0):
         self.model = model
+        self.temperature = temperature
         self.tcfg = tcfg
         self.acfg = acfg
         self.device = device
@@ -65,12 +74,6 @@ class Actor:
         estimator = alg.ADVANTAGE_ESTIMATORS[self.acfg.advantage]
         return estimator(batch.rewards, batch.group_ids, norm_by_std=self.acfg.norm_adv_by_std)
 
-    @torch.no_grad()
-    def logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
-        mb = self.tcfg.micro_batch_size
-        return torch.cat([response_logprobs(model, batch.rows(s, s + mb), self.device).cpu()
-                          for s in range(0, batch.size, mb)])
-
     def update(self, batch: RolloutBatch, advantages: torch.Tensor, step: int, max_tokens: int,
                on_micro_batch=None) -> dict[str, float]:
         """One optimizer step over the whole batch, accumulated over micro-batches."""
@@ -85,7 +88,7 @@ class Actor:
         for s in range(0, batch.size, mb):
             part = batch.rows(s, s + mb)
             mask = part.response_mask.to(self.device)
-            lp = response_logprobs(self.model, part, self.device)
+            lp = response_logprobs(self.model, part, self.device, self.temperature)
             # One update per rollout batch: the trainer's "old" policy is the current one (ratio 1).
             old = lp.detach()
             rollout_lp = part.rollout_logprobs.to(self.device)
@@ -96,7 +99,7 @@ class Actor:
             )
             if self.ref_model is not None and self.acfg.kl_coef > 0:
                 with torch.no_grad():
-                    ref_lp = response_logprobs(self.ref_model, part, self.device)
+                    ref_lp = response_logprobs(self.ref_model, part, self.device, self.temperature)
                 kl = alg.kl_k3(lp, ref_lp)
                 token_loss = token_loss + self.acfg.kl_coef * kl
                 totals["kl_ref"] = totals.get("kl_ref", 0.0) + float((kl.detach() * mask).sum())

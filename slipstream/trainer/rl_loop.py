@@ -18,7 +18,7 @@ from slipstream.models import load_model_and_tokenizer
 from slipstream.rollout.hf_backend import HFRolloutBackend
 from slipstream.rollout.types import Request, SamplingParams
 from slipstream.tasks import Problem, build_task
-from slipstream.telemetry import MetricsLogger, progress_bar
+from slipstream.telemetry import MetricsLogger, progress_bar, write_report
 from slipstream.trainer.actor import Actor
 from slipstream.trainer.batch import build_batch
 from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -92,7 +92,7 @@ def train(cfg: SlipstreamConfig) -> dict:
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    actor = Actor(model, tc, cfg.algorithm, device, ref_model=ref_model)
+    actor = Actor(model, tc, cfg.algorithm, device, ref_model=ref_model, temperature=cfg.rollout.temperature)
     # The HF backend generates with the trainer's own module: weight sync is a no-op by design.
     engine = HFRolloutBackend(model, tokenizer, batch_size=cfg.rollout.batch_size)
 
@@ -189,6 +189,9 @@ def train(cfg: SlipstreamConfig) -> dict:
     first = _first_eval(run_dir)
     if "eval/accuracy" in summary:
         print(f"held-out accuracy: before {first:.3f} -> after {summary['eval/accuracy']:.3f}")
+    if cfg.logger.jsonl:
+        report = write_report(run_dir)
+        print(f"report: {report[-1]}")
     return {"run_dir": str(run_dir), "eval_before": first, **summary}
 
 

@@ -1,5 +1,7 @@
 import copy
 
+import pytest
+
 import torch
 
 from slipstream.config import AlgorithmConfig, TrainerConfig
@@ -56,3 +58,18 @@ def test_kl_to_reference_pulls_back(tiny_model):
     m1 = actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)
     m2 = actor.update(batch, actor.advantages(batch), step=1, max_tokens=4)
     assert m1["kl_ref"] > 0 and m2["kl_ref"] < m1["kl_ref"]
+
+
+def test_trainer_logprobs_match_the_rollout_at_temperature(tiny_model):
+    from slipstream.rollout.hf_backend import HFRolloutBackend
+    from slipstream.rollout.types import Request, SamplingParams
+
+    model, tok = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    params = SamplingParams(n=4, temperature=0.7, max_tokens=10, seed=0)
+    comps = HFRolloutBackend(model, tok).generate([Request([1, 70, 71, 72], params, "g", "r")])
+    batch = build_batch(comps, [1.0, 0.0, 0.0, 1.0], pad_id=tok.pad_token_id)
+    actor = Actor(model, TrainerConfig(lr=1e-9), AlgorithmConfig(), torch.device("cpu"), temperature=0.7)
+    metrics = actor.update(batch, actor.advantages(batch), step=0, max_tokens=10)
+    assert metrics["mismatch/kl_max"] < 1e-5 and metrics["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    untempered = Actor(copy.deepcopy(model), TrainerConfig(lr=1e-9), AlgorithmConfig(), torch.device("cpu"))
+    assert untempered.update(batch, untempered.advantages(batch), step=0, max_tokens=10)["mismatch/kl"] > 1e-3

@@ -25,6 +25,8 @@ def test_smoke_recipe_end_to_end(tmp_path):
     assert 0 < rows[1]["response_length/mean"] <= cfg.rollout.max_tokens
     assert (tmp_path / "checkpoints" / "step_000003" / "COMPLETE").is_file()
     assert out["eval/accuracy"] == rows[-1]["eval/accuracy"]
+    for png in ("reward.png", "response_length.png", "step_time.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
 
 
 def test_prompt_stream_is_a_resumable_permutation():
