@@ -87,6 +87,7 @@ class TrainerConfig:
     steps: int = 20
     prompts_per_step: int = 8
     micro_batch_size: int = 16  # sequences per forward/backward; the rest is accumulated
+    mini_batches: int = 1  # optimizer steps per rollout batch (> 1: PPO-style, the clip bounds the drift)
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -151,7 +152,7 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     _choice("trainer.device", cfg.trainer.device, ["auto", "cpu", "cuda"])
     _choice("logger.wandb_mode", cfg.logger.wandb_mode, ["offline", "online", "disabled"])
     for key in ("rollout.n", "rollout.max_tokens", "rollout.batch_size", "rollout.eval_max_tokens",
-                "trainer.prompts_per_step", "trainer.micro_batch_size", "trainer.lr", "task.num_train",
+                "trainer.prompts_per_step", "trainer.micro_batch_size", "trainer.mini_batches", "trainer.lr", "task.num_train",
                 "task.min_steps", "task.max_operand"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name))

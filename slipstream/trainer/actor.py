@@ -76,23 +76,56 @@ class Actor:
 
     def update(self, batch: RolloutBatch, advantages: torch.Tensor, step: int, max_tokens: int,
                on_micro_batch=None) -> dict[str, float]:
-        """One optimizer step over the whole batch, accumulated over micro-batches."""
+        """`trainer.mini_batches` optimizer steps over the batch, each accumulated over micro-batches.
+
+        With one mini-batch the "old" policy is the current one (ratio 1, clipping inactive) and no
+        extra forward is needed; with several, the old log-probs are computed once up front and
+        the clipped ratio bounds how far later mini-batches move.
+        """
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.tcfg)
+        old_all = None
+        if self.tcfg.mini_batches > 1:
+            with torch.no_grad():
+                old_all = torch.cat([response_logprobs(self.model, batch.rows(s, s + self.tcfg.micro_batch_size),
+                                                       self.device, self.temperature)
+                                     for s in range(0, batch.size, self.tcfg.micro_batch_size)])
+        size = -(-batch.size // self.tcfg.mini_batches)
+        totals: dict[str, float] = {}
+        olds, grad_norms, losses = [], [], []
+        for start in range(0, batch.size, size):
+            mini = batch.rows(start, start + size)
+            old_mini = old_all[start : start + size] if old_all is not None else None
+            loss, grad_norm, old = self._optimizer_step(mini, advantages[start : start + size], old_mini, step,
+                                                        max_tokens, totals, on_micro_batch)
+            losses.append(loss)
+            grad_norms.append(grad_norm)
+            olds.append(old)
+        denom = max(float(batch.response_mask.sum()), 1.0)
+        out = {"loss": sum(losses) / len(losses), "grad_norm": max(grad_norms), "lr": lr_at(step, self.tcfg)}
+        for k, v in totals.items():
+            out[k] = v / denom
+        out.update(alg.mismatch_metrics(torch.cat(olds), batch.rollout_logprobs, batch.response_mask))
+        return out
+
+    def _optimizer_step(self, mini: RolloutBatch, advantages: torch.Tensor, old_all: torch.Tensor | None, step: int,
+                        max_tokens: int, totals: dict[str, float], on_micro_batch) -> tuple[float, float, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         mb = self.tcfg.micro_batch_size
-        num_tokens = int(batch.response_mask.sum().item())
-        totals: dict[str, float] = {}
-        all_old, all_rollout, all_mask = [], [], []
-        for s in range(0, batch.size, mb):
-            part = batch.rows(s, s + mb)
+        num_tokens = max(int(mini.response_mask.sum().item()), 1)
+        loss_sum, olds = 0.0, []
+
+        def add(key: str, value: float) -> None:
+            totals[key] = totals.get(key, 0.0) + value
+
+        for s in range(0, mini.size, mb):
+            part = mini.rows(s, s + mb)
             mask = part.response_mask.to(self.device)
             lp = response_logprobs(self.model, part, self.device, self.temperature)
-            # One update per rollout batch: the trainer's "old" policy is the current one (ratio 1).
-            old = lp.detach()
-            rollout_lp = part.rollout_logprobs.to(self.device)
-            is_w = alg.tis_weights(old, rollout_lp, self.acfg.tis_cap) if self.acfg.tis else None
+            old = lp.detach() if old_all is None else old_all[s : s + mb].to(self.device)
+            is_w = (alg.tis_weights(old, part.rollout_logprobs.to(self.device), self.acfg.tis_cap)
+                    if self.acfg.tis else None)
             token_loss, metrics = self.policy_loss(
                 lp, old, advantages[s : s + mb].to(self.device), mask,
                 clip_low=self.acfg.clip_low, clip_high=self.acfg.clip_high, is_weights=is_w,
@@ -102,23 +135,19 @@ class Actor:
                     ref_lp = response_logprobs(self.ref_model, part, self.device, self.temperature)
                 kl = alg.kl_k3(lp, ref_lp)
                 token_loss = token_loss + self.acfg.kl_coef * kl
-                totals["kl_ref"] = totals.get("kl_ref", 0.0) + float((kl.detach() * mask).sum())
-            loss = self.aggregate(token_loss, mask, num_seqs=batch.size, num_tokens=max(num_tokens, 1),
-                                  max_tokens=max_tokens)
+                add("kl_ref", float((kl.detach() * mask).sum()))
+            loss = self.aggregate(token_loss, mask, num_seqs=mini.size, num_tokens=num_tokens, max_tokens=max_tokens)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()}")
             loss.backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+            loss_sum += float(loss.detach())
             weight = float(mask.sum())
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * weight
+                add(k, float(v) * weight)
             if is_w is not None:
-                totals["tis/weight_mean"] = totals.get("tis/weight_mean", 0.0) + float((is_w * mask).sum())
-                totals["tis/capped_frac"] = totals.get("tis/capped_frac", 0.0) + float(
-                    ((is_w >= self.acfg.tis_cap) * mask).sum())
-            all_old.append(old.cpu())
-            all_rollout.append(part.rollout_logprobs)
-            all_mask.append(part.response_mask)
+                add("tis/weight_mean", float((is_w * mask).sum()))
+                add("tis/capped_frac", float(((is_w >= self.acfg.tis_cap) * mask).sum()))
+            olds.append(old.cpu())
             if on_micro_batch is not None:
                 on_micro_batch(part.size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.max_grad_norm)
@@ -126,11 +155,4 @@ class Actor:
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"non-finite gradient norm at step {step}")
         self.optimizer.step()
-        denom = max(num_tokens, 1)
-        out = {"loss": totals.pop("loss"), "grad_norm": float(grad_norm), "lr": lr_at(step, self.tcfg)}
-        if "kl_ref" in totals:
-            out["kl_ref"] = totals.pop("kl_ref") / denom
-        for k, v in totals.items():
-            out[k] = v / denom
-        out.update(alg.mismatch_metrics(torch.cat(all_old), torch.cat(all_rollout), torch.cat(all_mask)))
-        return out
+        return loss_sum, float(grad_norm), torch.cat(olds)

@@ -73,3 +73,17 @@ def test_trainer_logprobs_match_the_rollout_at_temperature(tiny_model):
     assert metrics["mismatch/kl_max"] < 1e-5 and metrics["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4)
     untempered = Actor(copy.deepcopy(model), TrainerConfig(lr=1e-9), AlgorithmConfig(), torch.device("cpu"))
     assert untempered.update(batch, untempered.advantages(batch), step=0, max_tokens=10)["mismatch/kl"] > 1e-3
+
+
+def test_several_mini_batches_use_the_pre_update_policy_as_old(tiny_model):
+    model = copy.deepcopy(tiny_model[0])
+    actor = Actor(model, TrainerConfig(lr=5e-2, micro_batch_size=1, mini_batches=2), AlgorithmConfig(clip_high=0.2),
+                  torch.device("cpu"))
+    batch = _batch(model)
+    before = response_logprobs(model, batch, torch.device("cpu")).detach()
+    metrics = actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)
+    after = response_logprobs(model, batch, torch.device("cpu")).detach()
+    assert not torch.allclose(before, after)
+    # the second mini-batch saw a policy already moved by the first: its ratios differ from 1
+    assert metrics["policy/ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+    assert metrics["mismatch/kl_max"] < 1e-5  # old (pre-update) log-probs equal the rollout's here
