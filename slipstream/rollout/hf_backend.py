@@ -14,27 +14,16 @@ from collections.abc import Callable
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from slipstream.rollout.sampler import shape_logits
 from slipstream.rollout.types import Completion, Request, SamplingParams
 
 
 def apply_sampling_params(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Logits of the distribution tokens are drawn from: / temperature, top-k, then top-p (-inf outside)."""
-    logits = logits.float()
-    if params.temperature == 0:
-        return logits
-    if params.temperature != 1.0:
-        logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the mass before it already reaches top_p; the top token always stays.
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    """Logits of the distribution tokens are drawn from under `params` (the engine's sampler rules)."""
+    n = logits.shape[0]
+    full = lambda v, dtype: torch.full((n,), v, dtype=dtype, device=logits.device)  # noqa: E731
+    return shape_logits(logits, full(params.temperature, torch.float32), full(params.top_p, torch.float32),
+                        full(params.top_k, torch.long))
 
 
 class _SamplingProcessor(LogitsProcessor):

@@ -1,0 +1,45 @@
+"""Batched sampling with per-row temperature, top-k and top-p, and the log-prob of each draw.
+
+The log-prob returned is the one of the distribution the token was drawn from: logits divided by
+the temperature, truncated to the top-k tokens and to the smallest set whose mass reaches top-p,
+renormalised. Greedy rows (temperature 0) take the argmax and report the log-softmax of the raw
+logits. Everything stays on the device: no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shape_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                 top_k: torch.Tensor) -> torch.Tensor:
+    """[N, V] logits of the sampling distribution (-inf outside the kept set).
+
+    temperature [N] (0 = greedy: left unscaled), top_p [N] in (0, 1], top_k [N] (<= 0: off).
+    """
+    logits = logits.float()
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
+    logits = logits / t[:, None]
+    need_k = top_k > 0
+    need_p = top_p < 1.0
+    if bool(need_k.any()) or bool(need_p.any()):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        drop = need_k[:, None] & (rank >= top_k[:, None])
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        # Drop a token once the mass before it reaches top_p; the top token always stays.
+        drop |= need_p[:, None] & ((probs.cumsum(-1) - probs) >= top_p[:, None])
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; returns (tokens [N] long, logprobs [N] float32)."""
+    shaped = shape_logits(logits, temperature, top_p, top_k)
+    logprobs = shaped.log_softmax(-1)
+    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i.
+    noise = torch.empty_like(logprobs).exponential_(generator=generator)
+    drawn = (logprobs - noise.log()).argmax(-1)
+    tokens = torch.where(temperature > 0, drawn, shaped.argmax(-1))
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
