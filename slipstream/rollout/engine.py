@@ -1,0 +1,81 @@
+"""The native generation engine: schedule -> run -> postprocess, until every request is done."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from slipstream.models.decoder import Decoder
+from slipstream.rollout.block_manager import BlockManager
+from slipstream.rollout.model_runner import ModelRunner
+from slipstream.rollout.scheduler import Scheduler
+from slipstream.rollout.sequence import Sequence
+from slipstream.rollout.types import Completion, Request
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 0  # 0: size the cache from kv_cache_gb
+    kv_cache_gb: float = 1.0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    chunk_size: int | None = None  # longest prefill chunk per sequence and step (None: token budget)
+    max_model_len: int = 4096
+    enable_prefix_sharing: bool = True
+
+
+def kv_blocks_for(decoder: Decoder, cfg: EngineConfig) -> int:
+    if cfg.num_blocks:
+        return cfg.num_blocks
+    c = decoder.config
+    bytes_per_block = 2 * c.num_layers * cfg.block_size * c.num_kv_heads * c.head_dim * decoder.embed.weight.element_size()
+    return max(int(cfg.kv_cache_gb * 2**30 // bytes_per_block), 1)
+
+
+class Engine:
+    def __init__(self, decoder: Decoder, eos_token_ids: Iterable[int], cfg: EngineConfig | None = None, seed: int = 0):
+        self.cfg = cfg = cfg or EngineConfig()
+        self.decoder = decoder.eval()
+        num_blocks = kv_blocks_for(decoder, cfg)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_sharing)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size,
+                                   eos_token_ids=eos_token_ids, max_model_len=cfg.max_model_len)
+        self.runner = ModelRunner(decoder, num_blocks, cfg.block_size, seed)
+        self.stats = {"steps": 0, "preemptions": 0}
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Copy new weights (Hugging Face names) into the decoder in place; returns the seconds it took."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.decoder.load_weights(named_tensors)
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        return time.perf_counter() - t0
+
+    def step(self) -> list[Sequence]:
+        batch = self.scheduler.schedule()
+        tokens, logprobs = self.runner.run(batch)
+        self.stats["steps"] += 1
+        return self.scheduler.postprocess(batch, tokens, logprobs)
+
+    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> list[Completion]:
+        """One Completion per sample (`params.n` per request), in request order.
+
+        The first request that carries a seed reseeds the sampler, so a call is reproducible.
+        """
+        seed = next((r.params.seed for r in requests if r.params.seed is not None), None)
+        if seed is not None:
+            self.runner.reseed(seed)
+        seqs = [s for r in requests for s in Sequence.from_request(r)]
+        preempted_before = self.scheduler.num_preemptions
+        self.scheduler.add(seqs)
+        while self.scheduler.has_work():
+            finished = self.step()
+            if progress is not None and finished:
+                progress(len(finished))
+        self.stats["preemptions"] += self.scheduler.num_preemptions - preempted_before
+        return [s.to_completion() for s in seqs]

@@ -1,0 +1,76 @@
+import copy
+
+import pytest
+import torch
+
+from slipstream.models.weights import decoder_from_hf_module
+from slipstream.rollout.engine import Engine, EngineConfig
+from slipstream.rollout.hf_backend import HFRolloutBackend, apply_sampling_params
+from slipstream.rollout.types import Request, SamplingParams
+
+PROMPTS = ["Start with 7. Add 5.", "What is 3 + 4?", "x", "A much longer prompt that spans several cache blocks."]
+
+
+def _requests(tok, params, prompts=PROMPTS):
+    return [Request(tok(p, add_special_tokens=False)["input_ids"], params, f"g{i}", f"r{i}")
+            for i, p in enumerate(prompts)]
+
+
+def _engine(model, tok, **kw):
+    return Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(**kw))
+
+
+def test_greedy_matches_hf_generate_token_for_token(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    ours = _engine(model, tok, block_size=4, num_blocks=256).generate(_requests(tok, params))
+    theirs = HFRolloutBackend(model, tok).generate(_requests(tok, params))
+    for a, b in zip(ours, theirs):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_a_small_cache_preempts_without_changing_outputs_or_leaking(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=48)
+    big = _engine(model, tok, block_size=4, num_blocks=512).generate(_requests(tok, params))
+    small_engine = _engine(model, tok, block_size=4, num_blocks=40, max_num_batched_tokens=64, chunk_size=16)
+    small = small_engine.generate(_requests(tok, params))
+    assert small_engine.stats["preemptions"] > 0
+    assert [c.tokens for c in small] == [c.tokens for c in big]
+    assert small_engine.block_manager.num_free_blocks == 40
+
+
+def test_prefix_sharing_changes_nothing_but_memory(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=4, temperature=0.8, max_tokens=24, seed=3)
+    shared = _engine(model, tok, block_size=4, num_blocks=256).generate(_requests(tok, params))
+    plain = _engine(model, tok, block_size=4, num_blocks=256, enable_prefix_sharing=False).generate(
+        _requests(tok, params))
+    assert [c.tokens for c in shared] == [c.tokens for c in plain]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(n=3, temperature=0.7, top_p=0.9, max_tokens=16, seed=0),
+                                    SamplingParams(n=3, temperature=1.2, top_k=7, max_tokens=16, seed=1)])
+def test_sampled_logprobs_are_those_of_the_sampling_distribution(tiny_model, params):
+    model, tok = tiny_model
+    for c in _engine(model, tok, block_size=8, num_blocks=128).generate(_requests(tok, params)):
+        ids = torch.tensor([c.prompt_ids + c.tokens])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(c.prompt_ids) - 1 : -1]
+        ref = apply_sampling_params(logits, params).log_softmax(-1).gather(-1, torch.tensor(c.tokens)[:, None])
+        assert torch.allclose(torch.tensor(c.logprobs), ref.squeeze(-1), atol=1e-4)
+
+
+def test_weight_sync_makes_the_engine_follow_the_trainer(tiny_model):
+    model, tok = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    engine = _engine(model, tok, block_size=4, num_blocks=256)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    seconds = engine.load_weights(model.named_parameters())
+    assert seconds >= 0
+    ours = engine.generate(_requests(tok, params))
+    theirs = HFRolloutBackend(model, tok).generate(_requests(tok, params))
+    assert [c.tokens for c in ours] == [c.tokens for c in theirs]
