@@ -62,3 +62,38 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
         out[cu[s] : cu[s + 1]] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v).to(q.dtype)
     return out
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """The same op as `paged_attention_ref`, batched: one padded SDPA call for all sequences.
+
+    The CPU path of the engine. Each sequence's blocks are gathered into a padded [S, L, kv_heads,
+    head_dim] view; the query heads of a GQA group are folded into the query-length dimension so
+    K/V are never repeated. Padded query rows are computed and dropped.
+    """
+    S = seq_lens.shape[0]
+    T, H, D = q.shape
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = H // kv_heads
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    max_q, max_len = int(q_lens.max()), int(seq_lens.max())
+    n_blocks = -(-max_len // block_size)
+    tables = block_tables[:, :n_blocks].long().clamp(min=0)  # unused entries are masked below
+    L = n_blocks * block_size
+    k = k_cache[tables].reshape(S, L, kv_heads, D).transpose(1, 2)  # [S, kvh, L, D]
+    v = v_cache[tables].reshape(S, L, kv_heads, D).transpose(1, 2)
+    rows = torch.arange(T, device=q.device)
+    owner = torch.searchsorted(cu_seqlens_q[1:].long(), rows, right=True)  # sequence of each packed row
+    row = rows - cu_seqlens_q[:-1].long()[owner]
+    qp = q.new_zeros(S, max_q, H, D)
+    qp[owner, row] = q
+    # [S, max_q, kvh, group, D] -> [S, kvh, max_q * group, D]
+    qh = qp.view(S, max_q, kv_heads, group, D).permute(0, 2, 1, 3, 4).reshape(S, kv_heads, max_q * group, D)
+    q_pos = (seq_lens.long() - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None, :]  # [S, max_q]
+    allowed = torch.arange(L, device=q.device)[None, None, :] <= q_pos[:, :, None]  # [S, max_q, L]
+    mask = allowed[:, :, None, :].expand(S, max_q, group, L).reshape(S, 1, max_q * group, L)
+    out = torch.nn.functional.scaled_dot_product_attention(qh.to(k.dtype), k, v, attn_mask=mask, scale=scale)
+    out = out.reshape(S, kv_heads, max_q, group, D).permute(0, 2, 1, 3, 4).reshape(S, max_q, H, D)
+    return out[owner, row].to(q.dtype)

@@ -41,9 +41,11 @@ class Engine:
         self.cfg = cfg = cfg or EngineConfig()
         self.decoder = decoder.eval()
         num_blocks = kv_blocks_for(decoder, cfg)
+        # A sequence can then always fit the cache alone: preemption never has to give up on one.
+        max_model_len = min(cfg.max_model_len, num_blocks * cfg.block_size)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_sharing)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size,
-                                   eos_token_ids=eos_token_ids, max_model_len=cfg.max_model_len)
+                                   eos_token_ids=eos_token_ids, max_model_len=max_model_len)
         self.runner = ModelRunner(decoder, num_blocks, cfg.block_size, seed)
         self.stats = {"steps": 0, "preemptions": 0}
 
@@ -52,6 +54,7 @@ class Engine:
         t0 = time.perf_counter()
         with torch.no_grad():
             self.decoder.load_weights(named_tensors)
+        self.block_manager.reset_prefix_cache()  # K/V cached under the old weights must not be reused
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize(self.runner.device)
         return time.perf_counter() - t0

@@ -84,7 +84,7 @@ class HFRolloutBackend:
         for row, r in enumerate(reqs):  # left padding
             ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[row, width - len(r.prompt_ids) :] = 1
-        stop_ids = list(params.stop_token_ids) or self.stop_default
+        stop_ids = sorted(set(params.stop_token_ids) | set(self.stop_default))  # as the native engine
         proc = _SamplingProcessor(params, width)
         gen_cfg = GenerationConfig(
             max_new_tokens=params.max_tokens,

@@ -48,3 +48,20 @@ def test_store_and_gather_round_trip_and_negative_slots_are_skipped():
     assert k_cache.abs().sum() == k[:2].abs().sum()  # the -1 slot wrote nothing
     table = torch.tensor([0, 2], dtype=torch.int32)
     assert torch.equal(gather_kv(v_cache, table, 4)[[0, 3]], -k[[1, 0]])
+
+
+def test_batched_torch_path_equals_the_reference():
+    from slipstream.kernels.reference import paged_attention_torch
+
+    gen = torch.Generator().manual_seed(1)
+    H, KVH, D, bs = 8, 2, 16, 4
+    lens, q_lens = [13, 1, 30, 6, 2], [13, 1, 5, 1, 2]
+    ks = [torch.randn(L, KVH, D, generator=gen) for L in lens]
+    vs = [torch.randn(L, KVH, D, generator=gen) for L in lens]
+    k_cache, v_cache, tables = _paged(ks, vs, bs, 64, gen)
+    q = torch.randn(sum(q_lens), H, D, generator=gen)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ref = paged_attention_ref(q, k_cache, v_cache, cu, seq_lens, tables, 0.3)
+    got = paged_attention_torch(q, k_cache, v_cache, cu, seq_lens, tables, 0.3)
+    assert torch.allclose(got, ref, atol=1e-5)

@@ -61,9 +61,14 @@ def test_finish_reasons_and_stop_tokens(tiny_model):
     all_stop = SamplingParams(n=2, max_tokens=6, stop_token_ids=tuple(range(len(tok))), seed=0)
     for c in engine.generate(_requests(tok, all_stop, ["abc"])):
         assert c.finish_reason == "stop" and len(c.tokens) == 1
-    no_stop = SamplingParams(n=2, max_tokens=6, stop_token_ids=(len(tok) + 5,), seed=0)
-    for c in engine.generate(_requests(tok, no_stop, ["abc"])):
-        assert c.finish_reason == "length" and len(c.tokens) == 6
+    # The model's EOS always stops too (as in the native engine), besides params.stop_token_ids.
+    other = SamplingParams(n=8, max_tokens=6, stop_token_ids=(len(tok) + 5,), seed=0)
+    for c in engine.generate(_requests(tok, other, ["abc"])):
+        stops = [t for t in c.tokens if t in (tok.eos_token_id, len(tok) + 5)]
+        if c.finish_reason == "stop":
+            assert stops == [c.tokens[-1]] == [tok.eos_token_id]
+        else:
+            assert c.finish_reason == "length" and len(c.tokens) == 6 and not stops
 
 
 def test_top_k_and_top_p_truncate_the_distribution():
