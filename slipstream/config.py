@@ -80,6 +80,12 @@ class RolloutConfig:
     batch_size: int = 64  # sequences generated together
     eval_temperature: float = 0.0
     eval_max_tokens: int = 256
+    # native engine: paged KV cache and continuous batching
+    block_size: int = 16
+    kv_cache_gb: float = 1.0  # memory for the KV cache
+    max_num_seqs: int = 256  # sequences decoding together
+    max_num_batched_tokens: int = 4096  # tokens per engine step (prefill chunks + decodes)
+    max_model_len: int = 4096  # prompt + response cap
 
 
 @dataclass
@@ -147,11 +153,13 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     _choice("algorithm.advantage", cfg.algorithm.advantage, sorted(ADVANTAGE_ESTIMATORS))
     _choice("algorithm.policy_loss", cfg.algorithm.policy_loss, sorted(POLICY_LOSSES))
     _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, sorted(LOSS_AGGREGATIONS))
-    _choice("rollout.backend", cfg.rollout.backend, ["hf"])
+    _choice("rollout.backend", cfg.rollout.backend, ["hf", "native"])
     _choice("trainer.backend", cfg.trainer.backend, ["local"])
     _choice("trainer.device", cfg.trainer.device, ["auto", "cpu", "cuda"])
     _choice("logger.wandb_mode", cfg.logger.wandb_mode, ["offline", "online", "disabled"])
     for key in ("rollout.n", "rollout.max_tokens", "rollout.batch_size", "rollout.eval_max_tokens",
+                "rollout.block_size", "rollout.kv_cache_gb", "rollout.max_num_seqs", "rollout.max_num_batched_tokens",
+                "rollout.max_model_len",
                 "trainer.prompts_per_step", "trainer.micro_batch_size", "trainer.mini_batches", "trainer.lr", "task.num_train",
                 "task.min_steps", "task.max_operand"):
         section, name = key.split(".")

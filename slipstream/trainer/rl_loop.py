@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 
 from slipstream.config import SlipstreamConfig
 from slipstream.models import load_model_and_tokenizer
+from slipstream.models.weights import decoder_from_hf_module
+from slipstream.rollout.engine import Engine, EngineConfig
 from slipstream.rollout.hf_backend import HFRolloutBackend
 from slipstream.rollout.types import Request, SamplingParams
 from slipstream.tasks import Problem, build_task
@@ -51,6 +53,18 @@ class PromptStream:
             out.append(self.problems[order[self.position]])
             self.position += 1
         return out
+
+
+def build_rollout(cfg: SlipstreamConfig, model, tokenizer, device: torch.device):
+    rc = cfg.rollout
+    if rc.backend == "hf":
+        return HFRolloutBackend(model, tokenizer, batch_size=rc.batch_size)
+    # The engine keeps its own copy of the weights (bf16 on GPU) and receives the trainer's after every update.
+    decoder = decoder_from_hf_module(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                     device=device)
+    ecfg = EngineConfig(block_size=rc.block_size, kv_cache_gb=rc.kv_cache_gb, max_num_seqs=rc.max_num_seqs,
+                        max_num_batched_tokens=rc.max_num_batched_tokens, max_model_len=rc.max_model_len)
+    return Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=cfg.trainer.seed)
 
 
 def encode_prompt(tokenizer, problem: Problem, system_prompt: str | None) -> list[int]:
@@ -93,8 +107,7 @@ def train(cfg: SlipstreamConfig) -> dict:
     if cfg.algorithm.kl_coef > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     actor = Actor(model, tc, cfg.algorithm, device, ref_model=ref_model, temperature=cfg.rollout.temperature)
-    # The HF backend generates with the trainer's own module: weight sync is a no-op by design.
-    engine = HFRolloutBackend(model, tokenizer, batch_size=cfg.rollout.batch_size)
+    engine = build_rollout(cfg, model, tokenizer, device)
 
     state = TrainState(step=0, epoch=0, position=0)
     ckpt_root = run_dir / "checkpoints"
@@ -156,8 +169,8 @@ def train(cfg: SlipstreamConfig) -> dict:
             metrics = actor.update(batch, advantages, step - 1, cfg.rollout.max_tokens, on_micro_batch=bar.update)
             bar.close()
             t_update = time.perf_counter() - t0
-            # 6. weight sync (shared module on the HF backend) and bookkeeping
-            t_sync = 0.0
+            # 6. weight sync into the engine (the HF backend shares the trainer's module) and bookkeeping
+            t_sync = engine.load_weights(model.named_parameters()) if isinstance(engine, Engine) else 0.0
             state = TrainState(step=step, epoch=stream.epoch, position=stream.position)
             lengths = [len(c.tokens) for c in completions]
             rew = torch.tensor(rewards)

@@ -70,3 +70,15 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
         for key in ("reward/mean", "response_length/mean", "loss", "grad_norm", "eval/accuracy"):
             if key in ra:
                 assert abs(ra[key] - rb[key]) <= 1e-6 * max(1.0, abs(ra[key])), (ra["step"], key, ra[key], rb[key])
+
+
+def test_native_engine_rollouts_train_and_sync(tmp_path):
+    cfg = compose(["recipe=smoke", "rollout=native", f"trainer.run_dir={tmp_path}", "logger.wandb=false",
+                   "trainer.steps=2", "rollout.n=4", "rollout.max_tokens=24", "rollout.eval_max_tokens=24"])
+    train(cfg)
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["time/sync"] > 0
+        # fp32 engine and fp32 trainer: the rollout log-probs are the trainer's up to rounding
+        assert r["mismatch/kl_max"] < 1e-4
