@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -185,20 +184,20 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     return cfg
 
 
-def _data_dir(repo_name: str, package: str) -> Path:
-    """conf/ or recipes/ at the repository root; inside an installed wheel, the data package."""
-    in_repo = Path(__file__).resolve().parent.parent / repo_name
-    if in_repo.is_dir():
-        return in_repo
-    return Path(str(resources.files(package)))
+def _data_dir(repo_name: str, installed_name: str) -> Path:
+    """conf/ or recipes/ at the root of a source checkout; in an installed wheel, slipstream/_conf etc."""
+    package = Path(__file__).resolve().parent
+    if (package.parent / "pyproject.toml").is_file() and (package.parent / repo_name).is_dir():
+        return package.parent / repo_name
+    return package / installed_name
 
 
 def conf_dir() -> Path:
-    return _data_dir("conf", "slipstream._conf")
+    return _data_dir("conf", "_conf")
 
 
 def recipes_dir() -> Path:
-    return _data_dir("recipes", "slipstream._recipes")
+    return _data_dir("recipes", "_recipes")
 
 
 def available_recipes() -> list[str]:
