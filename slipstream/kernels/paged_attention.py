@@ -1,0 +1,282 @@
+"""Paged decode / extend attention in Triton: 1..16 query tokens per sequence (decode, speculative verify).
+
+One program owns one (sequence, kv head, context split). Its query tile packs every query token of
+the sequence and every query head of the kv head's GQA group: row r is token r // group, head
+kv_head * group + r % group, padded to a power of two >= 16 rows, so each K/V tile is read once for
+the whole group. The program walks its part of the context in key tiles of BLOCK_N tokens gathered
+through the block table (a tile may span several pages, or sit inside one) with FlashAttention's
+online softmax, in base 2 (scores are pre-multiplied by scale * log2(e)).
+
+Split-K ("flash-decoding"): for long contexts the key tiles of each sequence are cut into up to
+NUM_SPLITS contiguous parts, each part writes its partial (max, sum, unnormalised output) to
+float32 scratch, and `_combine_splits_kernel` merges them. The split count is a launch-time
+heuristic (`choose_num_splits`); a sequence shorter than MIN_TILES tiles per split uses fewer.
+
+Skip-softmax (BLASST): with SKIP, a key tile whose row maxima all satisfy
+m_tile < m_running + log2(lambda), lambda = skip_scale / seq_len, is dropped before the
+exponentials, the V load and the P.V product. SKIP is a constexpr, so skip_scale == 0 runs the
+dense kernel. With COUNT, the program atomically adds (skipped tiles, visited tiles) to a counter
+pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from slipstream.kernels.attention import DECODE_BLOCK_N, MAX_DECODE_Q_LEN
+
+LOG2E = 1.0 / math.log(2.0)
+
+DEFAULT_BLOCK_N = DECODE_BLOCK_N
+DEFAULT_MIN_TILES_PER_SPLIT = 4  # 256 tokens with BLOCK_N = 64: below that a split costs more than it saves
+MAX_SPLITS = 32
+MAX_Q_LEN = MAX_DECODE_Q_LEN
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update with one key tile: s are base-2 scores, -inf where masked."""
+    m_new = tl.maximum(m_i, m_tile)
+    # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so no inf - inf appears.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    cu_ptr, lens_ptr, bt_ptr,
+    m_part_ptr, l_part_ptr, acc_part_ptr, cnt_ptr,
+    qk_scale, skip_scale,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    num_heads,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    MIN_TILES: tl.constexpr,
+    SKIP: tl.constexpr,
+    COUNT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    q_start = tl.load(cu_ptr + seq)
+    q_len = tl.load(cu_ptr + seq + 1) - q_start
+    ctx = tl.load(lens_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    row_valid = tok < q_len
+    pos = ctx - q_len + tok  # causal position of each query row
+    q_rows = (q_start + tok).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_valid[:, None], other=0.0)
+
+    # This split's key tiles: the sequence's tiles cut into NUM_SPLITS parts of >= MIN_TILES tiles.
+    n_tiles = tl.where(q_len > 0, tl.cdiv(ctx, BLOCK_N), 0)
+    per_split = tl.maximum(tl.cdiv(n_tiles, NUM_SPLITS), MIN_TILES)
+    t_begin = split * per_split
+    t_end = tl.minimum(t_begin + per_split, n_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if SKIP:
+        # log2(lambda), lambda = skip_scale / seq_len: this sequence's threshold.
+        log2_lambda = tl.log2(skip_scale / ctx.to(tl.float32))
+    n_skipped = t_begin * 0
+
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    for t in range(t_begin, t_end):
+        n = t * BLOCK_N + offs_n
+        kv_mask = n < ctx
+        page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
+        slot = n % PAGE
+        k = tl.load(k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None],
+                    mask=kv_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+        m_tile = tl.max(s, 1)
+        v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
+        if SKIP:
+            # A row with no visible key in this tile (m_tile = -inf, padding rows too) never blocks the skip.
+            row_skip = (m_tile < m_i + log2_lambda) | (m_tile == float("-inf"))
+            tile_skip = tl.min(row_skip.to(tl.int32), 0)
+            if tile_skip == 0:
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION)
+            n_skipped += tile_skip
+        else:
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION)
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        part = (q_rows * num_heads + head) * NUM_SPLITS + split  # scratch [T, H, NUM_SPLITS(, D)]
+        tl.store(m_part_ptr + part, m_i, mask=row_valid)
+        tl.store(l_part_ptr + part, l_i, mask=row_valid)
+        tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_valid[:, None])
+
+    if COUNT:
+        if SKIP:
+            tl.atomic_add(cnt_ptr, n_skipped)
+        tl.atomic_add(cnt_ptr + 1, tl.maximum(t_end - t_begin, 0))
+
+
+@triton.jit
+def _combine_splits_kernel(
+    m_part_ptr, l_part_ptr, acc_part_ptr, o_ptr,
+    stride_ot, stride_oh,
+    num_heads,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_P2)
+    sp_mask = sp < NUM_SPLITS
+    d = tl.arange(0, HEAD_DIM)
+    part = (row * num_heads + head) * NUM_SPLITS + sp
+    m = tl.load(m_part_ptr + part, mask=sp_mask, other=float("-inf"))
+    l = tl.load(l_part_ptr + part, mask=sp_mask, other=0.0)
+    acc = tl.load(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=sp_mask[:, None], other=0.0)
+    m_max = tl.max(m, 0)  # finite: the first split always sees key 0
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+    denom = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / denom
+    tl.store(o_ptr + row * stride_ot + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int, num_sms: int,
+                      min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT) -> int:
+    """Context splits per (sequence, kv head): enough programs for about two waves, 1 for short contexts."""
+    tiles = triton.cdiv(max(max_context, 1), block_n)
+    most = min(MAX_SPLITS, tiles // min_tiles_per_split)
+    if most <= 1:
+        return 1
+    want = triton.cdiv(2 * num_sms, max(batch * kv_heads, 1))
+    return max(1, min(want, most))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs: exact float32 products (the default would be TF32 on tensor-core GPUs).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_counters(counters: torch.Tensor | None, device: torch.device) -> None:
+    if counters is None:
+        return
+    if counters.shape != (2,) or counters.dtype not in (torch.int32, torch.int64) or counters.device != device:
+        raise ValueError("counters must be an int32/int64 tensor of shape [2] on the queries' device")
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                           scale: float, *, max_q_len: int, skip_scale: float = 0.0,
+                           counters: torch.Tensor | None = None, block_n: int = DEFAULT_BLOCK_N,
+                           num_splits: int | None = None,
+                           min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT, num_warps: int | None = None,
+                           num_stages: int | None = None) -> torch.Tensor:
+    """Paged attention for sequences of at most 16 query tokens -> [T, heads, head_dim] in q.dtype.
+
+    Same contract as `paged_attention_ref`. `num_splits` forces the split-K factor (default: the
+    `choose_num_splits` heuristic, whose context bound is the block table's width, so no host sync).
+    """
+    T, H, D = q.shape
+    _, page, KVH, Dk = k_cache.shape
+    B = seq_lens.shape[0]
+    if not 0 <= max_q_len <= MAX_Q_LEN:
+        raise ValueError(f"max_q_len must be in 0..{MAX_Q_LEN}, got {max_q_len}")
+    if Dk != D or H % KVH or D < 16 or D & (D - 1):
+        raise ValueError(f"need head_dim a power of two >= 16 and heads % kv_heads == 0 (q {tuple(q.shape)}, "
+                         f"cache {tuple(k_cache.shape)})")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError("block_n must be a power of two >= 16")
+    if skip_scale < 0:
+        raise ValueError("skip_scale must be >= 0")
+    check_counters(counters, q.device)
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"q, k_cache, v_cache must share a dtype ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})")
+    cu_seqlens_q, seq_lens, block_tables = cu_seqlens_q.contiguous(), seq_lens.contiguous(), block_tables.contiguous()
+    group = H // KVH
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's head_dim must be contiguous")
+    out = torch.empty_like(q)
+    if T == 0 or B == 0 or max_q_len == 0:
+        return out
+    block_m = max(16, triton.next_power_of_2(max_q_len * group))
+    if num_splits is None:
+        num_splits = choose_num_splits(B, KVH, block_tables.shape[1] * page, block_n, _sm_count(q.device),
+                                       min_tiles_per_split)
+    if num_splits > 1:
+        m_part = torch.empty(T, H, num_splits, device=q.device, dtype=torch.float32)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty(T, H, num_splits, D, device=q.device, dtype=torch.float32)
+    else:
+        m_part = l_part = acc_part = out  # unused
+    cnt = counters if counters is not None else cu_seqlens_q  # unused without COUNT
+    if num_warps is None:
+        num_warps = 8 if block_m * D >= 128 * 128 else 4
+    if num_stages is None:
+        num_stages = 2
+    _decode_kernel[(B, KVH, num_splits)](
+        q, k_cache, v_cache, out,
+        cu_seqlens_q, seq_lens, block_tables,
+        m_part, l_part, acc_part, cnt,
+        float(scale) * LOG2E, float(skip_scale),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        H,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
+        NUM_SPLITS=num_splits, MIN_TILES=min_tiles_per_split,
+        SKIP=skip_scale > 0, COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(T, H)](
+            m_part, l_part, acc_part, out, out.stride(0), out.stride(1), H,
+            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=D,
+            num_warps=4 if D >= 128 else 2,
+        )
+    return out

@@ -1,0 +1,213 @@
+"""Causal varlen flash attention over the paged KV cache, for long query chunks (prefill, chunked prefill).
+
+Queries are packed [T, heads, head_dim] with `cu_seqlens_q`; keys and values, the prefix and the
+chunk's own (already written by `store_kv`), are gathered from the paged cache through the block
+table. One program owns BLOCK_M consecutive query tokens of one sequence and one query head (GQA:
+kv head = head // group). Query row i sits at position seq_len - q_len + i; the program walks the
+key tiles that are fully visible to all its rows without masks, then the few tiles across the
+diagonal with the causal mask; tiles above the diagonal are never visited. FlashAttention's online
+softmax in base 2 (scores pre-multiplied by scale * log2(e)), float32 accumulation.
+
+Skip-softmax (BLASST): with SKIP, a key tile whose row maxima all satisfy
+m_tile < m_running + log2(lambda), lambda = skip_scale / seq_len, is dropped before the
+exponentials, the V load and the P.V product. SKIP is a constexpr: skip_scale == 0 runs the dense
+kernel. With COUNT, each program atomically adds (skipped tiles, visited tiles) to a counter pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from slipstream.kernels.attention import prefill_config
+from slipstream.kernels.paged_attention import _dot_precision, check_counters
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+@triton.jit
+def _softmax_update(acc, l_i, m_i, s, m_tile, v_ptrs, kv_end, n, MASKED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Online-softmax update with one key tile: s are base-2 scores, -inf where masked."""
+    m_new = tl.maximum(m_i, m_tile)
+    # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so no inf - inf appears.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=(n < kv_end)[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _prefill_tile(acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_lambda,
+                  bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                  MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        kv_mask = n < kv_end
+        page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + n // PAGE).to(tl.int64)
+    slot = n % PAGE
+    k_ptrs = k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None]
+    v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=kv_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+    m_tile = tl.max(s, 1)
+
+    if SKIP:
+        # Padding rows, and rows that see no key of this tile, never block the skip.
+        row_skip = (m_tile < m_i + log2_lambda) | (m_tile == float("-inf")) | (row_valid == 0)
+        tile_skip = tl.min(row_skip.to(tl.int32), 0)
+        if tile_skip == 0:
+            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, m_tile, v_ptrs, kv_end, n, MASKED, DOT_PRECISION)
+        n_skipped += tile_skip
+    else:
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, m_tile, v_ptrs, kv_end, n, MASKED, DOT_PRECISION)
+    return acc, l_i, m_i, n_skipped
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    cu_ptr, lens_ptr, bt_ptr, cnt_ptr,
+    qk_scale, skip_scale,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    num_q_tiles,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    SKIP: tl.constexpr,
+    COUNT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # The last query tiles have the most keys: launch them first.
+    q_tile = num_q_tiles - 1 - tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    kvh = head // GROUP
+
+    q_start = tl.load(cu_ptr + seq)
+    q_len = tl.load(cu_ptr + seq + 1) - q_start
+    ctx = tl.load(lens_ptr + seq)
+    m0 = q_tile * BLOCK_M
+    active = m0 < q_len
+
+    i = m0 + tl.arange(0, BLOCK_M)
+    row_valid = i < q_len
+    pos = ctx - q_len + i
+    q_rows = (q_start + i).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=row_valid[:, None], other=0.0)
+
+    first_pos = ctx - q_len + m0
+    last_pos = ctx - q_len + tl.minimum(m0 + BLOCK_M, q_len) - 1
+    kv_end = tl.where(active, last_pos + 1, 0)
+    n_full = tl.where(active, (first_pos + 1) // BLOCK_N, 0)  # tiles every row sees entirely
+    n_tiles = tl.cdiv(kv_end, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    log2_lambda = 0.0
+    if SKIP:
+        log2_lambda = tl.log2(skip_scale / ctx.to(tl.float32))
+    n_skipped = n_tiles * 0
+
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    for t in range(0, n_full):
+        acc, l_i, m_i, n_skipped = _prefill_tile(
+            acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_lambda,
+            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
+            HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION)
+    for t in range(n_full, n_tiles):
+        acc, l_i, m_i, n_skipped = _prefill_tile(
+            acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_lambda,
+            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
+            HEAD_DIM, BLOCK_N, PAGE, True, SKIP, DOT_PRECISION)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None])
+    if COUNT:
+        if SKIP:
+            tl.atomic_add(cnt_ptr, n_skipped)
+        tl.atomic_add(cnt_ptr + 1, n_tiles)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float, *, max_q_len: int, skip_scale: float = 0.0,
+                            counters: torch.Tensor | None = None, block_m: int | None = None,
+                            block_n: int | None = None, num_warps: int | None = None,
+                            num_stages: int | None = None) -> torch.Tensor:
+    """Causal attention of packed query chunks over the paged cache -> [T, heads, head_dim] in q.dtype.
+
+    Same contract as `paged_attention_ref`; `max_q_len` bounds every sequence's query count (it sizes
+    the grid, so no host sync is needed).
+    """
+    T, H, D = q.shape
+    _, page, KVH, Dk = k_cache.shape
+    B = seq_lens.shape[0]
+    if Dk != D or H % KVH or D < 16 or D & (D - 1):
+        raise ValueError(f"need head_dim a power of two >= 16 and heads % kv_heads == 0 (q {tuple(q.shape)}, "
+                         f"cache {tuple(k_cache.shape)})")
+    if skip_scale < 0:
+        raise ValueError("skip_scale must be >= 0")
+    check_counters(counters, q.device)
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"q, k_cache, v_cache must share a dtype ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})")
+    cu_seqlens_q, seq_lens, block_tables = cu_seqlens_q.contiguous(), seq_lens.contiguous(), block_tables.contiguous()
+    dm, dn, warps, stages = prefill_config(max_q_len, D, skip_scale > 0)
+    block_m, block_n = block_m or dm, block_n or dn
+    num_warps, num_stages = num_warps or warps, num_stages or stages
+    for b in (block_m, block_n):
+        if b < 16 or b & (b - 1):
+            raise ValueError("block sizes must be powers of two >= 16")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's head_dim must be contiguous")
+    out = torch.empty_like(q)
+    if T == 0 or B == 0 or max_q_len <= 0:
+        return out
+    num_q_tiles = triton.cdiv(max_q_len, block_m)
+    cnt = counters if counters is not None else cu_seqlens_q  # unused without COUNT
+    _prefill_kernel[(num_q_tiles, B, H)](
+        q, k_cache, v_cache, out,
+        cu_seqlens_q, seq_lens, block_tables, cnt,
+        float(scale) * LOG2E, float(skip_scale),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        num_q_tiles,
+        GROUP=H // KVH, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
+        SKIP=skip_scale > 0, COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
