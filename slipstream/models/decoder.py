@@ -261,7 +261,7 @@ class AttentionMetadata:
         )
 
 
-try:  # the Triton kernels, where they exist; the torch reference otherwise (and on CPU)
+try:  # the engine's op (Triton on GPU, the reference on CPU) where it exists; else the torch reference
     from slipstream.kernels.attention import paged_attention as _paged_attention_kernel
 except ImportError:
     _paged_attention_kernel = None
@@ -270,7 +270,7 @@ except ImportError:
 def attention_fn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttentionMetadata,
                  scale: float) -> torch.Tensor:
     """Causal attention of packed queries [T, heads, head_dim] over one layer's paged cache."""
-    if _paged_attention_kernel is not None and q.is_cuda:
+    if _paged_attention_kernel is not None:
         return _paged_attention_kernel(q, k_cache, v_cache, attn.cu_seqlens_q, attn.seq_lens, attn.block_tables,
                                        scale, max_q_len=attn.max_q_len)
     return paged_attention_ref(q, k_cache, v_cache, attn.cu_seqlens_q, attn.seq_lens, attn.block_tables, scale)
