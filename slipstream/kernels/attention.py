@@ -3,7 +3,7 @@
 `paged_attention` has exactly `paged_attention_ref`'s semantics (see reference.py for the cache
 layout and the packing). Steps whose sequences have at most 16 query tokens (decode, speculative
 verification) go to the decode/extend kernel, longer ones (prefill, chunked prefill) to the prefill
-kernel. On CPU tensors the torch reference runs, unless TRITON_INTERPRET=1 is set, in which case
+kernel. On CPU tensors the batched torch path (`paged_attention_torch`) runs, unless TRITON_INTERPRET=1 is set, in which case
 the Triton kernels run in Triton's interpreter (tests).
 
 `skip_scale > 0` turns on skip-softmax (BLASST): a key tile is dropped when, for every query row
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from slipstream.kernels.reference import paged_attention_ref
+from slipstream.kernels.reference import paged_attention_torch
 from slipstream.kernels.sparse_reference import paged_attention_sparse_ref
 
 MAX_DECODE_Q_LEN = 16
@@ -61,7 +61,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError("skip_scale must be >= 0")
     if (q.device.type == "cpu" and not triton_interpret()) or q.device.type not in ("cpu", "cuda"):
         if skip_scale == 0 and counters is None:
-            return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
+            return paged_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
         # The kernels' skip decisions (one split-K part in decode).
         if max_q_len <= MAX_DECODE_Q_LEN:
             block_m, block_n = None, DECODE_BLOCK_N

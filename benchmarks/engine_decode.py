@@ -1,0 +1,145 @@
+"""Decode throughput of the native engine vs HF `generate`, and the bandwidth floor (GPU).
+
+    python benchmarks/engine_decode.py --smollm2 PATH_TO_HF_DIR [--models ...] [--batches 1 8 64 256]
+
+Per model and batch size: tokens/s of the engine and of HF `generate` (same prompts, same
+number of new tokens, EOS ignored, greedy), and the floor: one decode step must at least read
+the weights and the KV cache once, so floor_tokens_per_s = batch / ((weight bytes + mean KV bytes
+per step) / measured device-to-device copy bandwidth). Random weights for the Qwen2.5 shapes
+(throughput depends on shapes, not values); the real SmolLM2-135M-Instruct when a path is given.
+Writes benchmarks/results/engine_decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+QWEN_SHAPES = {  # Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate, vocab, tied)
+    "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936, True),
+    "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936, True),
+    "qwen2.5-7b": (3584, 28, 28, 4, 18944, 152064, False),
+}
+
+
+def copy_bandwidth(device) -> float:
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t0)  # read + write
+
+
+def hf_model(name: str, smollm2: str | None, device):
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if name == "smollm2-135m":
+        return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16).to(device).eval()
+    h, layers, heads, kv, inter, vocab, tied = QWEN_SHAPES[name]
+    cfg = Qwen2Config(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                      intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied,
+                      max_position_embeddings=4096)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
+def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> float:
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    model.generate(prompts[:, :8], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False,
+                                                                       eos_token_id=None, pad_token_id=0))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(prompts, generation_config=gen)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_engine(decoder, prompts: torch.Tensor, new_tokens: int) -> float:
+    from slipstream.rollout.engine import Engine, EngineConfig
+    from slipstream.rollout.types import Request, SamplingParams
+
+    batch, plen = prompts.shape
+    cfg = EngineConfig(block_size=16, kv_cache_gb=8.0, max_num_seqs=max(batch, 1),
+                       max_num_batched_tokens=max(8192, batch * plen), max_model_len=plen + new_tokens + 16)
+    engine = Engine(decoder, eos_token_ids=[], cfg=cfg)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens)
+    reqs = [Request(p.tolist(), params, str(i), str(i)) for i, p in enumerate(prompts)]
+    engine.generate([Request(prompts[0].tolist(), SamplingParams(temperature=0.0, max_tokens=4), "w", "w")])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.generate(reqs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smollm2", help="HF directory of SmolLM2-135M-Instruct (real weights)")
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--skip-hf-above", type=int, default=10**9, help="skip the HF baseline for larger batches")
+    ap.add_argument("--out", default="benchmarks/results/engine_decode.json")
+    args = ap.parse_args()
+
+    from slipstream.models.weights import decoder_from_hf_module
+
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+    rows = []
+    for name in args.models:
+        if name == "smollm2-135m" and not args.smollm2:
+            continue
+        model = hf_model(name, args.smollm2, device)
+        decoder = decoder_from_hf_module(model, dtype=torch.bfloat16, device=device)
+        c = decoder.config
+        weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
+        for batch in args.batches:
+            g = torch.Generator().manual_seed(batch)
+            prompts = torch.randint(10, c.vocab_size - 10, (batch, args.prompt), generator=g).to(device)
+            ours = time_engine(decoder, prompts, args.new_tokens)
+            theirs = time_hf(model, prompts, args.new_tokens) if batch <= args.skip_hf_above else None
+            mean_ctx = args.prompt + args.new_tokens / 2
+            kv_bytes = batch * mean_ctx * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
+            floor = batch / ((weight_bytes + kv_bytes) / bw)
+            tokens = batch * args.new_tokens
+            row = {"model": name, "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
+                   "tokens_per_s": tokens / ours, "hf_tokens_per_s": tokens / theirs if theirs else None,
+                   "floor_tokens_per_s": floor, "device": torch.cuda.get_device_name()}
+            row["fraction_of_floor"] = row["tokens_per_s"] / floor
+            row["speedup_vs_hf"] = row["tokens_per_s"] / row["hf_tokens_per_s"] if theirs else None
+            rows.append(row)
+            print(f"{name:14s} b={batch:<4d} engine {row['tokens_per_s']:9.0f} tok/s  "
+                  f"hf {row['hf_tokens_per_s'] or float('nan'):9.0f}  floor {floor:9.0f}  "
+                  f"({100 * row['fraction_of_floor']:.1f}% of floor, "
+                  f"{row['speedup_vs_hf'] or float('nan'):.1f}x hf)", flush=True)
+        del model, decoder
+        torch.cuda.empty_cache()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import transformers
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bw, "torch": torch.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__, "commit": commit or None}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
