@@ -83,7 +83,11 @@ def test_dispatcher_routes_decode_and_keeps_torch_path_on_cpu(paged_batch, monke
     kernel = paged_decode_attention(*args, 0.125, max_q_len=16)
     assert torch.equal(paged_attention(*args, 0.125, max_q_len=16), kernel)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert torch.equal(paged_attention(*args, 0.125, max_q_len=16), paged_attention_ref(*args, 0.125))
+    from slipstream.kernels.reference import paged_attention_torch
+
+    cpu = paged_attention(*args, 0.125, max_q_len=16)
+    assert torch.equal(cpu, paged_attention_torch(*args, 0.125))  # the batched torch path on CPU
+    assert torch.allclose(cpu, paged_attention_ref(*args, 0.125), atol=1e-5)
 
 
 def test_rejects_bad_arguments(paged_batch):
