@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -130,7 +131,9 @@ def main() -> None:
                   f"{row['speedup_vs_hf'] or float('nan'):.1f}x hf)", flush=True)
         del model, decoder
         torch.cuda.empty_cache()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # The GPU machine gets a copy of the tree without .git: SLIPSTREAM_COMMIT names the commit there.
+    commit = os.environ.get("SLIPSTREAM_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import transformers
     import triton
 
