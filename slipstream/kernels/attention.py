@@ -30,12 +30,15 @@ MAX_DECODE_Q_LEN = 16
 DECODE_BLOCK_N = 64
 
 
-def prefill_config(max_q_len: int, head_dim: int, skip: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel.
+def prefill_config(max_q_len: int, head_dim: int, skip: bool, elem_size: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel for 2-byte (or `elem_size`) inputs.
 
     Picked on an H200 (bf16, 32/8 heads, 8k and 32k causal prefill): dense 128x128 tiles; with skip-softmax
     and head_dim 128, 64-row query tiles (finer skip decisions, fewer live registers in the skip branch).
+    float32 inputs take smaller tiles to fit shared memory.
     """
+    if elem_size > 2:
+        return (64, 64, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
     if head_dim > 128:
         return 64, 32, 4, 2
     if max_q_len <= 64:
@@ -66,7 +69,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if max_q_len <= MAX_DECODE_Q_LEN:
             block_m, block_n = None, DECODE_BLOCK_N
         else:
-            block_m, block_n, _, _ = prefill_config(max_q_len, q.shape[-1], skip_scale > 0)
+            block_m, block_n, _, _ = prefill_config(max_q_len, q.shape[-1], skip_scale > 0, q.element_size())
         res = paged_attention_sparse_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
                                          skip_scale=skip_scale, block_n=block_n, block_m=block_m)
         if counters is not None:

@@ -256,7 +256,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_warps is None:
         num_warps = 8 if block_m * D >= 128 * 128 else 4
     if num_stages is None:
-        num_stages = 2
+        # Two K/V stages, one where they and the query tile would crowd shared memory (float32, big tiles).
+        smem = (2 * 2 * block_n + block_m) * D * q.element_size()
+        num_stages = 2 if smem <= 160 * 1024 else 1
     _decode_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, out,
         cu_seqlens_q, seq_lens, block_tables,

@@ -182,7 +182,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"q, k_cache, v_cache must share a dtype ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})")
     cu_seqlens_q, seq_lens, block_tables = cu_seqlens_q.contiguous(), seq_lens.contiguous(), block_tables.contiguous()
-    dm, dn, warps, stages = prefill_config(max_q_len, D, skip_scale > 0)
+    dm, dn, warps, stages = prefill_config(max_q_len, D, skip_scale > 0, q.element_size())
     block_m, block_n = block_m or dm, block_n or dn
     num_warps, num_stages = num_warps or warps, num_stages or stages
     for b in (block_m, block_n):
