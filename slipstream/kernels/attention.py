@@ -3,8 +3,8 @@
 `paged_attention` has exactly `paged_attention_ref`'s semantics (see reference.py for the cache
 layout and the packing). Steps whose sequences have at most 16 query tokens (decode, speculative
 verification) go to the decode/extend kernel, longer ones (prefill, chunked prefill) to the prefill
-kernel. On CPU tensors the batched torch path (`paged_attention_torch`) runs, unless TRITON_INTERPRET=1 is set, in which case
-the Triton kernels run in Triton's interpreter (tests).
+kernel. On CPU tensors the batched torch path (`paged_attention_torch`) runs, unless
+TRITON_INTERPRET=1 is set, in which case the Triton kernels run in Triton's interpreter (tests).
 
 `skip_scale > 0` turns on skip-softmax (BLASST): a key tile is dropped when, for every query row
 of the kernel's query tile, its maximum score is below the running maximum + ln(lambda),
