@@ -10,7 +10,7 @@ import torch
 
 from slipstream.models.decoder import Decoder
 from slipstream.rollout.block_manager import BlockManager
-from slipstream.rollout.model_runner import ModelRunner
+from slipstream.rollout.model_runner import ModelRunner, StepFeatures
 from slipstream.rollout.scheduler import Scheduler
 from slipstream.rollout.sequence import Sequence
 from slipstream.rollout.types import Completion, Request
@@ -37,7 +37,9 @@ def kv_blocks_for(decoder: Decoder, cfg: EngineConfig) -> int:
 
 
 class Engine:
-    def __init__(self, decoder: Decoder, eos_token_ids: Iterable[int], cfg: EngineConfig | None = None, seed: int = 0):
+    def __init__(self, decoder: Decoder, eos_token_ids: Iterable[int], cfg: EngineConfig | None = None, seed: int = 0,
+                 capture_layers: tuple[int, ...] = (-1,), feature_sink: Callable[[StepFeatures], None] | None = None):
+        """`feature_sink`, when given, receives the hidden states (`capture_layers`) of every step."""
         self.cfg = cfg = cfg or EngineConfig()
         self.decoder = decoder.eval()
         num_blocks = kv_blocks_for(decoder, cfg)
@@ -46,7 +48,7 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_sharing)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size,
                                    eos_token_ids=eos_token_ids, max_model_len=max_model_len)
-        self.runner = ModelRunner(decoder, num_blocks, cfg.block_size, seed)
+        self.runner = ModelRunner(decoder, num_blocks, cfg.block_size, seed, capture_layers, feature_sink)
         self.stats = {"steps": 0, "preemptions": 0}
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:

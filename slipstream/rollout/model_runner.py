@@ -5,6 +5,9 @@ The only host synchronisation of a step is reading the sampled tokens and their 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from slipstream.models.decoder import AttentionMetadata, Decoder
@@ -12,9 +15,30 @@ from slipstream.rollout.sampler import sample
 from slipstream.rollout.scheduler import ScheduledBatch
 
 
+@dataclass
+class StepFeatures:
+    """Hidden states of the tokens one step computed, for a consumer such as a drafter.
+
+    Row r of every tensor is packed token r: `token_ids[r]` at `positions[r]` of sequence
+    `seq_keys[owner[r]]` = (request_id, sample_index). `hidden[layer]` is [T, hidden_size] (the
+    decoder's capture convention: index i is the residual stream after layer i, -1 the last layer).
+    Prompt tokens appear in prefill steps; a generated token appears in the step that feeds it back.
+    """
+
+    seq_keys: list[tuple[str, int]]
+    owner: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    token_ids: torch.Tensor  # [T] long
+    hidden: dict[int, torch.Tensor]
+
+
 class ModelRunner:
-    def __init__(self, decoder: Decoder, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, decoder: Decoder, num_blocks: int, block_size: int, seed: int = 0,
+                 capture_layers: tuple[int, ...] = (), feature_sink: Callable[[StepFeatures], None] | None = None):
         self.decoder = decoder
+        # Capture costs nothing unless a consumer asked for it.
+        self.capture_layers = tuple(capture_layers) if feature_sink is not None else ()
+        self.feature_sink = feature_sink
         self.device = decoder.embed.weight.device
         self.block_size = block_size
         self.kv_caches = decoder.allocate_kv_cache(num_blocks, block_size)
@@ -28,7 +52,15 @@ class ModelRunner:
         inputs = batch.build_inputs(self.device)
         attn = AttentionMetadata(inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables, inputs.slot_mapping,
                                  inputs.max_q_len)
-        hidden = self.decoder(inputs.input_ids, inputs.positions, attn, self.kv_caches)
+        if self.capture_layers:
+            hidden, captured = self.decoder(inputs.input_ids, inputs.positions, attn, self.kv_caches,
+                                            capture_layers=self.capture_layers)
+            owner = torch.searchsorted(inputs.cu_seqlens_q[1:].long(),
+                                       torch.arange(inputs.input_ids.shape[0], device=self.device), right=True)
+            self.feature_sink(StepFeatures([(e.seq.request_id, e.seq.sample_index) for e in batch.entries], owner,
+                                           inputs.positions, inputs.input_ids, captured))
+        else:
+            hidden = self.decoder(inputs.input_ids, inputs.positions, attn, self.kv_caches)
         sampling = batch.sampling
         if not sampling:  # a step of prefill chunks only
             return [], []

@@ -74,3 +74,31 @@ def test_weight_sync_makes_the_engine_follow_the_trainer(tiny_model):
     ours = engine.generate(_requests(tok, params))
     theirs = HFRolloutBackend(model, tok).generate(_requests(tok, params))
     assert [c.tokens for c in ours] == [c.tokens for c in theirs]
+
+
+def test_feature_capture_hands_hidden_states_of_generated_tokens(tiny_model):
+    model, tok = tiny_model
+    steps = []
+    engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(block_size=4, num_blocks=256),
+                    capture_layers=(0, -1), feature_sink=steps.append)
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=10)
+    comps = engine.generate(_requests(tok, params, PROMPTS[:2]))
+    plain = _engine(model, tok, block_size=4, num_blocks=256).generate(_requests(tok, params, PROMPTS[:2]))
+    assert [c.tokens for c in comps] == [c.tokens for c in plain]  # capture changes nothing
+    # Collect, per sequence and position, the captured states, and compare with HF's hidden states.
+    seen = {}
+    for f in steps:
+        for r in range(f.token_ids.shape[0]):
+            key = f.seq_keys[int(f.owner[r])]
+            seen[(key, int(f.positions[r]))] = (int(f.token_ids[r]), f.hidden[0][r], f.hidden[-1][r])
+    c = comps[1]
+    full = c.prompt_ids + c.tokens
+    with torch.no_grad():
+        hs = model(torch.tensor([full]), output_hidden_states=True).hidden_states
+    for pos in range(len(full) - 1):  # the last sampled token is never fed back
+        token, h0, h_last = seen[((c.request_id, 0), pos)]
+        assert token == full[pos]
+        assert torch.allclose(h0, hs[1][0, pos], atol=1e-4)
+    for x in comps:  # every generated token fed back is captured for its own sample (shared prompts once)
+        for pos in range(len(x.prompt_ids), len(x.prompt_ids) + len(x.tokens) - 1):
+            assert seen[((x.request_id, comps.index(x) % 2), pos)][0] == x.tokens[pos - len(x.prompt_ids)]
