@@ -88,6 +88,17 @@ class RolloutConfig:
 
 
 @dataclass
+class AttentionConfig:
+    # dense, or blasst: skip-softmax (arXiv 2512.12087) in the native engine. Not lossless: the
+    # rollout/trainer mismatch it causes is logged and corrected by truncated importance sampling.
+    kind: str = "dense"
+    # Threshold lambda = scale / context length: a key tile is skipped when its scores are all
+    # below the running max + ln(lambda). Separate scales for prefill and decode steps.
+    prefill_scale: float = 0.0
+    decode_scale: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 20
     prompts_per_step: int = 8
@@ -126,6 +137,7 @@ class SlipstreamConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
@@ -153,6 +165,12 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     _choice("algorithm.policy_loss", cfg.algorithm.policy_loss, sorted(POLICY_LOSSES))
     _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, sorted(LOSS_AGGREGATIONS))
     _choice("rollout.backend", cfg.rollout.backend, ["hf", "native"])
+    _choice("attention.kind", cfg.attention.kind, ["dense", "blasst"])
+    if cfg.attention.kind == "blasst":
+        if cfg.rollout.backend != "native":
+            raise ConfigError("attention=blasst needs rollout=native (the HF backend has no skip-softmax)")
+        if cfg.attention.prefill_scale <= 0 and cfg.attention.decode_scale <= 0:
+            raise ConfigError("attention=blasst needs attention.prefill_scale or attention.decode_scale > 0")
     _choice("trainer.backend", cfg.trainer.backend, ["local"])
     _choice("trainer.device", cfg.trainer.device, ["auto", "cpu", "cuda"])
     _choice("logger.wandb_mode", cfg.logger.wandb_mode, ["offline", "online", "disabled"])
@@ -164,7 +182,8 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name))
     for key in ("trainer.steps", "trainer.eval_every", "trainer.save_every", "rollout.temperature",
-                "algorithm.kl_coef", "task.num_eval", "trainer.warmup_steps", "trainer.threads"):
+                "algorithm.kl_coef", "task.num_eval", "trainer.warmup_steps", "trainer.threads",
+                "attention.prefill_scale", "attention.decode_scale"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name), allow_zero=True)
     if cfg.task.max_steps < cfg.task.min_steps:
@@ -209,7 +228,7 @@ def group_options(group: str) -> list[str]:
 
 
 _SECTIONS = {"model": ModelConfig, "task": TaskConfig, "algorithm": AlgorithmConfig, "rollout": RolloutConfig,
-             "trainer": TrainerConfig, "logger": LoggerConfig}
+             "attention": AttentionConfig, "trainer": TrainerConfig, "logger": LoggerConfig}
 
 
 def register_configs() -> None:

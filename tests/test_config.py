@@ -35,6 +35,8 @@ def test_recipe_and_overrides_take_effect():
     ("task.style=poem", "task.style='poem' is not valid; choose one of: words, expression"),
     ("rollout.n=1", "rollout.n must be >= 2 for GRPO"),
     ("trainer.steps", "cannot parse override"),
+    ("attention=sparse", "unknown attention 'sparse'; available: blasst, dense"),
+    ("attention.kind=blasst", "needs attention.prefill_scale or attention.decode_scale > 0"),
 ])
 def test_user_mistakes_are_named(override, expected):
     with pytest.raises(ConfigError) as e:

@@ -239,6 +239,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     slot_mapping: torch.Tensor
     max_q_len: int
+    # Skip-softmax (BLASST): 0 is dense. `counters` [2] accumulates (skipped, visited) key tiles.
+    skip_scale: float = 0.0
+    counters: torch.Tensor | None = None
 
     @classmethod
     def build(cls, q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -272,7 +275,10 @@ def attention_fn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """Causal attention of packed queries [T, heads, head_dim] over one layer's paged cache."""
     if _paged_attention_kernel is not None:
         return _paged_attention_kernel(q, k_cache, v_cache, attn.cu_seqlens_q, attn.seq_lens, attn.block_tables,
-                                       scale, max_q_len=attn.max_q_len)
+                                       scale, max_q_len=attn.max_q_len, skip_scale=attn.skip_scale,
+                                       counters=attn.counters)
+    if attn.skip_scale > 0:
+        raise RuntimeError("skip-softmax attention needs slipstream.kernels.attention (Triton or its CPU reference)")
     return paged_attention_ref(q, k_cache, v_cache, attn.cu_seqlens_q, attn.seq_lens, attn.block_tables, scale)
 
 

@@ -26,6 +26,8 @@ class EngineConfig:
     chunk_size: int | None = None  # longest prefill chunk per sequence and step (None: token budget)
     max_model_len: int = 4096
     enable_prefix_sharing: bool = True
+    prefill_skip_scale: float = 0.0  # BLASST skip-softmax in prefill steps (0: dense)
+    decode_skip_scale: float = 0.0  # and in decode / verify steps
 
 
 def kv_blocks_for(decoder: Decoder, cfg: EngineConfig) -> int:
@@ -48,7 +50,8 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_sharing)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size,
                                    eos_token_ids=eos_token_ids, max_model_len=max_model_len)
-        self.runner = ModelRunner(decoder, num_blocks, cfg.block_size, seed, capture_layers, feature_sink)
+        self.runner = ModelRunner(decoder, num_blocks, cfg.block_size, seed, capture_layers, feature_sink,
+                                  cfg.prefill_skip_scale, cfg.decode_skip_scale)
         self.stats = {"steps": 0, "preemptions": 0}
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
@@ -60,6 +63,10 @@ class Engine:
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize(self.runner.device)
         return time.perf_counter() - t0
+
+    def sparsity(self) -> dict[str, float]:
+        """Fraction of attention key tiles skipped per phase since the last call (skip-softmax only)."""
+        return self.runner.sparsity(reset=True)
 
     def step(self) -> list[Sequence]:
         batch = self.scheduler.schedule()

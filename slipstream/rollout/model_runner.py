@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slipstream.kernels.attention import MAX_DECODE_Q_LEN as DECODE_MAX_Q_LEN
 from slipstream.models.decoder import AttentionMetadata, Decoder
 from slipstream.rollout.sampler import sample
 from slipstream.rollout.scheduler import ScheduledBatch
@@ -34,8 +35,13 @@ class StepFeatures:
 
 class ModelRunner:
     def __init__(self, decoder: Decoder, num_blocks: int, block_size: int, seed: int = 0,
-                 capture_layers: tuple[int, ...] = (), feature_sink: Callable[[StepFeatures], None] | None = None):
+                 capture_layers: tuple[int, ...] = (), feature_sink: Callable[[StepFeatures], None] | None = None,
+                 prefill_skip_scale: float = 0.0, decode_skip_scale: float = 0.0):
         self.decoder = decoder
+        self.prefill_skip_scale, self.decode_skip_scale = prefill_skip_scale, decode_skip_scale
+        # (skipped, visited) key tiles per phase, summed on the device; read only when asked.
+        self.tile_counters = {phase: torch.zeros(2, dtype=torch.int64, device=decoder.embed.weight.device)
+                              for phase in ("prefill", "decode")}
         # Capture costs nothing unless a consumer asked for it.
         self.capture_layers = tuple(capture_layers) if feature_sink is not None else ()
         self.feature_sink = feature_sink
@@ -44,14 +50,28 @@ class ModelRunner:
         self.kv_caches = decoder.allocate_kv_cache(num_blocks, block_size)
         self.generator = torch.Generator(self.device).manual_seed(seed)
 
+    def sparsity(self, reset: bool = True) -> dict[str, float]:
+        """Measured fraction of key tiles skipped per phase since the last reset (phases that ran)."""
+        out = {}
+        for phase, c in self.tile_counters.items():
+            skipped, visited = c.tolist()
+            if visited:
+                out[phase] = skipped / visited
+            if reset:
+                c.zero_()
+        return out
+
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
         inputs = batch.build_inputs(self.device)
+        phase = "decode" if inputs.max_q_len <= DECODE_MAX_Q_LEN else "prefill"
+        skip = self.decode_skip_scale if phase == "decode" else self.prefill_skip_scale
         attn = AttentionMetadata(inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables, inputs.slot_mapping,
-                                 inputs.max_q_len)
+                                 inputs.max_q_len, skip_scale=skip,
+                                 counters=self.tile_counters[phase] if skip > 0 else None)
         if self.capture_layers:
             hidden, captured = self.decoder(inputs.input_ids, inputs.positions, attn, self.kv_caches,
                                             capture_layers=self.capture_layers)

@@ -62,8 +62,11 @@ def build_rollout(cfg: SlipstreamConfig, model, tokenizer, device: torch.device)
     # The engine keeps its own copy of the weights (bf16 on GPU) and receives the trainer's after every update.
     decoder = decoder_from_hf_module(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                      device=device)
+    dense = cfg.attention.kind == "dense"
     ecfg = EngineConfig(block_size=rc.block_size, kv_cache_gb=rc.kv_cache_gb, max_num_seqs=rc.max_num_seqs,
-                        max_num_batched_tokens=rc.max_num_batched_tokens, max_model_len=rc.max_model_len)
+                        max_num_batched_tokens=rc.max_num_batched_tokens, max_model_len=rc.max_model_len,
+                        prefill_skip_scale=0.0 if dense else cfg.attention.prefill_scale,
+                        decode_skip_scale=0.0 if dense else cfg.attention.decode_scale)
     return Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=cfg.trainer.seed)
 
 
@@ -154,6 +157,7 @@ def train(cfg: SlipstreamConfig) -> dict:
             completions = engine.generate(requests, progress=bar.update)
             bar.close()
             t_rollout = time.perf_counter() - t0
+            sparsity = engine.sparsity() if cfg.attention.kind == "blasst" else {}
             # 3. rewards
             t0 = time.perf_counter()
             by_uid = {p.uid: p for p in problems}
@@ -183,6 +187,7 @@ def train(cfg: SlipstreamConfig) -> dict:
                 "tokens/generated": sum(lengths),
                 "throughput/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9),
                 "time/rollout": t_rollout, "time/reward": t_reward, "time/update": t_update, "time/sync": t_sync,
+                **{f"attention/sparsity_{phase}": v for phase, v in sparsity.items()},
             })
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 t0 = time.perf_counter()

@@ -102,3 +102,18 @@ def test_feature_capture_hands_hidden_states_of_generated_tokens(tiny_model):
     for x in comps:  # every generated token fed back is captured for its own sample (shared prompts once)
         for pos in range(len(x.prompt_ids), len(x.prompt_ids) + len(x.tokens) - 1):
             assert seen[((x.request_id, comps.index(x) % 2), pos)][0] == x.tokens[pos - len(x.prompt_ids)]
+
+
+def test_skip_softmax_reports_sparsity_and_tiny_thresholds_change_nothing(tiny_model):
+    model, tok = tiny_model
+    long_prompts = ["Start with 7. " * 30, "What is 3 + 4? " * 25]  # several key tiles per sequence
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    dense = _engine(model, tok, block_size=16, num_blocks=256).generate(_requests(tok, params, long_prompts))
+    tiny = _engine(model, tok, block_size=16, num_blocks=256, prefill_skip_scale=1e-30, decode_skip_scale=1e-30)
+    assert [c.tokens for c in tiny.generate(_requests(tok, params, long_prompts))] == [c.tokens for c in dense]
+    assert tiny.sparsity() == {"prefill": 0.0, "decode": 0.0}
+    big = _engine(model, tok, block_size=16, num_blocks=256, prefill_skip_scale=1e6, decode_skip_scale=1e6)
+    big.generate(_requests(tok, params, long_prompts))
+    measured = big.sparsity()
+    assert set(measured) == {"prefill", "decode"} and measured["decode"] > 0 and measured["prefill"] > 0
+    assert big.sparsity() == {}  # counters were reset by the read

@@ -82,3 +82,11 @@ def test_native_engine_rollouts_train_and_sync(tmp_path):
         assert r["time/sync"] > 0
         # fp32 engine and fp32 trainer: the rollout log-probs are the trainer's up to rounding
         assert r["mismatch/kl_max"] < 1e-4
+
+
+def test_blasst_rollouts_log_their_sparsity(tmp_path):
+    cfg = compose(["recipe=smoke", "attention=blasst", "attention.decode_scale=1e6", f"trainer.run_dir={tmp_path}",
+                   "logger.wandb=false", "trainer.steps=1", "rollout.n=2", "task.num_eval=2"])
+    train(cfg)
+    row = _rows(tmp_path)[1]
+    assert 0.0 <= row["attention/sparsity_decode"] <= 1.0 and "mismatch/kl" in row
