@@ -89,5 +89,6 @@ class ModelRunner:
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=self.device)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=self.device)
-        tokens, logprobs = sample(logits, temperature, top_p, top_k, self.generator)
+        truncate = any(p.top_p < 1.0 or p.top_k > 0 for p in params)
+        tokens, logprobs = sample(logits, temperature, top_p, top_k, self.generator, truncate)
         return tokens.tolist(), logprobs.tolist()

@@ -1,4 +1,4 @@
-""""""
+"""Speculative decoding: draft proposers and lossless verification against the target."""
 
 from slipstream.rollout.spec.verify import VerifyResult, verify_drafts
 
