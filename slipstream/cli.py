@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -61,6 +62,56 @@ def cmd_models(action: str, name: str | None, force: bool) -> int:
     return 0
 
 
+def cmd_calibrate(overrides: list[str], target: float, num_prompts: int, name: str | None) -> int:
+    """Find per-phase skip-softmax scales reaching `target` sparsity on the task's held-out prompts."""
+    import dataclasses
+
+    import torch
+    import yaml
+
+    from slipstream.config import compose, user_conf_dir
+    from slipstream.models import load_model_and_tokenizer
+    from slipstream.models.weights import decoder_from_hf_module
+    from slipstream.rollout.calibration import calibrate_skip_scale
+    from slipstream.rollout.engine import Engine, EngineConfig
+    from slipstream.rollout.types import Request, SamplingParams
+    from slipstream.tasks import build_task
+    from slipstream.trainer.rl_loop import encode_prompt, pick_device
+
+    cfg = compose(overrides)
+    device = pick_device(cfg.trainer.device)
+    model, tok = load_model_and_tokenizer(cfg.model, device)
+    decoder = decoder_from_hf_module(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                     device=device)
+    del model
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.rollout.eval_max_tokens)
+    problems = build_task(cfg.task).eval_problems()[:num_prompts]
+    requests = [Request(encode_prompt(tok, p, cfg.task.system_prompt), params, p.uid, p.uid) for p in problems]
+    rc = cfg.rollout
+    base = EngineConfig(block_size=rc.block_size, kv_cache_gb=rc.kv_cache_gb, max_num_seqs=rc.max_num_seqs,
+                        max_num_batched_tokens=rc.max_num_batched_tokens, max_model_len=rc.max_model_len)
+    scales = {}
+    for phase in ("prefill", "decode"):
+        def make(scale, phase=phase):
+            return Engine(decoder, [tok.eos_token_id], dataclasses.replace(base, **{f"{phase}_skip_scale": scale}))
+
+        result = calibrate_skip_scale(make, requests, phase, target,
+                                      progress=lambda s, sp, phase=phase: print(f"  {phase}: scale {s:.4g} -> "
+                                                                                f"sparsity {sp:.3f}", flush=True))
+        scales[phase] = result.scale
+        reached = "" if result.sparsity >= target else " (target not reachable on these prompts: contexts too short)"
+        print(f"{phase}: scale {result.scale:.4g}, measured sparsity {result.sparsity:.3f}{reached}")
+    name = name or f"calibrated-{Path(cfg.model.name).name}"
+    path = user_conf_dir() / "attention" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# slipstream calibrate-sparsity: target sparsity {target} on {len(requests)} "
+                    f"{cfg.task.name} prompts, model {cfg.model.name}\n" +
+                    yaml.safe_dump({"kind": "blasst", "prefill_scale": float(scales["prefill"]),
+                                    "decode_scale": float(scales["decode"])}))
+    print(f"wrote {path}\nuse it with: slipstream train attention={name} ...")
+    return 0
+
+
 def cmd_recipes() -> int:
     from slipstream.config import available_recipes, recipes_dir
 
@@ -84,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?")
     m.add_argument("--force", action="store_true", help="pull again even if cached")
     sub.add_parser("recipes", help="list the available recipes")
+    c = sub.add_parser("calibrate-sparsity", help="find skip-softmax scales that reach a target sparsity")
+    c.add_argument("overrides", nargs="*", help="hydra overrides choosing the model, task and rollout")
+    c.add_argument("--target", type=float, default=0.7, help="fraction of key tiles to skip (default 0.7)")
+    c.add_argument("--prompts", type=int, default=16, help="held-out prompts to measure on (default 16)")
+    c.add_argument("--name", help="name of the attention option to write (default calibrated-<model>)")
     return p
 
 
@@ -97,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report(args.run_dir)
         if args.command == "models":
             return cmd_models(args.action, args.name, args.force)
+        if args.command == "calibrate-sparsity":
+            return cmd_calibrate(args.overrides, args.target, args.prompts, args.name)
         return cmd_recipes()
     except _user_errors() as e:
         print(f"slipstream: error: {e}", file=sys.stderr)

@@ -219,12 +219,24 @@ def recipes_dir() -> Path:
     return _data_dir("recipes", "_recipes")
 
 
+def user_conf_dir() -> Path:
+    """Config options written by slipstream itself (e.g. `calibrate-sparsity`), in the cache."""
+    from slipstream.models.registry import cache_dir
+
+    return cache_dir() / "conf"
+
+
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
+def _user_options(group: str) -> list[Path]:
+    builtin = {p.stem for p in (conf_dir() / group).glob("*.yaml")}
+    return [p for p in sorted((user_conf_dir() / group).glob("*.yaml")) if p.stem not in builtin]
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    return sorted([p.stem for p in (conf_dir() / group).glob("*.yaml")] + [p.stem for p in _user_options(group)])
 
 
 _SECTIONS = {"model": ModelConfig, "task": TaskConfig, "algorithm": AlgorithmConfig, "rollout": RolloutConfig,
@@ -240,6 +252,8 @@ def register_configs() -> None:
     # Recipes live in recipes/ (data, `# @package _global_`); hydra sees them as the `recipe` group.
     for path in sorted(recipes_dir().glob("*.yaml")):
         cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+    for path in _user_options("attention"):  # e.g. attention=calibrated-smollm2-135m-instruct
+        cs.store(group="attention", name=path.stem, node=OmegaConf.load(path))
 
 
 def _unknown_key_message(full_key: str) -> str:
