@@ -110,7 +110,6 @@ def train(cfg: SlipstreamConfig) -> dict:
     if cfg.algorithm.kl_coef > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     actor = Actor(model, tc, cfg.algorithm, device, ref_model=ref_model, temperature=cfg.rollout.temperature)
-    engine = build_rollout(cfg, model, tokenizer, device)
 
     state = TrainState(step=0, epoch=0, position=0)
     ckpt_root = run_dir / "checkpoints"
@@ -122,6 +121,7 @@ def train(cfg: SlipstreamConfig) -> dict:
     if resume_from is not None:
         state, _ = load_checkpoint(resume_from, model, actor.optimizer)
         print(f"resumed from {resume_from} (step {state.step})")
+    engine = build_rollout(cfg, model, tokenizer, device)  # after resume: it copies the current weights
     stream = PromptStream(train_problems, tc.seed, state.epoch, state.position)
     prompt_cache: dict[str, list[int]] = {}
 
@@ -180,7 +180,7 @@ def train(cfg: SlipstreamConfig) -> dict:
             rew = torch.tensor(rewards)
             metrics.update({
                 "reward/mean": float(rew.mean()), "reward/std": float(rew.std()) if len(rewards) > 1 else 0.0,
-                "reward/mixed_groups": _solved_fraction(batch.group_ids, rew),
+                "reward/mixed_groups": _mixed_group_fraction(batch.group_ids, rew),
                 "response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths),
                 "response_length/min": min(lengths),
                 "response/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
@@ -213,7 +213,7 @@ def train(cfg: SlipstreamConfig) -> dict:
     return {"run_dir": str(run_dir), "eval_before": first, **summary}
 
 
-def _solved_fraction(group_ids: torch.Tensor, rewards: torch.Tensor) -> float:
+def _mixed_group_fraction(group_ids: torch.Tensor, rewards: torch.Tensor) -> float:
     """Fraction of groups with mixed rewards: the only ones that carry a GRPO learning signal."""
     mixed = [float(rewards[group_ids == g].max() > rewards[group_ids == g].min()) for g in group_ids.unique()]
     return sum(mixed) / len(mixed)

@@ -44,7 +44,10 @@ def _launch(run_dir, steps):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, "-m", "slipstream.cli", "train", "recipe=smoke", f"trainer.run_dir={run_dir}",
-         f"trainer.steps={steps}", "trainer.save_every=2", "logger.wandb=false"],
+         f"trainer.steps={steps}", "trainer.save_every=2", "logger.wandb=false",
+         # The random model earns no reward (no gradient); weight decay still moves the weights every
+         # step, so the resumed run must really restore them (and hand them to the engine).
+         "trainer.lr=0.01", "trainer.weight_decay=0.5"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -67,7 +70,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     a, b = _rows(full), _rows(broken)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
-        for key in ("reward/mean", "response_length/mean", "loss", "grad_norm", "eval/accuracy"):
+        # mismatch/kl_max also shows that the resumed engine generates with the checkpoint's weights
+        for key in ("reward/mean", "response_length/mean", "loss", "grad_norm", "eval/accuracy", "mismatch/kl_max"):
             if key in ra:
                 assert abs(ra[key] - rb[key]) <= 1e-6 * max(1.0, abs(ra[key])), (ra["step"], key, ra[key], rb[key])
 
