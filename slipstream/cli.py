@@ -18,8 +18,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from slipstream.tasks import TaskDataError
     from slipstream.telemetry import ReportError
     from slipstream.trainer.checkpoint import CheckpointError
+    from slipstream.trainer.rl_loop import TrainingError
 
-    return ConfigError, ModelLoadError, TaskDataError, ReportError, CheckpointError
+    return ConfigError, ModelLoadError, TaskDataError, ReportError, CheckpointError, TrainingError
 
 
 def cmd_train(overrides: list[str], print_config: bool) -> int:

@@ -26,6 +26,10 @@ from slipstream.trainer.batch import build_batch
 from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message names the checkpoint to resume from."""
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,8 +174,15 @@ def train(cfg: SlipstreamConfig) -> dict:
             # 5. update
             t0 = time.perf_counter()
             bar = progress_bar(batch.size, f"step {step} update", enabled=show)
-            metrics = actor.update(batch, advantages, step - 1, cfg.rollout.max_tokens, on_micro_batch=bar.update)
-            bar.close()
+            try:
+                metrics = actor.update(batch, advantages, step - 1, cfg.rollout.max_tokens, on_micro_batch=bar.update)
+            except FloatingPointError as e:
+                newest = latest_checkpoint(ckpt_root)
+                raise TrainingError(f"{e}; that optimizer step was not applied. Newest checkpoint: "
+                                    f"{newest or 'none yet'} (resume with trainer.resume=auto and, e.g., a lower "
+                                    f"trainer.lr)") from None
+            finally:
+                bar.close()
             t_update = time.perf_counter() - t0
             # 6. weight sync into the engine (the HF backend shares the trainer's module) and bookkeeping
             t_sync = engine.load_weights(model.named_parameters()) if isinstance(engine, Engine) else 0.0

@@ -94,3 +94,26 @@ def test_blasst_rollouts_log_their_sparsity(tmp_path):
     train(cfg)
     row = _rows(tmp_path)[1]
     assert 0.0 <= row["attention/sparsity_decode"] <= 1.0 and "mismatch/kl" in row
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_checkpoint(tmp_path, monkeypatch):
+    import pytest
+
+    from slipstream.trainer import algorithms
+    from slipstream.trainer.rl_loop import TrainingError
+
+    real = algorithms.POLICY_LOSSES["clipped"]
+    calls = {"n": 0}
+
+    def poisoned(logprobs, *args, **kwargs):
+        calls["n"] += 1
+        loss, metrics = real(logprobs, *args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 1 else loss), metrics  # step 1 fine, then NaN
+
+    monkeypatch.setitem(algorithms.POLICY_LOSSES, "clipped", poisoned)
+    cfg = compose(["recipe=smoke", f"trainer.run_dir={tmp_path}", "logger.wandb=false", "trainer.micro_batch_size=16",
+                   "trainer.save_every=1"])
+    with pytest.raises(TrainingError, match="step_000001"):
+        train(cfg)
+    assert (tmp_path / "checkpoints" / "step_000001" / "COMPLETE").is_file()
+    assert not (tmp_path / "checkpoints" / "step_000002").exists()
