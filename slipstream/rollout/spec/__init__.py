@@ -1,5 +1,8 @@
 """Speculative decoding: draft proposers and lossless verification against the target."""
 
+from slipstream.rollout.spec.suffix_tree import (SuffixConfig, SuffixDraft, SuffixDrafter,
+                                                 SuffixNode, SuffixTree)
 from slipstream.rollout.spec.verify import VerifyResult, verify_drafts
 
-__all__ = ["VerifyResult", "verify_drafts"]
+__all__ = ["SuffixConfig", "SuffixDraft", "SuffixDrafter", "SuffixNode", "SuffixTree",
+           "VerifyResult", "verify_drafts"]
