@@ -1,8 +1,9 @@
 """Speculative decoding: draft proposers and lossless verification against the target."""
 
+from slipstream.rollout.spec.policy import PolicyConfig, SpecPolicy
 from slipstream.rollout.spec.suffix_tree import (SuffixConfig, SuffixDraft, SuffixDrafter,
                                                  SuffixNode, SuffixTree)
 from slipstream.rollout.spec.verify import VerifyResult, verify_drafts
 
-__all__ = ["SuffixConfig", "SuffixDraft", "SuffixDrafter", "SuffixNode", "SuffixTree",
-           "VerifyResult", "verify_drafts"]
+__all__ = ["PolicyConfig", "SpecPolicy", "SuffixConfig", "SuffixDraft", "SuffixDrafter",
+           "SuffixNode", "SuffixTree", "VerifyResult", "verify_drafts"]
