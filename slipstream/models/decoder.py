@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from slipstream.kernels.reference import paged_attention_ref, store_kv
+from slipstream.kernels.fused_ops import rms_norm, rope_store_kv, silu_mul
+from slipstream.kernels.reference import paged_attention_ref
 from slipstream.models.registry import ModelLoadError
 
 __all__ = [
@@ -293,17 +294,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)[0]
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated by cos/sin [T, D] (halves layout: pairs (i, i + D/2))."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual) in one kernel on GPU."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -323,15 +318,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None)
+        q = rope_store_kv(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads, k_cache, v_cache,
+                          attn.slot_mapping, *norms)
         out = attention_fn(q, k_cache, v_cache, attn, self.scale)
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -344,8 +334,7 @@ class MLP(nn.Module):
         self.down_proj = skip_init(nn.Linear, c.intermediate_size, c.hidden_size, **kw)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class Layer(nn.Module):
@@ -356,9 +345,18 @@ class Layer(nn.Module):
         self.post_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device)
         self.mlp = MLP(c, dtype=dtype, device=device)
 
-    def forward(self, x, cos, sin, attn, kv_cache):
-        x = x + self.attention(self.input_norm(x), cos, sin, attn, kv_cache)
-        return x + self.mlp(self.post_attention_norm(x))
+    def forward(self, x, residual, cos, sin, attn, kv_cache):
+        """(this layer's MLP output, the residual stream before it); the next norm adds the two.
+
+        Deferring the residual add into the next RMSNorm saves a kernel per add on GPU; `residual`
+        is None at the first layer, whose `x` is the embeddings.
+        """
+        if residual is None:
+            h, residual = self.input_norm(x), x
+        else:
+            h, residual = self.input_norm.add_forward(x, residual)
+        h, residual = self.post_attention_norm.add_forward(self.attention(h, cos, sin, attn, kv_cache), residual)
+        return self.mlp(h), residual
 
 
 class Decoder(nn.Module):
@@ -416,11 +414,14 @@ class Decoder(nn.Module):
         x = self.embed(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         captured = {}
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn, kv_caches[i])
-            for key in wanted.get(i, ()):
-                captured[key] = x
-        hidden = self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn, kv_caches[i])
+            if i in wanted:
+                stream = x + residual
+                for key in wanted[i]:
+                    captured[key] = stream
+        hidden, _ = self.norm.add_forward(x, residual)
         return (hidden, captured) if capture_layers else hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
