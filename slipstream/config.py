@@ -66,6 +66,11 @@ class AlgorithmConfig:
     kl_coef: float = 0.0  # > 0 loads a frozen reference and adds the k3 KL estimator
     tis: bool = True  # truncated importance sampling for rollout/trainer mismatch
     tis_cap: float = 2.0
+    # PPO (advantage: gae): a critic with the policy's architecture and a value head.
+    gamma: float = 1.0  # discount per token
+    lam: float = 0.95  # GAE lambda: 1 is the Monte-Carlo return, 0 the one-step TD error
+    value_clip: float = 0.2  # value-clipping range around the values the returns were computed with (0: off)
+    critic_lr: float = 1.0e-5
 
 
 @dataclass
@@ -109,7 +114,13 @@ class TrainerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    backend: str = "local"
+    backend: str = "local"  # local (one process) | fsdp2 | deepspeed (under torchrun)
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    cpu_offload: bool = False  # deepspeed: optimizer state and step on the CPU (ZeRO-Offload)
+    # Colocation on CUDA: optimizer state moves to the CPU while the engine generates, and the
+    # engine's KV cache is freed while the trainer updates.
+    offload_during_rollout: bool = True
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this ends the job with an error
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     eval_every: int = 0  # 0: evaluate only before and after training
@@ -118,6 +129,15 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
     run_dir: str | None = None  # default: runs/<recipe>
     threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+@dataclass
+class RewardConfig:
+    # The reward is rule_weight * (the task's verifier) + model_weight * (the reward model's score).
+    rule_weight: float = 1.0
+    model_path: str | None = None  # local HF sequence-classification checkpoint (one output); null: none
+    model_weight: float = 1.0
+    batch_size: int = 16  # sequences the reward model scores together
 
 
 @dataclass
@@ -139,6 +159,7 @@ class SlipstreamConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -155,13 +176,13 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     """Value checks that a type alone cannot express. Raises ConfigError naming the key."""
     from slipstream.tasks import TASKS
-    from slipstream.trainer.algorithms import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+    from slipstream.trainer.algorithms import ADVANTAGE_ESTIMATORS, CRITIC_ADVANTAGES, LOSS_AGGREGATIONS, POLICY_LOSSES
 
     _choice("model.dtype", cfg.model.dtype, ["auto", "float32", "bfloat16", "float16"])
     _choice("task.name", cfg.task.name, sorted(TASKS))
     _choice("task.answer_format", cfg.task.answer_format, ["strict", "flexible"])
     _choice("task.style", cfg.task.style, ["words", "expression"])
-    _choice("algorithm.advantage", cfg.algorithm.advantage, sorted(ADVANTAGE_ESTIMATORS))
+    _choice("algorithm.advantage", cfg.algorithm.advantage, sorted([*ADVANTAGE_ESTIMATORS, *CRITIC_ADVANTAGES]))
     _choice("algorithm.policy_loss", cfg.algorithm.policy_loss, sorted(POLICY_LOSSES))
     _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, sorted(LOSS_AGGREGATIONS))
     _choice("rollout.backend", cfg.rollout.backend, ["hf", "native"])
@@ -171,19 +192,39 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
             raise ConfigError("attention=blasst needs rollout=native (the HF backend has no skip-softmax)")
         if cfg.attention.prefill_scale <= 0 and cfg.attention.decode_scale <= 0:
             raise ConfigError("attention=blasst needs attention.prefill_scale or attention.decode_scale > 0")
-    _choice("trainer.backend", cfg.trainer.backend, ["local"])
+    _choice("trainer.backend", cfg.trainer.backend, ["local", "fsdp2", "deepspeed"])
+    _choice("trainer.zero_stage", cfg.trainer.zero_stage, [1, 2, 3])
+    if cfg.trainer.backend == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("trainer.backend=deepspeed needs the deepspeed package, which is not installed: "
+                              "pip install 'slipstream[deepspeed]' (or use trainer.backend=fsdp2)")
+    if cfg.trainer.backend != "local" and cfg.rollout.backend == "hf":
+        raise ConfigError(f"trainer.backend={cfg.trainer.backend} needs rollout=native: the hf rollout generates "
+                          f"with the trainer's sharded module, whose collectives ranks cannot run in step")
+    if not 0.0 <= cfg.algorithm.gamma <= 1.0 or not 0.0 <= cfg.algorithm.lam <= 1.0:
+        raise ConfigError(f"algorithm.gamma={cfg.algorithm.gamma} and algorithm.lam={cfg.algorithm.lam} must be "
+                          f"in [0, 1]")
+    if cfg.reward.model_path is not None and not Path(cfg.reward.model_path).is_dir():
+        raise ConfigError(f"reward.model_path={cfg.reward.model_path!r} is not a directory (a local HF "
+                          f"sequence-classification checkpoint)")
+    if cfg.reward.rule_weight == 0 and cfg.reward.model_path is None:
+        raise ConfigError("reward.rule_weight=0 and no reward.model_path: nothing would score the samples")
     _choice("trainer.device", cfg.trainer.device, ["auto", "cpu", "cuda"])
     _choice("logger.wandb_mode", cfg.logger.wandb_mode, ["offline", "online", "disabled"])
     for key in ("rollout.n", "rollout.max_tokens", "rollout.batch_size", "rollout.eval_max_tokens",
                 "rollout.block_size", "rollout.kv_cache_gb", "rollout.max_num_seqs", "rollout.max_num_batched_tokens",
                 "rollout.max_model_len",
                 "trainer.prompts_per_step", "trainer.micro_batch_size", "trainer.mini_batches", "trainer.lr", "task.num_train",
-                "task.min_steps", "task.max_operand"):
+                "task.min_steps", "task.max_operand", "algorithm.critic_lr", "trainer.dist_timeout_s",
+                "reward.batch_size"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name))
     for key in ("trainer.steps", "trainer.eval_every", "trainer.save_every", "rollout.temperature",
                 "algorithm.kl_coef", "task.num_eval", "trainer.warmup_steps", "trainer.threads",
-                "attention.prefill_scale", "attention.decode_scale"):
+                "attention.prefill_scale", "attention.decode_scale", "algorithm.value_clip",
+                "reward.rule_weight", "reward.model_weight"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name), allow_zero=True)
     if cfg.task.max_steps < cfg.task.min_steps:
@@ -240,7 +281,8 @@ def group_options(group: str) -> list[str]:
 
 
 _SECTIONS = {"model": ModelConfig, "task": TaskConfig, "algorithm": AlgorithmConfig, "rollout": RolloutConfig,
-             "attention": AttentionConfig, "trainer": TrainerConfig, "logger": LoggerConfig}
+             "attention": AttentionConfig, "trainer": TrainerConfig, "reward": RewardConfig,
+             "logger": LoggerConfig}
 
 
 def register_configs() -> None:

@@ -28,7 +28,13 @@ def test_recipe_and_overrides_take_effect():
     ("traner.lr=1", "Did you mean 'trainer'?"),
     ("trainer.steps=abc", "trainer.steps"),
     ("model=foo", "unknown model 'foo'; available: smollm2-135m-instruct, tiny-random"),
-    ("algorithm=ppo", "unknown algorithm 'ppo'; available: dapo, dr_grpo, grpo"),
+    ("algorithm=ppoo", "unknown algorithm 'ppoo'; available: dapo, dr_grpo, grpo, ppo, reinforce_pp"),
+    ("trainer.backend=ddp", "trainer.backend='ddp' is not valid; choose one of: local, fsdp2, deepspeed"),
+    ("trainer.zero_stage=4", "trainer.zero_stage=4 is not valid; choose one of: 1, 2, 3"),
+    ("rollout=hf trainer.backend=fsdp2", "trainer.backend=fsdp2 needs rollout=native"),
+    ("algorithm.lam=1.5", "algorithm.lam=1.5 must be in [0, 1]"),
+    ("reward.model_path=/nonexistent", "reward.model_path='/nonexistent' is not a directory"),
+    ("reward.rule_weight=0", "reward.rule_weight=0 and no reward.model_path"),
     ("algorithm.loss_agg=mean", "algorithm.loss_agg='mean' is not valid; choose one of"),
     ("rollout.temperature=-1", "rollout.temperature=-1.0 must be >= 0"),
     ("task.name=gsm8k", "task.path must name a GSM8K-format file"),
@@ -40,7 +46,7 @@ def test_recipe_and_overrides_take_effect():
 ])
 def test_user_mistakes_are_named(override, expected):
     with pytest.raises(ConfigError) as e:
-        compose(["recipe=smoke", override] if not override.startswith("recipe=") else [override])
+        compose(["recipe=smoke", *override.split()] if not override.startswith("recipe=") else [override])
     assert expected in str(e.value)
 
 

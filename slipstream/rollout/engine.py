@@ -64,6 +64,18 @@ class Engine:
             torch.cuda.synchronize(self.runner.device)
         return time.perf_counter() - t0
 
+    def release_cache(self) -> None:
+        """Free the KV cache's memory (a colocated trainer needs it while it updates); cached prefixes
+        are forgotten. `restore_cache` allocates it again before the next `generate`."""
+        self.block_manager.reset_prefix_cache()
+        self.runner.kv_caches = []
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def restore_cache(self) -> None:
+        if not self.runner.kv_caches:
+            self.runner.kv_caches = self.decoder.allocate_kv_cache(self.block_manager.num_blocks, self.cfg.block_size)
+
     def sparsity(self) -> dict[str, float]:
         """Fraction of attention key tiles skipped per phase since the last call (skip-softmax only)."""
         return self.runner.sparsity(reset=True)

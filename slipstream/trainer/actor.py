@@ -1,7 +1,10 @@
-"""The actor on the single-process `local` backend: log-probs, the policy update, its optimizer.
+"""The actor: response log-probs and the policy update, through any training backend.
 
 Parameters stay in float32; on CUDA the forward runs under bf16 autocast (mixed precision), on
-CPU everything is float32.
+CPU everything is float32. Under SPMD each rank updates on its own rows; loss normalisers
+(sequence and token counts) are those of the global batch and each rank's loss is scaled by the
+number of ranks, because the backends average gradients across ranks: the update is then the
+one a single process would take on the whole batch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import torch
 
 from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.trainer import algorithms as alg
+from slipstream.trainer.backends import TrainBackend
 from slipstream.trainer.batch import RolloutBatch
+from slipstream.trainer.distributed import DistContext, global_advantages
 
 
 def autocast_for(device: torch.device):
@@ -53,38 +58,36 @@ def lr_at(step: int, cfg: TrainerConfig) -> float:
 
 
 class Actor:
-    def __init__(self, model, tcfg: TrainerConfig, acfg: AlgorithmConfig, device: torch.device, ref_model=None,
-                 temperature: float = 1.0):
-        self.model = model
+    def __init__(self, backend: TrainBackend, tcfg: TrainerConfig, acfg: AlgorithmConfig, ctx: DistContext,
+                 ref: TrainBackend | None = None, temperature: float = 1.0):
+        self.backend = backend
+        self.model = backend.module
         self.temperature = temperature
         self.tcfg = tcfg
         self.acfg = acfg
-        self.device = device
-        self.ref_model = ref_model
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=tcfg.lr,
-            betas=tuple(tcfg.betas),
-            weight_decay=tcfg.weight_decay,
-        )
+        self.ctx = ctx
+        self.device = ctx.device
+        self.ref = ref
         self.policy_loss = alg.POLICY_LOSSES[acfg.policy_loss]
         self.aggregate = alg.LOSS_AGGREGATIONS[acfg.loss_agg]
 
     def advantages(self, batch: RolloutBatch) -> torch.Tensor:
+        """One advantage per sequence from the registered estimator, over the global batch."""
         estimator = alg.ADVANTAGE_ESTIMATORS[self.acfg.advantage]
-        return estimator(batch.rewards, batch.group_ids, norm_by_std=self.acfg.norm_adv_by_std)
+        return global_advantages(estimator, batch.rewards, batch.group_ids, self.ctx,
+                                 norm_by_std=self.acfg.norm_adv_by_std)
 
     def update(self, batch: RolloutBatch, advantages: torch.Tensor, step: int, max_tokens: int,
                on_micro_batch=None) -> dict[str, float]:
         """`trainer.mini_batches` optimizer steps over the batch, each accumulated over micro-batches.
 
-        With one mini-batch the "old" policy is the current one (ratio 1, clipping inactive) and no
-        extra forward is needed; with several, the old log-probs are computed once up front and
-        the clipped ratio bounds how far later mini-batches move.
+        `advantages` is [B] (per sequence) or [B, R] (per token, PPO). With one mini-batch the
+        "old" policy is the current one (ratio 1, clipping inactive) and no extra forward is
+        needed; with several, the old log-probs are computed once up front and the clipped ratio
+        bounds how far later mini-batches move.
         """
-        self.model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.tcfg)
+        self.backend.train()
+        self.backend.set_lr(lr_at(step, self.tcfg))
         old_all = None
         if self.tcfg.mini_batches > 1:
             with torch.no_grad():
@@ -102,24 +105,37 @@ class Actor:
             losses.append(loss)
             grad_norms.append(grad_norm)
             olds.append(old)
-        denom = max(float(batch.response_mask.sum()), 1.0)
-        out = {"loss": sum(losses) / len(losses), "grad_norm": max(grad_norms), "lr": lr_at(step, self.tcfg)}
-        for k, v in totals.items():
-            out[k] = v / denom
-        out.update(alg.mismatch_metrics(torch.cat(olds), batch.rollout_logprobs, batch.response_mask))
+        old = torch.cat(olds)
+        tokens = float(batch.response_mask.sum())
+        # Token-weighted sums and counts of every rank at once: one collective for all metrics.
+        keys = sorted(totals)
+        mismatch = alg.mismatch_metrics(old, batch.rollout_logprobs, batch.response_mask)
+        mean_keys = [k for k in mismatch if not k.endswith("_max")]
+        local = torch.tensor([sum(losses) / len(losses), tokens] + [totals[k] for k in keys]
+                             + [mismatch[k] * tokens for k in mean_keys], dtype=torch.float64)
+        summed = self.ctx.all_reduce_sum(local)
+        denom = max(float(summed[1]), 1.0)
+        out = {"loss": float(summed[0]), "grad_norm": max(grad_norms), "lr": lr_at(step, self.tcfg)}
+        for i, k in enumerate(keys):
+            out[k] = float(summed[2 + i]) / denom
+        for i, k in enumerate(mean_keys):
+            out[k] = float(summed[2 + len(keys) + i]) / denom
+        out["mismatch/kl_max"] = float(self.ctx.all_reduce_max(torch.tensor([mismatch["mismatch/kl_max"]]))[0])
         return out
 
     def _optimizer_step(self, mini: RolloutBatch, advantages: torch.Tensor, old_all: torch.Tensor | None, step: int,
                         max_tokens: int, totals: dict[str, float], on_micro_batch) -> tuple[float, float, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)
         mb = self.tcfg.micro_batch_size
-        num_tokens = max(int(mini.response_mask.sum().item()), 1)
+        counts = self.ctx.all_reduce_sum(torch.tensor([float(mini.response_mask.sum()), float(mini.size)]))
+        num_tokens, num_seqs = max(int(counts[0]), 1), int(counts[1])
+        scale = self.ctx.world_size  # the backends average gradients over ranks; the loss is already global
         loss_sum, olds = 0.0, []
 
         def add(key: str, value: float) -> None:
             totals[key] = totals.get(key, 0.0) + value
 
-        for s in range(0, mini.size, mb):
+        starts = list(range(0, mini.size, mb))
+        for s in starts:
             part = mini.rows(s, s + mb)
             mask = part.response_mask.to(self.device)
             lp = response_logprobs(self.model, part, self.device, self.temperature)
@@ -130,16 +146,16 @@ class Actor:
                 lp, old, advantages[s : s + mb].to(self.device), mask,
                 clip_low=self.acfg.clip_low, clip_high=self.acfg.clip_high, is_weights=is_w,
             )
-            if self.ref_model is not None and self.acfg.kl_coef > 0:
+            if self.ref is not None and self.acfg.kl_coef > 0:
                 with torch.no_grad():
-                    ref_lp = response_logprobs(self.ref_model, part, self.device, self.temperature)
+                    ref_lp = response_logprobs(self.ref.module, part, self.device, self.temperature)
                 kl = alg.kl_k3(lp, ref_lp)
                 token_loss = token_loss + self.acfg.kl_coef * kl
                 add("kl_ref", float((kl.detach() * mask).sum()))
-            loss = self.aggregate(token_loss, mask, num_seqs=mini.size, num_tokens=num_tokens, max_tokens=max_tokens)
+            loss = self.aggregate(token_loss, mask, num_seqs=num_seqs, num_tokens=num_tokens, max_tokens=max_tokens)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()}")
-            loss.backward()
+            self.backend.backward(loss * scale, last=s == starts[-1])
             loss_sum += float(loss.detach())
             weight = float(mask.sum())
             for k, v in metrics.items():
@@ -150,9 +166,8 @@ class Actor:
             olds.append(old.cpu())
             if on_micro_batch is not None:
                 on_micro_batch(part.size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite gradient norm at step {step}")
-        self.optimizer.step()
-        return loss_sum, float(grad_norm), torch.cat(olds)
+        try:
+            grad_norm = self.backend.step(self.tcfg.max_grad_norm)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at step {step}") from None
+        return loss_sum, grad_norm, torch.cat(olds)

@@ -8,6 +8,7 @@
 * ``POLICY_LOSSES`` (``algorithm.policy_loss``): a per-token loss and a few detached metrics.
   ``fn(logprobs[B,T], old_logprobs[B,T], advantages[B], mask[B,T], *, clip_low, clip_high,
   is_weights=None) -> (token_loss[B,T], metrics)``.
+  ``advantages`` is one value per sequence [B] or one per token [B,T] (PPO's GAE).
 * ``LOSS_AGGREGATIONS`` (``algorithm.loss_agg``): reduces a micro-batch's per-token loss to a
   scalar. ``fn(token_loss[B,T], mask[B,T], *, num_seqs, num_tokens, max_tokens) -> scalar``,
   where ``num_seqs`` and ``num_tokens`` count the whole optimisation batch (every micro-batch),
@@ -29,6 +30,8 @@ from torch import Tensor
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {}
 LOSS_AGGREGATIONS: dict[str, Callable[..., Tensor]] = {}
+# Advantages that need a critic (per-token values) rather than rewards alone: PPO's GAE.
+CRITIC_ADVANTAGES = ("gae",)
 
 # Log-ratios are clamped to this range before exp() so that a far-off token cannot overflow to
 # inf (exp(20) ~ 4.9e8 is already far beyond any clip or cap in use).
@@ -140,6 +143,115 @@ def rloo_advantage(rewards: Tensor, group_ids: Tensor, *, norm_by_std: bool = Tr
     return torch.where(g.degenerate, torch.zeros_like(adv), adv)
 
 
+@register_advantage("reinforce_pp")
+def reinforce_pp_advantage(rewards: Tensor, group_ids: Tensor, *, norm_by_std: bool = True,
+                           eps: float = 1e-6) -> Tensor:
+    """REINFORCE++ (arXiv 2501.03262): the return normalised over the whole batch, not per group.
+
+    With an outcome reward and gamma = 1 every token's return is the sequence reward, so the
+    per-sequence advantage is (r - mean(r)) / std(r) over all sequences given. Under SPMD the
+    caller passes the rewards of every rank (see `trainer.distributed.global_advantages`), so
+    the statistics are those of the global batch. `group_ids` is unused; `norm_by_std=False`
+    keeps the centring only.
+    """
+    del group_ids
+    r = _as_float(rewards)
+    if r.dim() != 1:
+        raise ValueError(f"rewards must be 1-D, got {tuple(r.shape)}")
+    centred = r - r.mean()
+    if norm_by_std and r.numel() > 1:
+        centred = centred / (r.std() + eps)
+    return centred
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO with a critic: generalised advantage estimation and the clipped value loss
+
+
+def outcome_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """Per-token rewards [B,T]: each sequence's reward on its last response token, 0 elsewhere.
+
+    A sequence without response tokens gets no reward (it has no action to credit).
+    """
+    if rewards.dim() != 1 or rewards.shape[0] != mask.shape[0]:
+        raise ValueError(f"rewards must have shape ({mask.shape[0]},), got {tuple(rewards.shape)}")
+    m = mask.to(torch.float32)
+    lengths = m.sum(-1).long()
+    out = torch.zeros_like(m)
+    has = lengths > 0
+    rows = torch.arange(m.shape[0], device=m.device)[has]
+    out[rows, lengths[has] - 1] = _as_float(rewards)[has].to(out.dtype)
+    return out
+
+
+def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded response tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, where V_{t+1}
+    and A_{t+1} are 0 past a sequence's last token (the episode ends there). Returns
+    (advantages, returns = advantages + values), both [B,T], 0 on masked-out positions.
+    """
+    if not (token_rewards.shape == values.shape == mask.shape):
+        raise ValueError(f"token_rewards {tuple(token_rewards.shape)}, values {tuple(values.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same shape")
+    r, v, m = _as_float(token_rewards), _as_float(values).detach(), mask.to(torch.float32)
+    T = r.shape[1]
+    adv = torch.zeros_like(r)
+    next_adv = r.new_zeros(r.shape[0])
+    next_value = r.new_zeros(r.shape[0])
+    for t in reversed(range(T)):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * m[:, t]
+        adv[:, t] = next_adv
+        next_value = v[:, t] * m[:, t]
+    returns = (adv + v) * m
+    return adv, returns
+
+
+def masked_whiten(x: Tensor, mask: Tensor, *, eps: float = 1e-8,
+                  reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """(x - mean) / std over masked-in entries, 0 elsewhere (PPO's advantage normalisation).
+
+    `reduce` sums a tensor over every process holding part of the batch (identity by default),
+    so that the mean and variance are those of the global batch.
+    """
+    reduce = reduce or (lambda t: t)
+    xf, m = _as_float(x), mask.to(torch.float32)
+    sums = reduce(torch.stack([(xf * m).sum(), m.sum()]))
+    mean = sums[0] / sums[1].clamp(min=1.0)
+    sq = reduce(((xf - mean) ** 2 * m).sum().reshape(1))[0]
+    var = sq / sums[1].clamp(min=1.0)
+    return (xf - mean) * torch.rsqrt(var + eps) * m
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
+                       clip: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's value loss with value clipping, per token.
+
+    loss = 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clamp(V - V_old, -clip, clip):
+    the new value gets no credit for moving further than `clip` from the one the returns were
+    computed with. `clip <= 0` turns clipping off (plain 0.5 * (V - R)^2).
+    """
+    if not (values.shape == old_values.shape == returns.shape == mask.shape):
+        raise ValueError(f"values {tuple(values.shape)}, old_values {tuple(old_values.shape)}, returns "
+                         f"{tuple(returns.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    v, old, ret = _as_float(values), _as_float(old_values).detach(), _as_float(returns).detach()
+    unclipped = (v - ret) ** 2
+    if clip <= 0:
+        loss = 0.5 * unclipped
+        clipped_frac = v.new_zeros(())
+    else:
+        v_clipped = old + (v - old).clamp(-clip, clip)
+        clipped = (v_clipped - ret) ** 2
+        loss = 0.5 * torch.maximum(unclipped, clipped)
+        with torch.no_grad():
+            clipped_frac = _masked_mean((clipped > unclipped).to(v.dtype), mask)
+    with torch.no_grad():
+        metrics = {"critic/vf_clip_frac": clipped_frac, "critic/value_mean": _masked_mean(v, mask),
+                   "critic/return_mean": _masked_mean(ret, mask)}
+    return loss, metrics
+
+
 # ---------------------------------------------------------------------------------------------
 # KL estimators (per token). Both estimate KL(pi || pi_ref) from tokens sampled from pi, where
 # `logprobs` are pi's log-probabilities of those tokens and `ref_logprobs` pi_ref's.
@@ -210,8 +322,12 @@ def _log_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
 
 
 def _token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
+    """Per-sequence advantages [B] broadcast over tokens, or per-token ones [B,T] as they are."""
+    if advantages.shape == like.shape:
+        return advantages.detach().to(like.dtype)
     if advantages.dim() != 1 or advantages.shape[0] != like.shape[0]:
-        raise ValueError(f"advantages must have shape ({like.shape[0]},), got {tuple(advantages.shape)}")
+        raise ValueError(f"advantages must have shape ({like.shape[0]},) or {tuple(like.shape)}, "
+                         f"got {tuple(advantages.shape)}")
     return advantages.detach().to(like.dtype).unsqueeze(-1)
 
 

@@ -5,7 +5,6 @@ Everything else is a helper this file calls.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -21,9 +20,19 @@ from slipstream.rollout.hf_backend import HFRolloutBackend
 from slipstream.rollout.types import Request, SamplingParams
 from slipstream.tasks import Problem, build_task
 from slipstream.telemetry import MetricsLogger, progress_bar, write_report
-from slipstream.trainer.actor import Actor
 from slipstream.trainer.batch import build_batch
-from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from slipstream.trainer.checkpoint import TrainState, latest_checkpoint
+from slipstream.trainer.distributed import (
+    DistContext,
+    global_metrics,
+    init_distributed,
+    rank_zero_logger,
+    shard_groups,
+    shutdown_distributed,
+)
+from slipstream.trainer.parts import build_parts
+from slipstream.trainer.rewards import RewardScorer
+from slipstream.trainer.sharded_checkpoint import load_train_checkpoint, resume_path, save_train_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -82,7 +91,9 @@ def encode_prompt(tokenizer, problem: Problem, system_prompt: str | None) -> lis
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def evaluate(engine, tokenizer, task, problems: list[Problem], cfg: SlipstreamConfig, show: bool) -> dict:
+def evaluate(engine, tokenizer, task, problems: list[Problem], cfg: SlipstreamConfig, show: bool,
+             ctx: DistContext) -> dict:
+    problems = problems[ctx.rank :: ctx.world_size]  # every rank evaluates its share
     params = SamplingParams(n=1, temperature=cfg.rollout.eval_temperature, max_tokens=cfg.rollout.eval_max_tokens,
                             seed=cfg.trainer.seed)
     reqs = [Request(encode_prompt(tokenizer, p, cfg.task.system_prompt), params, p.uid, p.uid) for p in problems]
@@ -91,65 +102,70 @@ def evaluate(engine, tokenizer, task, problems: list[Problem], cfg: SlipstreamCo
     bar.close()
     texts = tokenizer.batch_decode([c.tokens for c in comps], skip_special_tokens=True)
     scores = [task.reward(p, t) for p, t in zip(problems, texts)]
-    return {"eval/accuracy": sum(scores) / max(len(scores), 1),
-            "eval/response_length": sum(len(c.tokens) for c in comps) / max(len(comps), 1)}
+    n, correct, length = ctx.all_reduce_sum(torch.tensor([len(scores), sum(scores),
+                                                          sum(len(c.tokens) for c in comps)], dtype=torch.float64))
+    return {"eval/accuracy": float(correct / n.clamp(min=1)), "eval/response_length": float(length / n.clamp(min=1))}
 
 
 def train(cfg: SlipstreamConfig) -> dict:
     tc = cfg.trainer
+    # One process per device under torchrun (rank 0 writes the logs and reports), or one alone.
+    ctx = init_distributed(tc.device, tc.dist_timeout_s, need_group=tc.backend != "local")
     run_dir = Path(tc.run_dir or f"runs/{cfg.recipe}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    device = pick_device(tc.device)
+    torch.manual_seed(tc.seed)  # the same initial weights and data order on every rank
+    device = pick_device(tc.device) if ctx.world_size == 1 and tc.backend == "local" else ctx.device
 
     task = build_task(cfg.task)
     train_problems, eval_problems = task.train_problems(), task.eval_problems()
     # The trainer keeps float32 master weights; on CUDA the forward passes run under bf16 autocast.
     model_cfg = dataclasses.replace(cfg.model, dtype="float32") if cfg.model.dtype == "auto" else cfg.model
     model, tokenizer = load_model_and_tokenizer(model_cfg, device)
-    ref_model = None
-    if cfg.algorithm.kl_coef > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    actor = Actor(model, tc, cfg.algorithm, device, ref_model=ref_model, temperature=cfg.rollout.temperature)
+    engine = build_rollout(cfg, model, tokenizer, device)  # from the full weights, before they are sharded
+    parts = build_parts(cfg, model, ctx)
+    actor, critic = parts.actor, parts.critic
+    scorer = RewardScorer(task, cfg.reward, device)
 
     state = TrainState(step=0, epoch=0, position=0)
     ckpt_root = run_dir / "checkpoints"
-    resume_from = None
-    if tc.resume == "auto":
-        resume_from = latest_checkpoint(ckpt_root)
-    elif tc.resume != "never":
-        resume_from = Path(tc.resume)
+    resume_from = resume_path(tc.resume, ckpt_root, ctx)
     if resume_from is not None:
-        state, _ = load_checkpoint(resume_from, model, actor.optimizer)
-        print(f"resumed from {resume_from} (step {state.step})")
-    engine = build_rollout(cfg, model, tokenizer, device)  # after resume: it copies the current weights
+        state = load_train_checkpoint(resume_from, parts.checkpointed, ctx)
+        if isinstance(engine, Engine):  # the engine generates with the restored weights
+            engine.load_weights(actor.backend.named_full_parameters())
+        if ctx.is_main:
+            print(f"resumed from {resume_from} (step {state.step})")
     stream = PromptStream(train_problems, tc.seed, state.epoch, state.position)
     prompt_cache: dict[str, list[int]] = {}
 
-    logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                           run_name=run_dir.name, resume=resume_from is not None)
+    logger = rank_zero_logger(ctx, lambda: MetricsLogger(run_dir, cfg.logger,
+                                                         OmegaConf.to_container(OmegaConf.structured(cfg)),
+                                                         run_name=run_dir.name, resume=resume_from is not None))
     if resume_from is not None:
         logger.truncate_after(state.step)
-    show = cfg.logger.progress
+    show = cfg.logger.progress and ctx.is_main
+    colocate = tc.offload_during_rollout and device.type == "cuda" and isinstance(engine, Engine)
     summary: dict = {}
     with logger:
         if state.step == 0:
             t0 = time.perf_counter()
-            before = evaluate(engine, tokenizer, task, eval_problems, cfg, show)
+            before = evaluate(engine, tokenizer, task, eval_problems, cfg, show, ctx)
             before["time/eval"] = time.perf_counter() - t0
             logger.log(0, before)
-            print(f"held-out accuracy before training: {before['eval/accuracy']:.3f} ({len(eval_problems)} problems)")
+            if ctx.is_main:
+                print(f"held-out accuracy before training: {before['eval/accuracy']:.3f} ({len(eval_problems)} problems)")
         while state.step < tc.steps:
             step = state.step + 1
             t_step = time.perf_counter()
-            # 1. prompts: whole GRPO groups
-            problems = stream.take(tc.prompts_per_step)
+            # 1. prompts: whole GRPO groups, this rank's share of them
+            problems = shard_groups(stream.take(tc.prompts_per_step), ctx)
             params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                     top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_tokens,
-                                    seed=tc.seed * 1_000_003 + step)
+                                    seed=tc.seed * 1_000_003 + step + 7_919 * ctx.rank)
             requests = []
             for p in problems:
                 if p.uid not in prompt_cache:
@@ -157,25 +173,38 @@ def train(cfg: SlipstreamConfig) -> dict:
                 requests.append(Request(prompt_cache[p.uid], params, p.uid, f"{step}-{p.uid}"))
             # 2. rollout
             t0 = time.perf_counter()
+            if colocate:  # the optimizer state leaves the GPU while the KV cache is in use
+                parts.offload_optimizers()
+                engine.restore_cache()
             bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
             completions = engine.generate(requests, progress=bar.update)
             bar.close()
+            if colocate:
+                engine.release_cache()
+                parts.reload_optimizers()
             t_rollout = time.perf_counter() - t0
             sparsity = engine.sparsity() if cfg.attention.kind == "blasst" else {}
             # 3. rewards
             t0 = time.perf_counter()
             by_uid = {p.uid: p for p in problems}
             texts = tokenizer.batch_decode([c.tokens for c in completions], skip_special_tokens=True)
-            rewards = [task.reward(by_uid[c.group_id], t) for c, t in zip(completions, texts)]
+            prompt_texts = {p.uid: tokenizer.decode(prompt_cache[p.uid]) for p in problems}
+            rewards, reward_metrics = scorer([by_uid[c.group_id] for c in completions],
+                                             [prompt_texts[c.group_id] for c in completions], texts)
             t_reward = time.perf_counter() - t0
-            # 4. advantages
+            # 4. advantages: per sequence from the rewards, or per token from PPO's critic
             batch = build_batch(completions, rewards, tokenizer.pad_token_id)
-            advantages = actor.advantages(batch)
+            if critic is not None:
+                advantages, old_values, returns = critic.advantages(batch)
+            else:
+                advantages = actor.advantages(batch)
             # 5. update
             t0 = time.perf_counter()
             bar = progress_bar(batch.size, f"step {step} update", enabled=show)
             try:
                 metrics = actor.update(batch, advantages, step - 1, cfg.rollout.max_tokens, on_micro_batch=bar.update)
+                if critic is not None:
+                    metrics.update(critic.update(batch, old_values, returns))
             except FloatingPointError as e:
                 newest = latest_checkpoint(ckpt_root)
                 raise TrainingError(f"{e}; that optimizer step was not applied. Newest checkpoint: "
@@ -185,36 +214,35 @@ def train(cfg: SlipstreamConfig) -> dict:
                 bar.close()
             t_update = time.perf_counter() - t0
             # 6. weight sync into the engine (the HF backend shares the trainer's module) and bookkeeping
-            t_sync = engine.load_weights(model.named_parameters()) if isinstance(engine, Engine) else 0.0
+            t_sync = (engine.load_weights(actor.backend.named_full_parameters()) if isinstance(engine, Engine)
+                      else 0.0)
             state = TrainState(step=step, epoch=stream.epoch, position=stream.position)
-            lengths = [len(c.tokens) for c in completions]
-            rew = torch.tensor(rewards)
+            rollout_metrics, all_lengths, all_rewards = global_metrics(
+                ctx, completions, rewards, batch, _mixed_group_fraction(batch.group_ids, torch.tensor(rewards)),
+                t_rollout, t_update)
+            metrics.update(rollout_metrics)
             metrics.update({
-                "reward/mean": float(rew.mean()), "reward/std": float(rew.std()) if len(rewards) > 1 else 0.0,
-                "reward/mixed_groups": _mixed_group_fraction(batch.group_ids, rew),
-                "response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths),
-                "response_length/min": min(lengths),
-                "response/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                "tokens/generated": sum(lengths),
-                "throughput/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9),
                 "time/rollout": t_rollout, "time/reward": t_reward, "time/update": t_update, "time/sync": t_sync,
-                **{f"attention/sparsity_{phase}": v for phase, v in sparsity.items()},
+                **reward_metrics, **{f"attention/sparsity_{phase}": v for phase, v in sparsity.items()},
             })
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 t0 = time.perf_counter()
-                metrics.update(evaluate(engine, tokenizer, task, eval_problems, cfg, show))
+                metrics.update(evaluate(engine, tokenizer, task, eval_problems, cfg, show, ctx))
                 metrics["time/eval"] = time.perf_counter() - t0
             if step == tc.steps:
                 t0 = time.perf_counter()
-                after = evaluate(engine, tokenizer, task, eval_problems, cfg, show)
+                after = evaluate(engine, tokenizer, task, eval_problems, cfg, show, ctx)
                 metrics.update(after)
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
             logger.log(step, metrics)
-            logger.log_rollouts(step, lengths, rewards)
+            logger.log_rollouts(step, all_lengths, all_rewards)
             if (tc.save_every and step % tc.save_every == 0) or step == tc.steps:
-                save_checkpoint(ckpt_root, state, model, actor.optimizer, keep=tc.keep_checkpoints)
+                save_train_checkpoint(ckpt_root, state, parts.checkpointed, ctx, keep=tc.keep_checkpoints)
             summary = metrics
+    shutdown_distributed()
+    if not ctx.is_main:
+        return {"run_dir": str(run_dir), **summary}
     first = _first_eval(run_dir)
     if "eval/accuracy" in summary:
         print(f"held-out accuracy: before {first:.3f} -> after {summary['eval/accuracy']:.3f}")

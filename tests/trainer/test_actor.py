@@ -7,7 +7,17 @@ import torch
 from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.rollout.types import Completion
 from slipstream.trainer.actor import Actor, response_logprobs
+from slipstream.trainer.backends import OptimizerSpec, build_backend
 from slipstream.trainer.batch import build_batch
+from slipstream.trainer.distributed import DistContext
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _actor(model, tcfg: TrainerConfig, acfg: AlgorithmConfig, ref_model=None, temperature: float = 1.0) -> Actor:
+    backend = build_backend("local", model, CPU, OptimizerSpec(tcfg.lr, tuple(tcfg.betas), tcfg.weight_decay))
+    ref = build_backend("local", ref_model, CPU, None) if ref_model is not None else None
+    return Actor(backend, tcfg, acfg, CPU, ref=ref, temperature=temperature)
 
 
 def _batch(model):
@@ -22,7 +32,7 @@ def _batch(model):
 
 def test_grpo_update_moves_probability_towards_rewarded_samples(tiny_model):
     model = copy.deepcopy(tiny_model[0])
-    actor = Actor(model, TrainerConfig(lr=1e-2, micro_batch_size=2), AlgorithmConfig(), torch.device("cpu"))
+    actor = _actor(model, TrainerConfig(lr=1e-2, micro_batch_size=2), AlgorithmConfig())
     batch = _batch(model)
     before = response_logprobs(model, batch, torch.device("cpu")).detach().sum(-1)
     adv = actor.advantages(batch)
@@ -37,11 +47,18 @@ def test_micro_batching_gives_the_full_batch_gradient(tiny_model):
     grads = []
     for mb in (4, 1):
         model = copy.deepcopy(tiny_model[0])
-        actor = Actor(model, TrainerConfig(lr=0.0 + 1e-12, micro_batch_size=mb, max_grad_norm=1e9),
-                      AlgorithmConfig(loss_agg="token-mean"), torch.device("cpu"))
+        actor = _actor(model, TrainerConfig(lr=0.0 + 1e-12, micro_batch_size=mb, max_grad_norm=1e9),
+                       AlgorithmConfig(loss_agg="token-mean"))
         batch = _batch(model)
+        real_step = actor.backend.step
+
+        def step_recording_grads(max_norm, model=model, real_step=real_step):
+            # the backend frees the gradients right after the step: read them just before
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+            return real_step(max_norm)
+
+        actor.backend.step = step_recording_grads
         actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
@@ -52,8 +69,7 @@ def test_kl_to_reference_pulls_back(tiny_model):
     with torch.no_grad():  # move the policy away from the reference first
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    actor = Actor(model, TrainerConfig(lr=1e-4, micro_batch_size=4), AlgorithmConfig(kl_coef=1.0), torch.device("cpu"),
-                  ref_model=ref)
+    actor = _actor(model, TrainerConfig(lr=1e-4, micro_batch_size=4), AlgorithmConfig(kl_coef=1.0), ref_model=ref)
     batch = _batch(model)
     batch.rewards.fill_(1.0)  # zero advantages: only the KL term acts
     m1 = actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)
@@ -70,17 +86,16 @@ def test_trainer_logprobs_match_the_rollout_at_temperature(tiny_model):
     params = SamplingParams(n=4, temperature=0.7, max_tokens=10, seed=0)
     comps = HFRolloutBackend(model, tok).generate([Request([1, 70, 71, 72], params, "g", "r")])
     batch = build_batch(comps, [1.0, 0.0, 0.0, 1.0], pad_id=tok.pad_token_id)
-    actor = Actor(model, TrainerConfig(lr=1e-9), AlgorithmConfig(), torch.device("cpu"), temperature=0.7)
+    actor = _actor(model, TrainerConfig(lr=1e-9), AlgorithmConfig(), temperature=0.7)
     metrics = actor.update(batch, actor.advantages(batch), step=0, max_tokens=10)
     assert metrics["mismatch/kl_max"] < 1e-5 and metrics["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4)
-    untempered = Actor(copy.deepcopy(model), TrainerConfig(lr=1e-9), AlgorithmConfig(), torch.device("cpu"))
+    untempered = _actor(copy.deepcopy(model), TrainerConfig(lr=1e-9), AlgorithmConfig())
     assert untempered.update(batch, untempered.advantages(batch), step=0, max_tokens=10)["mismatch/kl"] > 1e-3
 
 
 def test_several_mini_batches_use_the_pre_update_policy_as_old(tiny_model):
     model = copy.deepcopy(tiny_model[0])
-    actor = Actor(model, TrainerConfig(lr=5e-2, micro_batch_size=1, mini_batches=2), AlgorithmConfig(clip_high=0.2),
-                  torch.device("cpu"))
+    actor = _actor(model, TrainerConfig(lr=5e-2, micro_batch_size=1, mini_batches=2), AlgorithmConfig(clip_high=0.2))
     batch = _batch(model)
     before = response_logprobs(model, batch, torch.device("cpu")).detach()
     metrics = actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)

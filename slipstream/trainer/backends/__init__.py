@@ -1,0 +1,31 @@
+"""Training backends behind one face: `local` (one process), `fsdp2`, `deepspeed` (ZeRO 1/2/3).
+
+`build_backend(...)` wraps a module (actor, critic or frozen reference) and, for trainable
+modules, its optimizer. The RL code only calls the `TrainBackend` methods, so the actor's and
+the critic's updates are the same code on every backend.
+"""
+
+from __future__ import annotations
+
+from slipstream.trainer.backends.base import BackendError, OptimizerSpec, TrainBackend
+
+
+def build_backend(kind: str, module, ctx, optim: OptimizerSpec | None, *, zero_stage: int = 2,
+                  cpu_offload: bool = False) -> TrainBackend:
+    """`optim=None` wraps a frozen module (the reference): no gradients, no optimizer state."""
+    if kind == "local":
+        from slipstream.trainer.backends.local import LocalBackend
+
+        return LocalBackend(module, ctx, optim)
+    if kind == "fsdp2":
+        from slipstream.trainer.backends.fsdp2 import FSDP2Backend
+
+        return FSDP2Backend(module, ctx, optim)
+    if kind == "deepspeed":
+        from slipstream.trainer.backends.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(module, ctx, optim, zero_stage=zero_stage, cpu_offload=cpu_offload)
+    raise BackendError(f"trainer.backend={kind!r} is not valid; choose one of: local, fsdp2, deepspeed")
+
+
+__all__ = ["BackendError", "OptimizerSpec", "TrainBackend", "build_backend"]

@@ -1,0 +1,115 @@
+"""The face every training backend implements, and what the backends share."""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT_FILE = "format.json"
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be used as configured (missing package, unsupported combination)."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """AdamW hyper-parameters; the learning rate is set every step by `set_lr`."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+
+class TrainBackend(ABC):
+    """One module (and, when trainable, its optimizer) trained the backend's way.
+
+    Every method that communicates must be called by every rank in the same order.
+    """
+
+    module: torch.nn.Module  # call this for forward passes
+    trainable: bool
+    format: str  # checkpoint layout written by `save`: torch | dcp | deepspeed
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate the gradient of `loss`; `last` marks the final micro-batch before `step`."""
+
+    @abstractmethod
+    def step(self, max_grad_norm: float) -> float:
+        """Clip the global gradient norm, apply one optimizer step, clear the gradients.
+
+        Returns the norm before clipping. A non-finite norm raises FloatingPointError.
+        """
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None: ...
+
+    @abstractmethod
+    def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) one parameter at a time, gathered from the shards on every rank.
+
+        Names are the module's own (Hugging Face names for the actor); a gathered tensor is only
+        valid until the next one is requested.
+        """
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write model and optimizer state into `directory` (every rank calls; shards in parallel)."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None: ...
+
+    def offload_optimizer(self) -> None:
+        """Free accelerator memory held by optimizer state until `reload_optimizer` (rollout time)."""
+
+    def reload_optimizer(self) -> None: ...
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+
+def write_format(directory: Path, fmt: str, rank: int) -> None:
+    if rank == 0:
+        with open(directory / FORMAT_FILE, "w") as f:
+            json.dump({"format": fmt}, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_format(directory: Path) -> str:
+    try:
+        return json.loads((directory / FORMAT_FILE).read_text())["format"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise BackendError(f"{directory} does not say which backend wrote it ({FORMAT_FILE}): {e}") from None
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under `directory` (the shards this process wrote, and the others': cheap)."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device != device and key != "step":
+                state[key] = value.to(device, non_blocking=True)
+
+
+def check_finite_norm(norm: torch.Tensor) -> float:
+    value = float(norm)
+    if not torch.isfinite(torch.tensor(value)):
+        raise FloatingPointError(f"non-finite gradient norm ({value})")
+    return value

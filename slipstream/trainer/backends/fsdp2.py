@@ -1,0 +1,112 @@
+"""`trainer.backend=fsdp2`: PyTorch FSDP2 (`fully_shard`), parameters sharded across ranks.
+
+Each decoder layer is its own FSDP unit (gathered just before it runs, freed right after), the
+embeddings, final norm and head belong to the root unit. On CUDA, layers compute in bf16 and
+gradients are reduced in fp32 while the sharded master weights and AdamW state stay fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from slipstream.trainer.backends.base import (
+    BackendError,
+    OptimizerSpec,
+    TrainBackend,
+    check_finite_norm,
+    move_optimizer_state,
+    write_format,
+)
+
+
+def sharding_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a model: every member of a `ModuleList` (HF decoders keep their
+    layers in one), so a layer's weights are gathered only while that layer runs."""
+    return [layer for m in module.modules() if isinstance(m, torch.nn.ModuleList) for layer in m]
+
+
+class FSDP2Backend(TrainBackend):
+    format = "dcp"
+
+    def __init__(self, module: torch.nn.Module, ctx, optim: OptimizerSpec | None):
+        if not ctx.active:
+            raise BackendError("trainer.backend=fsdp2 needs a process group (init_distributed was not called)")
+        self.ctx = ctx
+        self.trainable = optim is not None
+        module.to(ctx.device)
+        if not self.trainable:
+            module.requires_grad_(False).eval()
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if ctx.device.type == "cuda" else MixedPrecisionPolicy())
+        for unit in sharding_units(module):
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+        self.module = module
+        self.optimizer = None
+        if optim is not None:
+            self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=optim.lr,
+                                               betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # Gradients are reduce-scattered after every backward; FSDP2 accumulates into the shards.
+        loss.backward()
+
+    def step(self, max_grad_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_grad_norm)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        try:
+            value = check_finite_norm(norm)
+        except FloatingPointError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # One all-gather per parameter: the full model never has to fit next to the shards.
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                yield name, p.full_tensor() if isinstance(p, DTensor) else p
+
+    def _state(self) -> dict:
+        if self.optimizer is None:
+            return {"model": get_state_dict(self.module, [], options=StateDictOptions())[0]}
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        dcp.save(self._state(), checkpoint_id=str(directory))
+        write_format(directory, self.format, self.ctx.rank)
+
+    def load(self, directory: Path) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(directory))
+        if self.optimizer is None:
+            set_state_dict(self.module, [], model_state_dict=state["model"], optim_state_dict={})
+        else:
+            set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+
+    def offload_optimizer(self) -> None:
+        if self.optimizer is not None and self.ctx.device.type == "cuda":
+            move_optimizer_state(self.optimizer, torch.device("cpu"))
+
+    def reload_optimizer(self) -> None:
+        if self.optimizer is not None and self.ctx.device.type == "cuda":
+            move_optimizer_state(self.optimizer, self.ctx.device)

@@ -1,0 +1,199 @@
+"""SPMD process layout: one process per device, launched by torchrun (or alone, as one process).
+
+Every rank runs the same RL loop on its own share of the prompts with its own rollout engine;
+collectives exist only where the algorithm needs the global batch (advantage statistics, loss
+normalisers, metrics) and inside the training backend. Nothing here is RPC: torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and torch.distributed do it all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DistributedSetupError(RuntimeError):
+    """The process layout does not fit the configuration (e.g. a batch that cannot be split)."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """A process group exists (several ranks, or one rank of a sharded backend)."""
+        return dist.is_available() and dist.is_initialized()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, returned as a new tensor on t's device (t itself when not distributed)."""
+        if not self.active or self.world_size == 1:
+            return t
+        out = t.detach().clone().to(self._comm_device())
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.active or self.world_size == 1:
+            return t
+        out = t.detach().clone().to(self._comm_device())
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out.to(t.device)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor (same shape on every rank), in rank order."""
+        if not self.active or self.world_size == 1:
+            return [t]
+        src = t.detach().contiguous().to(self._comm_device())
+        parts = [torch.empty_like(src) for _ in range(self.world_size)]
+        dist.all_gather(parts, src)
+        return [p.to(t.device) for p in parts]
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.active or self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active and self.world_size > 1:
+            dist.barrier()
+
+    def _comm_device(self) -> torch.device:
+        # NCCL moves CUDA tensors only; gloo moves CPU tensors only.
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device_name: str, timeout_s: float, need_group: bool) -> DistContext:
+    """Join the job torchrun started (or start a one-process group when `need_group`).
+
+    The process group uses NCCL on CUDA and gloo on CPU, with `timeout_s` on every collective,
+    so a rank that stops answering ends the job with a timeout error instead of a hang.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise DistributedSetupError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto "
+                                    "or cpu")
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedSetupError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices "
+                                        f"are visible: launch at most that many processes per node")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if (world > 1 or need_group) and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if launched_by_torchrun():
+            dist.init_process_group(backend, timeout=timeout, device_id=device if use_cuda else None)
+        else:  # one process, no launcher: a private in-memory store
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_groups(items: list, ctx: DistContext) -> list:
+    """This rank's contiguous share of a step's prompts: whole GRPO groups, never split.
+
+    Every rank gets the same number of prompts, so every rank runs the same number of
+    micro-batches (the sharded backends' collectives require it).
+    """
+    if len(items) % ctx.world_size:
+        raise DistributedSetupError(f"trainer.prompts_per_step={len(items)} must be a multiple of the number of "
+                                    f"ranks ({ctx.world_size}): every rank takes whole prompt groups")
+    k = len(items) // ctx.world_size
+    return items[ctx.rank * k : (ctx.rank + 1) * k]
+
+
+def global_advantages(estimator: Callable[..., torch.Tensor], rewards: torch.Tensor, group_ids: torch.Tensor,
+                      ctx: DistContext, **kwargs) -> torch.Tensor:
+    """Run a per-sequence estimator on the global batch and return this rank's rows.
+
+    Group estimators (GRPO, RLOO) see the same groups as on one process since groups never
+    span ranks; batch estimators (REINFORCE++) get the global mean and std. Rewards are a few
+    floats per sequence, so gathering them costs nothing next to a step.
+    """
+    if ctx.world_size == 1 or not ctx.active:
+        return estimator(rewards, group_ids, **kwargs)
+    # Local group ids are 0..G-1 on every rank: offset them so groups of different ranks stay apart.
+    offset = int(ctx.all_reduce_max(group_ids.max().reshape(1).to(torch.long))[0]) + 1
+    all_rewards = torch.cat(ctx.all_gather(rewards.float()))
+    all_groups = torch.cat([g + r * offset for r, g in enumerate(ctx.all_gather(group_ids.long()))])
+    adv = estimator(all_rewards, all_groups, **kwargs)
+    n = rewards.shape[0]
+    return adv[ctx.rank * n : (ctx.rank + 1) * n]
+
+
+def global_metrics(ctx: DistContext, completions, rewards: list[float], batch, mixed_groups: float,
+                   t_rollout: float, t_update: float) -> tuple[dict[str, float], list[int], list[float]]:
+    """A step's rollout metrics over every rank's samples; also every rank's lengths and rewards.
+
+    Every rank holds the same number of samples, so gathering them is one fixed-size collective.
+    Throughputs divide by the slowest rank's time: the step waits for it.
+    """
+    local = torch.tensor([[len(c.tokens), r, float(c.finish_reason == "length")]
+                          for c, r in zip(completions, rewards)], dtype=torch.float64)
+    rows = torch.cat(ctx.all_gather(local))
+    lengths, rew, truncated = rows[:, 0], rows[:, 1], rows[:, 2]
+    sums = ctx.all_reduce_sum(torch.tensor([mixed_groups, float(batch.attention_mask.sum())], dtype=torch.float64))
+    slowest = ctx.all_reduce_max(torch.tensor([t_rollout, t_update], dtype=torch.float64))
+    total = float(lengths.sum())
+    metrics = {
+        "reward/mean": float(rew.mean()), "reward/std": float(rew.std()) if rew.numel() > 1 else 0.0,
+        "reward/mixed_groups": float(sums[0]) / ctx.world_size,
+        "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+        "response_length/min": float(lengths.min()),
+        "response/truncated_frac": float(truncated.mean()),
+        "tokens/generated": total,
+        "throughput/rollout_tokens_per_s": total / max(float(slowest[0]), 1e-9),
+        "throughput/rollout_tokens_per_s_per_gpu": total / max(float(slowest[0]), 1e-9) / ctx.world_size,
+        # prompt + response tokens through the trainer's forward and backward
+        "throughput/train_tokens_per_s_per_gpu": float(sums[1]) / max(float(slowest[1]), 1e-9) / ctx.world_size,
+    }
+    return metrics, [int(x) for x in lengths.tolist()], rew.tolist()
+
+
+class _SilentLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's files)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def log(self, *args, **kwargs) -> None: ...
+
+    def log_rollouts(self, *args, **kwargs) -> None: ...
+
+    def truncate_after(self, *args, **kwargs) -> None: ...
+
+
+def rank_zero_logger(ctx: DistContext, make: Callable):
+    return make() if ctx.is_main else _SilentLogger()
