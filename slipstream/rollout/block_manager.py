@@ -12,6 +12,10 @@ num_cached_tokens, which lie outside every block it shares: no copy-on-write is 
 holding a sequence's last token is never taken from the map: that token is always computed, so
 there are logits to sample from.
 
+Speculative decoding writes draft tokens' K/V into slots past a sequence's tokens. Those blocks
+are never registered while they hold drafts: `commit` only covers accepted tokens, and
+`truncate` frees the blocks that only rejected drafts used.
+
 Freed blocks (refcount 0) go back to the free list but keep their hash entry, so a recently
 finished prefix can still be hit (such a hit takes the block back off the free list). Allocation
 takes the least recently freed block, unhashed ones first; reusing a hashed block drops its entry.
@@ -148,18 +152,39 @@ class BlockManager:
         self.num_lookup_tokens += seq.num_tokens
         self.num_hit_tokens += seq.num_cached_tokens
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether `seq`'s next step (computing its last token) has a slot for it."""
-        return len(seq.block_table) * self.block_size >= seq.num_tokens or len(self._free) > 0
+    def _blocks_to_grow(self, seq: Sequence, num_lookahead: int) -> int:
+        return max(seq.num_blocks_needed(self.block_size, seq.num_tokens + num_lookahead) - len(seq.block_table), 0)
 
-    def may_append(self, seq: Sequence) -> None:
-        """Before a decode step: add a block when the last token starts one; register the block
-        that this step fills."""
-        if len(seq.block_table) * self.block_size < seq.num_tokens:
-            if not self._free:
-                raise RuntimeError(f"no free block to grow {seq!r}")
+    def can_append(self, seq: Sequence, num_lookahead: int = 0) -> bool:
+        """Whether `seq`'s next step (computing its last token and `num_lookahead` draft tokens
+        after it) has slots for them."""
+        return self._blocks_to_grow(seq, num_lookahead) <= len(self._free)
+
+    def may_append(self, seq: Sequence, num_lookahead: int = 0) -> None:
+        """Before a decode step: add the blocks its last token and `num_lookahead` draft tokens
+        start; register the block that the last token fills.
+
+        Draft tokens are never registered: a block is entered in the prefix map only once it is
+        full of accepted tokens (`commit` after verification).
+        """
+        grow = self._blocks_to_grow(seq, num_lookahead)
+        if grow > len(self._free):
+            raise RuntimeError(f"no free block to grow {seq!r} by {num_lookahead + 1} tokens")
+        for _ in range(grow):
             seq.block_table.append(self._take_free_block())
         self.commit(seq, seq.num_tokens)
+
+    def truncate(self, seq: Sequence) -> None:
+        """Free the blocks past those holding `seq`'s tokens (slots taken for rejected drafts).
+
+        Those blocks were never registered (they held draft tokens only), so they go to the
+        front of the free list.
+        """
+        keep = seq.num_blocks_needed(self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            assert self.block_hash[block] is None, f"block {block} of rejected drafts was registered"
+            self._release(block)
 
     def deallocate(self, seq: Sequence) -> None:
         """Release all of `seq`'s blocks (tail first, so a chain's head is evicted last)."""

@@ -13,6 +13,10 @@ from slipstream.rollout.block_manager import BlockManager
 from slipstream.rollout.model_runner import ModelRunner, StepFeatures
 from slipstream.rollout.scheduler import Scheduler
 from slipstream.rollout.sequence import Sequence
+from slipstream.rollout.spec.policy import PolicyConfig
+from slipstream.rollout.spec.spec_runner import SpecRunner
+from slipstream.rollout.spec.speculator import SpecConfig, Speculator
+from slipstream.rollout.timeline import Timeline
 from slipstream.rollout.types import Completion, Request
 
 
@@ -40,8 +44,10 @@ def kv_blocks_for(decoder: Decoder, cfg: EngineConfig) -> int:
 
 class Engine:
     def __init__(self, decoder: Decoder, eos_token_ids: Iterable[int], cfg: EngineConfig | None = None, seed: int = 0,
-                 capture_layers: tuple[int, ...] = (-1,), feature_sink: Callable[[StepFeatures], None] | None = None):
-        """`feature_sink`, when given, receives the hidden states (`capture_layers`) of every step."""
+                 capture_layers: tuple[int, ...] = (-1,), feature_sink: Callable[[StepFeatures], None] | None = None,
+                 spec: SpecConfig | None = None):
+        """`feature_sink`, when given, receives the hidden states (`capture_layers`) of every step.
+        `spec` turns on speculative decoding (suffix-tree drafts, lossless verification)."""
         self.cfg = cfg = cfg or EngineConfig()
         self.decoder = decoder.eval()
         num_blocks = kv_blocks_for(decoder, cfg)
@@ -53,6 +59,9 @@ class Engine:
         self.runner = ModelRunner(decoder, num_blocks, cfg.block_size, seed, capture_layers, feature_sink,
                                   cfg.prefill_skip_scale, cfg.decode_skip_scale)
         self.stats = {"steps": 0, "preemptions": 0}
+        self.speculator = Speculator(spec) if spec is not None else None
+        self.spec_runner = SpecRunner(self.runner) if spec is not None else None
+        self.timeline = Timeline()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Copy new weights (Hugging Face names) into the decoder in place; returns the seconds it took."""
@@ -80,11 +89,29 @@ class Engine:
         """Fraction of attention key tiles skipped per phase since the last call (skip-softmax only)."""
         return self.runner.sparsity(reset=True)
 
+    def rollout_metrics(self, small_batch: int = 16) -> dict[str, float]:
+        """Speculation and live-batch metrics of the last `generate` (see `Timeline.metrics`)."""
+        edges = (self.speculator.policy.config if self.speculator is not None else PolicyConfig()).bucket_edges
+        return self.timeline.metrics(edges, small_batch)
+
     def step(self) -> list[Sequence]:
-        batch = self.scheduler.schedule()
-        tokens, logprobs = self.runner.run(batch)
+        t0 = time.perf_counter()
+        live = self.scheduler.num_running + self.scheduler.num_waiting
+        drafts = self.speculator.propose(self.scheduler) if self.speculator is not None else None
+        batch = self.scheduler.schedule(drafts)
+        if batch.num_draft_tokens:  # verify the drafts: each sequence emits 1 + accepted tokens
+            tokens, logprobs = self.spec_runner.run(batch)
+            finished = self.scheduler.postprocess_verified(batch, tokens, logprobs)
+        else:
+            tokens, logprobs = self.runner.run(batch)
+            finished = self.scheduler.postprocess(batch, tokens, logprobs)
+        t1 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.observe(batch, live, t1 - t0)
+        self.timeline.record(t0, t1, live, batch.num_emitted, batch.num_draft_tokens, batch.num_accepted,
+                             sum(1 for e in batch.entries if e.draft))
         self.stats["steps"] += 1
-        return self.scheduler.postprocess(batch, tokens, logprobs)
+        return finished
 
     def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> list[Completion]:
         """One Completion per sample (`params.n` per request), in request order.
@@ -97,9 +124,14 @@ class Engine:
         seqs = [s for r in requests for s in Sequence.from_request(r)]
         preempted_before = self.scheduler.num_preemptions
         self.scheduler.add(seqs)
+        self.timeline.begin()
+        if self.speculator is not None:
+            self.speculator.begin(seqs)
         while self.scheduler.has_work():
             finished = self.step()
             if progress is not None and finished:
                 progress(len(finished))
+        if self.speculator is not None:
+            self.speculator.end()
         self.stats["preemptions"] += self.scheduler.num_preemptions - preempted_before
         return [s.to_completion() for s in seqs]

@@ -22,16 +22,28 @@ step (the n samples of a group admitted together prefill their prompt once).
 
 `postprocess()` appends the sampled tokens, finishes sequences on a stop token ("stop"), on
 `max_tokens` or on `max_model_len` ("length"), and frees their blocks.
+
+Speculative steps: `schedule(drafts)` gives a decoding sequence with a draft of k tokens a query
+of 1 + k tokens (its last sampled token, then the draft), within the token budget, the decode
+kernel's query limit, and the room left by max_tokens and max_model_len; a draft that would need
+blocks the cache does not have is dropped rather than preempting anyone for it. After the
+verification, `postprocess_verified()` appends each sequence's emitted tokens (its accepted
+drafts, then the replacement or bonus token) up to a finish, and rolls the rejected positions
+back: `num_cached_tokens` becomes the accepted context, blocks taken only for rejected slots are
+freed, and blocks that filled up with accepted tokens are registered for prefix sharing (a block
+is never registered while it holds draft tokens).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 
 import torch
 
+from slipstream.kernels.attention import MAX_DECODE_Q_LEN
 from slipstream.rollout.block_manager import BlockManager
 from slipstream.rollout.sequence import Sequence, SequenceStatus
 
@@ -42,6 +54,9 @@ class ScheduledSeq:
     start: int  # seq.num_cached_tokens when scheduled: this step computes tokens [start, start + num_new)
     num_new: int
     samples: bool  # start + num_new == seq.num_tokens: the last row's logits give the next token
+    # Draft tokens fed after the last sampled token (a speculative decode): num_new = 1 + len(draft),
+    # and the last len(draft) + 1 rows' logits verify the draft.
+    draft: tuple[int, ...] = ()
 
 
 @dataclass
@@ -65,6 +80,13 @@ class ScheduledBatch:
     block_size: int
     preempted: list[Sequence] = field(default_factory=list)  # preempted while scheduling this step
     done: bool = False  # set by postprocess; the sequences have moved on since
+    # Set by postprocess: tokens appended to sequences, and draft tokens among them.
+    num_emitted: int = 0
+    num_accepted: int = 0
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(len(e.draft) for e in self.entries)
 
     @property
     def num_tokens(self) -> int:
@@ -91,7 +113,8 @@ class ScheduledBatch:
         starts = [e.start for e in self.entries]
         input_ids: list[int] = []
         for e in self.entries:
-            input_ids.extend(e.seq.token_slice(e.start, e.start + e.num_new))
+            input_ids.extend(e.seq.token_slice(e.start, e.start + e.num_new - len(e.draft)))
+            input_ids.extend(e.draft)
         width = max((len(e.seq.block_table) for e in self.entries), default=0)
         tables = [e.seq.block_table + [-1] * (width - len(e.seq.block_table)) for e in self.entries]
 
@@ -196,7 +219,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def _draft_room(self, seq: Sequence, draft: Sequence_[int], budget: int) -> int:
+        """How many of `draft`'s tokens this step can verify: every emitted token must be able to
+        count (max_tokens, max_model_len), and the query must fit the budget and the decode kernel."""
+        room = min(len(draft), budget - 1, MAX_DECODE_Q_LEN - 1,
+                   seq.params.max_tokens - seq.num_output_tokens - 1)
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - seq.num_tokens - 1)
+        return max(room, 0)
+
+    def schedule(self, drafts: Mapping[int, Sequence_[int]] | None = None) -> ScheduledBatch:
+        """The next step's work; `drafts` maps a decoding sequence's `seq_id` to draft tokens to
+        verify after its last sampled token (see the module docstring)."""
         bm = self.block_manager
         batch = ScheduledBatch(entries=[], block_size=self.block_size)
         budget = self.max_num_batched_tokens
@@ -208,6 +242,14 @@ class Scheduler:
         while i < len(running) and budget > 0:
             seq = running[i]
             if seq.is_prefilling:
+                i += 1
+                continue
+            draft = drafts.get(seq.seq_id, ()) if drafts else ()
+            k = self._draft_room(seq, draft, budget) if draft else 0
+            if k and bm.can_append(seq, k):
+                bm.may_append(seq, k)
+                entries.append(ScheduledSeq(seq, seq.num_cached_tokens, 1 + k, True, tuple(draft[:k])))
+                budget -= 1 + k
                 i += 1
                 continue
             while not bm.can_append(seq):
@@ -270,11 +312,14 @@ class Scheduler:
         `sample_indices[k]`, i.e. for `batch.sampling[k]`. Returns the sequences finished now."""
         if batch.done:
             raise RuntimeError("this batch was already postprocessed")
+        if batch.num_draft_tokens:
+            raise ValueError("this batch verifies draft tokens: use postprocess_verified")
         sampling = batch.sampling
         if len(token_ids) != len(sampling) or (logprobs is not None and len(logprobs) != len(sampling)):
             raise ValueError(f"expected {len(sampling)} sampled tokens (and logprobs), got {len(token_ids)}"
                              f"{'' if logprobs is None else f' and {len(logprobs)}'}")
         batch.done = True
+        batch.num_emitted = len(sampling)
         for e in batch.entries:
             assert e.seq.status is SequenceStatus.RUNNING and e.seq.num_cached_tokens == e.start, e.seq
             e.seq.num_cached_tokens = e.start + e.num_new
@@ -287,6 +332,59 @@ class Scheduler:
                 self.block_manager.deallocate(seq)
                 seq.finish(reason)
                 finished.append(seq)
+        if finished:
+            self.running = [s for s in self.running if not s.is_finished]
+        return finished
+
+    def postprocess_verified(self, batch: ScheduledBatch, emitted: list[list[int]],
+                             logprobs: list[list[float]] | None = None) -> list[Sequence]:
+        """Apply one step's results: `emitted[k]` (and `logprobs[k]`) are the tokens produced for
+        `batch.sampling[k]`: the first len(draft) of its draft that were accepted, then one
+        sampled token. Tokens after a finish are dropped; rejected positions are rolled back.
+        Returns the sequences finished now."""
+        if batch.done:
+            raise RuntimeError("this batch was already postprocessed")
+        sampling = batch.sampling
+        if len(emitted) != len(sampling) or (logprobs is not None and len(logprobs) != len(sampling)):
+            raise ValueError(f"expected results for {len(sampling)} sampling sequences, got {len(emitted)}"
+                             f"{'' if logprobs is None else f' and {len(logprobs)} logprob lists'}")
+        for k, e in enumerate(sampling):
+            if not 1 <= len(emitted[k]) <= len(e.draft) + 1 or (
+                    logprobs is not None and len(logprobs[k]) != len(emitted[k])):
+                raise ValueError(f"sequence {e.seq.seq_id} with a draft of {len(e.draft)} tokens: got "
+                                 f"{len(emitted[k])} emitted tokens (1..{len(e.draft) + 1} expected)"
+                                 f"{'' if logprobs is None else f' and {len(logprobs[k])} logprobs'}")
+            if list(emitted[k][:-1]) != list(e.draft[:len(emitted[k]) - 1]):
+                raise ValueError(f"sequence {e.seq.seq_id}: emitted tokens {list(emitted[k])} do not start "
+                                 f"with the accepted part of its draft {list(e.draft)}")
+        batch.done = True
+        for e in batch.entries:
+            assert e.seq.status is SequenceStatus.RUNNING and e.seq.num_cached_tokens == e.start, e.seq
+            if not e.draft:
+                e.seq.num_cached_tokens = e.start + e.num_new
+        bm = self.block_manager
+        finished: list[Sequence] = []
+        for k, e in enumerate(sampling):
+            seq = e.seq
+            reason = None
+            for j, token in enumerate(emitted[k]):
+                token = int(token)
+                seq.append_token(token, None if logprobs is None else logprobs[k][j])
+                batch.num_emitted += 1
+                batch.num_accepted += j < len(emitted[k]) - 1
+                reason = self._finish_reason(seq, token)
+                if reason is not None:
+                    break
+            if reason is not None:
+                bm.deallocate(seq)
+                seq.finish(reason)
+                finished.append(seq)
+            elif e.draft:
+                # The last sampled token and the accepted drafts are computed; the rest rolls back.
+                accepted_context = e.start + len(emitted[k])
+                bm.commit(seq, accepted_context)
+                seq.num_cached_tokens = accepted_context
+                bm.truncate(seq)
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
         return finished

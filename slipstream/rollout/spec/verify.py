@@ -21,7 +21,8 @@ emitted token is the one of the target's sampling distribution at its position, 
 reports it, so importance ratios computed from it do not depend on speculation.
 
 The verification itself keeps every tensor on the device and never reads one back on the host;
-``shape_logits`` decides on the host whether any row needs top-k/top-p truncation.
+``shape_logits`` decides on the host whether any row needs top-k/top-p truncation, unless the
+caller says (``truncate``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class VerifyResult:
 def verify_drafts(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_lens: torch.Tensor,
                   temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                   draft_probs: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  pad_token_id: int = 0) -> VerifyResult:
+                  pad_token_id: int = 0, truncate: bool | None = None) -> VerifyResult:
     """Accept or reject each request's draft tokens and emit the corrected or bonus token.
 
     target_logits [B, K+1, V]: target logits at every draft position and the one after; row j of
@@ -68,6 +69,7 @@ def verify_drafts(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft
     draft_probs [B, K, V] or None: the drafter's distribution q_j each draft token was drawn from
         (probabilities). None means deterministic drafts.
     generator: source of the acceptance draws and of the replacement/bonus draws.
+    truncate: whether any row uses top-k/top-p, when the caller knows it (see ``shape_logits``).
     """
     B, K1, V = target_logits.shape
     K = K1 - 1
@@ -86,7 +88,7 @@ def verify_drafts(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft
         return x[:, None].expand(B, K1).reshape(-1)
 
     shaped = shape_logits(target_logits.reshape(B * K1, V), per_position(temperature), per_position(top_p),
-                          per_position(top_k)).view(B, K1, V)
+                          per_position(top_k), truncate).view(B, K1, V)
     log_norm = shaped.logsumexp(-1)  # [B, K+1]
     greedy = temperature <= 0
     target_argmax = shaped.argmax(-1)  # [B, K+1]

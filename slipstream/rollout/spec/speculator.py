@@ -1,0 +1,151 @@
+"""The engine's speculation: suffix-tree drafts for decoding sequences, budgets from the policy.
+
+Per engine step, `propose` asks the policy for every decoding sequence's draft budget (none while
+the live batch is large) and the drafter for a draft within it; after the step, `observe` tells
+the policy the step's measured throughput under the arm it chose. Per rollout (one
+`Engine.generate` call, one RL step for the drafter's windows), `begin` registers the sequences
+and ranks their prompts by expected length, `end` moves the finished outputs into their prompts'
+windows.
+
+The drafter is kept cheap where it cannot pay off: while the batch is large no sequence drafts,
+so new tokens are only noted, and the trees catch up the first time drafts are wanted (the
+sibling and own trees then hold everything generated so far). Moving a rollout's outputs into
+the windows (`end`) runs in a background thread, overlapping whatever follows the rollout (the
+trainer's update); the next rollout and `state_dict` wait for it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from slipstream.kernels.attention import MAX_DECODE_Q_LEN
+from slipstream.rollout.scheduler import ScheduledBatch, Scheduler
+from slipstream.rollout.sequence import Sequence
+from slipstream.rollout.spec.policy import PolicyConfig, SpecPolicy
+from slipstream.rollout.spec.suffix_tree import SuffixConfig, SuffixDrafter
+
+# A verification query is the last sampled token plus the draft: at most the decode kernel's width.
+MAX_DRAFT_LEN = MAX_DECODE_Q_LEN - 1
+
+
+@dataclass
+class SpecConfig:
+    """Speculation in the engine: the suffix drafter's and the policy's parameters."""
+
+    suffix: SuffixConfig = field(default_factory=SuffixConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+
+class Speculator:
+    """Drafts per engine step for the decoding sequences of a rollout (see the module docstring)."""
+
+    def __init__(self, config: SpecConfig | None = None):
+        self.config = config if config is not None else SpecConfig()
+        self.drafter = SuffixDrafter(self.config.suffix)
+        self.policy = SpecPolicy(self.config.policy)
+        self._seqs: dict[int, Sequence] = {}  # this rollout's sequences by seq_id
+        self._fed: dict[int, int] = {}  # output tokens the drafter has seen, per registered sequence
+        self._dirty: set[int] = set()  # sequences with tokens the drafter has not seen
+        self._closed: set[int] = set()  # finished sequences already handed to the drafter
+        self._arm: int | None = None  # the bandit's arm for the current step (None: large batch)
+        self._worker: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- rollout lifecycle
+
+    def wait(self) -> None:
+        """Wait for the previous rollout's outputs to be in the windows."""
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+
+    def begin(self, seqs: Iterable[Sequence]) -> None:
+        self.wait()
+        self._seqs = {s.seq_id: s for s in seqs}
+        self._fed, self._dirty, self._closed = {}, set(self._seqs), set()
+        groups = {s.group_id for s in self._seqs.values()}
+        self.policy.set_expected_lengths({g: self.drafter.expected_length(g) for g in groups})
+
+    def end(self) -> None:
+        """Hand the rollout's outputs to the drafter's windows (in the background)."""
+        pending = [(sid, s.group_id, s.output_ids, sid in self._fed)
+                   for sid, s in self._seqs.items() if sid not in self._closed]
+        self._seqs, self._fed, self._dirty, self._closed = {}, {}, set(), set()
+        self._worker = threading.Thread(target=self._close_rollout, args=(pending,), daemon=True,
+                                        name="suffix-drafter-windows")
+        self._worker.start()
+
+    def _close_rollout(self, pending: list[tuple[int, str, list[int], bool]]) -> None:
+        for sid, group_id, output, registered in pending:
+            if registered:
+                self.drafter.finish_request(sid, output)
+            else:
+                self.drafter.add_rollout(group_id, output)
+        self.drafter.end_step()
+
+    # ---------------------------------------------------------------- per step
+
+    def _catch_up(self) -> None:
+        """Feed the drafter every token it has not seen; close the finished sequences."""
+        d = self.drafter
+        for sid in self._dirty:
+            seq = self._seqs[sid]
+            fed = self._fed.get(sid)
+            if fed is None:
+                d.add_request(sid, seq.group_id, seq.prompt_ids)
+                fed = 0
+            if seq.num_output_tokens > fed:
+                d.update(sid, seq.output_ids[fed:])
+                self._fed[sid] = seq.num_output_tokens
+            else:
+                self._fed[sid] = fed
+            if seq.is_finished:
+                d.finish_request(sid)
+                self._closed.add(sid)
+        self._dirty.clear()
+
+    def propose(self, scheduler: Scheduler) -> dict[int, list[int]]:
+        """Drafts for this step's decoding sequences, by seq_id (empty while the batch is large)."""
+        live = scheduler.num_running + scheduler.num_waiting
+        self._arm = None
+        if live >= self.policy.config.min_batch_for_off:
+            return {}
+        decoding = [s for s in scheduler.running if not s.is_prefilling]
+        if not decoding:
+            return {}
+        self._catch_up()
+        budgets = self.policy.plan([(s.seq_id, s.group_id) for s in decoding], live)
+        self._arm = self.policy.arm_for(live)
+        depth = self.drafter.config.max_depth
+        drafts = {}
+        for s in decoding:
+            budget = min(budgets[s.seq_id], MAX_DRAFT_LEN)
+            if budget <= 0:
+                continue
+            n = s.num_tokens
+            draft = self.drafter.propose(s.seq_id, s.group_id, s.token_slice(max(n - depth, 0), n), budget)
+            if draft.tokens:
+                drafts[s.seq_id] = draft.tokens
+        return drafts
+
+    def observe(self, batch: ScheduledBatch, live: int, seconds: float) -> None:
+        """After a step: note the sequences that grew; give the bandit the step's throughput."""
+        self._dirty.update(e.seq.seq_id for e in batch.sampling)
+        if self._arm is not None and seconds > 0:
+            self.policy.record(live, self._arm, batch.num_emitted, seconds)
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The drafter's windows and the policy's statistics (JSON-serialisable)."""
+        self.wait()
+        return {"version": 1, "drafter": self.drafter.state_dict(), "policy": self.policy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.wait()
+        if state.get("version") != 1:
+            raise ValueError(f"unknown speculation state version {state.get('version')!r} (expected 1)")
+        self.drafter.load_state_dict(state["drafter"])
+        self.policy.load_state_dict(state["policy"])

@@ -1,0 +1,297 @@
+"""Speculative decoding in the engine is lossless: same distribution of sequences, same greedy
+outputs token for token, same log-probs, and the paged cache rolled back to plain decoding's."""
+
+import dataclasses
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from slipstream.models.decoder import AttentionMetadata, Decoder, DecoderConfig
+from slipstream.models.weights import decoder_from_hf_module
+from slipstream.rollout.engine import Engine, EngineConfig
+from slipstream.rollout.sampler import shape_logits
+from slipstream.rollout.sequence import Sequence
+from slipstream.rollout.spec.policy import PolicyConfig
+from slipstream.rollout.spec.speculator import SpecConfig, Speculator
+from slipstream.rollout.types import Request, SamplingParams
+
+SMALL_VOCAB = 4
+EOS = 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls on a shared CPU run far faster on one thread than fighting over several."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_decoder(seed: int = 0) -> Decoder:
+    """A random 2-layer decoder over 4 tokens: sequences of a few tokens have few outcomes."""
+    cfg = DecoderConfig(model_type="llama", vocab_size=SMALL_VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8, intermediate_size=64)
+    dec = Decoder(cfg, dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in dec.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else 0.3 * torch.randn(p.shape, generator=g))
+    return dec
+
+
+class ScriptedSpeculator(Speculator):
+    """Drafts chosen by a function of the sequence (random, right or wrong), whatever the batch."""
+
+    def __init__(self, draft_fn):
+        super().__init__(SpecConfig())
+        self.draft_fn = draft_fn
+
+    def propose(self, scheduler):
+        return {s.seq_id: self.draft_fn(s) for s in scheduler.running if not s.is_prefilling}
+
+
+def random_drafts(seed: int):
+    rng = random.Random(seed)
+    return lambda seq: [rng.randrange(SMALL_VOCAB) for _ in range(rng.randint(0, 4))]
+
+
+PROMPTS_SMALL = ([1, 2, 3, 1], [2, 3])
+
+
+def _sample_sequences(engine: Engine, params: SamplingParams) -> Counter:
+    reqs = [Request(p, params, f"g{i}", f"r{i}") for i, p in enumerate(PROMPTS_SMALL)]
+    return Counter((tuple(c.prompt_ids), tuple(c.tokens)) for c in engine.generate(reqs))
+
+
+def _exact_distribution(dec: Decoder, params: SamplingParams) -> tuple[dict[tuple, float], dict[tuple, list]]:
+    """Probability of every possible (prompt, output) under plain sampling, by enumeration, and
+    the sampling distribution after every (prompt, unfinished output prefix)."""
+    out, after = {}, {}
+    for prompt in PROMPTS_SMALL:
+        frontier = [((), 1.0)]
+        while frontier:
+            prefix, prob = frontier.pop()
+            tokens = list(prompt) + list(prefix)
+            n = len(tokens)
+            with torch.inference_mode():
+                hidden = dec(torch.tensor(tokens), torch.arange(n), AttentionMetadata.build([n], [n], [[0]], n),
+                             dec.allocate_kv_cache(1, n))
+                logits = dec.compute_logits(hidden[-1:])
+            probs = shape_logits(logits, torch.tensor([params.temperature]), torch.tensor([params.top_p]),
+                                 torch.tensor([params.top_k])).softmax(-1)[0].tolist()
+            after[(tuple(prompt), prefix)] = probs
+            for t, p in enumerate(probs):
+                if p == 0.0:
+                    continue
+                seq = prefix + (t,)
+                if t == EOS or len(seq) == params.max_tokens:
+                    out[(tuple(prompt), seq)] = prob * p
+                else:
+                    frontier.append((seq, prob * p))
+    return out, after
+
+
+def plausible_drafts(after: dict[tuple, list], seed: int):
+    """Mostly the most likely continuation (drafts a real drafter would make: a wrong acceptance
+    rule shows at once), sometimes a random token."""
+    rng = random.Random(seed)
+
+    def draft(seq):
+        prompt, out = tuple(seq.prompt_ids), list(seq.output_ids)
+        for _ in range(rng.randint(0, 3)):
+            probs = after.get((prompt, tuple(out)))
+            if probs is None:
+                break
+            out.append(max(range(SMALL_VOCAB), key=probs.__getitem__) if rng.random() < 0.7
+                       else rng.randrange(SMALL_VOCAB))
+        return out[seq.num_output_tokens:]
+    return draft
+
+
+def _chi_square_p(counts: Counter, probs: dict[tuple, float], per_prompt: int, min_expected: float = 5.0) -> float:
+    """p-value of Pearson's goodness-of-fit test of `counts` against `probs` (per_prompt samples
+    of each prompt), cells expected fewer than `min_expected` times pooled into one."""
+    if not set(counts) <= set(probs):
+        return 0.0  # a sequence of probability zero was drawn
+    cells, pooled = [], [0.0, 0.0]
+    for key, p in probs.items():
+        expected = per_prompt * p
+        if expected >= min_expected:
+            cells.append((counts[key], expected))
+        else:
+            pooled[0] += counts[key]
+            pooled[1] += expected
+    if pooled[1] > 0:
+        cells.append(tuple(pooled))
+    stat = sum((x - e) ** 2 / e for x, e in cells)
+    df = len(cells) - len(PROMPTS_SMALL)
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(n=2000, temperature=1.0, max_tokens=4, seed=1),
+                                    SamplingParams(n=2000, temperature=0.7, top_p=0.8, max_tokens=4, seed=2)])
+def test_speculation_keeps_the_distribution_of_sequences(params):
+    dec = small_decoder()
+    cfg = EngineConfig(block_size=2, num_blocks=8192, max_num_seqs=4096)
+    exact, after = _exact_distribution(dec, params)
+    assert sum(exact.values()) == pytest.approx(len(PROMPTS_SMALL))
+    spec_engine = Engine(dec, [EOS], cfg, seed=0, spec=SpecConfig())
+    spec_engine.speculator = ScriptedSpeculator(plausible_drafts(after, params.seed))
+    spec = _sample_sequences(spec_engine, params)
+    m = spec_engine.rollout_metrics()
+    assert m["spec/drafted_tokens"] > m["spec/accepted_tokens"] > 0.1 * m["spec/drafted_tokens"]
+    assert sum(1 for p in exact.values() if p * params.n >= 5) > 8  # many cells are tested
+    assert _chi_square_p(spec, exact, params.n) > 1e-3
+    assert _chi_square_p(_sample_sequences(Engine(dec, [EOS], cfg, seed=0), params), exact, params.n) > 1e-3
+    # The test has power: a slightly different temperature is detected.
+    other = dataclasses.replace(params, temperature=params.temperature * 1.2)
+    assert _chi_square_p(_sample_sequences(Engine(dec, [EOS], cfg, seed=0), other), exact, params.n) < 1e-6
+    assert spec_engine.block_manager.num_free_blocks == 8192
+
+
+def _reference_logprobs(dec: Decoder, tokens: list[int], num_prompt: int, params: SamplingParams) -> torch.Tensor:
+    """Log-probs of tokens[num_prompt:] under the sampling distribution, from one full forward."""
+    n = len(tokens)
+    caches = dec.allocate_kv_cache(1, n)
+    attn = AttentionMetadata.build([n], [n], [[0]], n)
+    with torch.inference_mode():
+        hidden = dec(torch.tensor(tokens), torch.arange(n), attn, caches)
+        logits = dec.compute_logits(hidden[num_prompt - 1:n - 1])
+    rows = logits.shape[0]
+    shaped = shape_logits(logits, torch.full((rows,), params.temperature), torch.full((rows,), params.top_p),
+                          torch.full((rows,), params.top_k))
+    return shaped.log_softmax(-1).gather(-1, torch.tensor(tokens[num_prompt:])[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(n=4, temperature=0.7, top_p=0.9, max_tokens=20, seed=5),
+                                    SamplingParams(n=4, temperature=0.0, max_tokens=20)])
+def test_logprobs_of_emitted_tokens_are_the_targets(params):
+    dec = small_decoder(1)
+    engine = Engine(dec, [EOS], EngineConfig(block_size=4, num_blocks=512), spec=SpecConfig())
+    engine.speculator = ScriptedSpeculator(random_drafts(7))
+    comps = engine.generate([Request([1, 2, 3], params, "g", "r"), Request([3, 3], params, "h", "s")])
+    assert engine.rollout_metrics()["spec/accepted_tokens"] > 10
+    for c in comps:
+        ref = _reference_logprobs(dec, c.prompt_ids + c.tokens, len(c.prompt_ids), params)
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-5)
+
+
+def _requests(tok, params, prompts):
+    return [Request(tok(p, add_special_tokens=False)["input_ids"], params, f"g{i}", f"r{i}")
+            for i, p in enumerate(prompts)]
+
+
+PROMPTS = ["Start with 7. Add 5.", "What is 3 + 4?", "x", "A much longer prompt that spans several cache blocks."]
+
+
+def test_greedy_outputs_are_identical_with_the_suffix_drafter_over_rounds(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=32)
+    cfg = EngineConfig(block_size=4, num_blocks=256)
+    plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(_requests(tok, params, PROMPTS))
+    # Speculate at every batch size; the bandit tries every arm, including long drafts.
+    spec = SpecConfig(policy=PolicyConfig(min_batch_for_off=10**6, draft_lens=(4, 15)))
+    engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, spec=spec)
+    accept_lens = []
+    for _ in range(3):  # later rounds draft from the earlier rounds' outputs of the same prompts
+        comps = engine.generate(_requests(tok, params, PROMPTS))
+        assert [c.tokens for c in comps] == [c.tokens for c in plain]
+        assert [c.finish_reason for c in comps] == [c.finish_reason for c in plain]
+        for a, b in zip(comps, plain):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        accept_lens.append(engine.rollout_metrics().get("spec/accept_len", 1.0))
+        assert engine.block_manager.num_free_blocks == 256
+    assert accept_lens[-1] > 3.0  # the window of earlier rounds predicts the (repeated) outputs
+    assert engine.speculator.drafter.num_prompts == len(PROMPTS)
+
+
+def _cache_rows(engine: Engine, seq: Sequence, n: int) -> list[torch.Tensor]:
+    bs = engine.cfg.block_size
+    blocks = torch.tensor([seq.block_table[p // bs] for p in range(n)])
+    offsets = torch.arange(n) % bs
+    return [c[blocks, offsets] for layer in engine.runner.kv_caches for c in layer]
+
+
+def test_rejected_drafts_roll_the_cache_back_to_plain_decoding(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(temperature=0.0, max_tokens=60)
+    prompt = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    cfg = EngineConfig(block_size=4, num_blocks=64)
+    truth = Engine(decoder_from_hf_module(model), [], cfg).generate([Request(prompt, params, "g", "r")])[0].tokens
+    rng = random.Random(0)
+
+    def partly_right(seq):  # a few true next tokens, then wrong ones
+        done = seq.num_output_tokens
+        right = truth[done:done + rng.randint(0, 4)]
+        return right + [(t + 1) % 259 for t in truth[done + len(right):done + len(right) + rng.randint(1, 5)]]
+
+    spec = Engine(decoder_from_hf_module(model), [], cfg, spec=SpecConfig())
+    spec.speculator = ScriptedSpeculator(partly_right)
+    plain = Engine(decoder_from_hf_module(model), [], cfg)
+    s_seq, p_seq = Sequence(prompt, params), Sequence(prompt, params)
+    spec.scheduler.add(s_seq)
+    spec.speculator.begin([s_seq])
+    plain.scheduler.add(p_seq)
+    bm = spec.block_manager
+    rejected = 0
+    while not s_seq.is_finished:
+        spec.step()
+        rejected += spec.timeline.steps[-1].drafted - spec.timeline.steps[-1].accepted
+        if s_seq.is_finished:
+            break
+        n = s_seq.num_cached_tokens
+        while p_seq.num_cached_tokens < n:
+            plain.step()
+        assert p_seq.num_cached_tokens == n and s_seq.output_ids == p_seq.output_ids
+        # No block is kept for rejected slots: at most the blocks of the sequence's tokens.
+        assert s_seq.num_blocks_needed(4, n) <= len(s_seq.block_table) <= s_seq.num_blocks_needed(4)
+        for a, b in zip(_cache_rows(spec, s_seq, n), _cache_rows(plain, p_seq, n)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        for i, block in enumerate(s_seq.block_table):  # the prefix map holds accepted tokens only
+            if bm.block_hash[block] is not None:
+                assert bm._block_key[block][1] == tuple(s_seq.token_slice(4 * i, 4 * i + 4))
+                assert 4 * (i + 1) <= s_seq.num_tokens
+    assert rejected > 20
+    assert s_seq.output_ids == truth
+    assert bm.num_free_blocks == 64
+
+
+def test_preemption_with_speculation_keeps_outputs_and_frees_every_block(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=48)
+    big = Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(block_size=4, num_blocks=512))
+    expected = [c.tokens for c in big.generate(_requests(tok, params, PROMPTS))]
+    spec = SpecConfig(policy=PolicyConfig(min_batch_for_off=10**6, draft_lens=(8,), epsilon=0.0))
+    small = Engine(decoder_from_hf_module(model), [tok.eos_token_id],
+                   EngineConfig(block_size=4, num_blocks=40, max_num_batched_tokens=64, chunk_size=16), spec=spec)
+    for _ in range(2):
+        assert [c.tokens for c in small.generate(_requests(tok, params, PROMPTS))] == expected
+        assert small.block_manager.num_free_blocks == 40
+    assert small.stats["preemptions"] > 0
+    assert small.rollout_metrics()["spec/accepted_tokens"] > 0
+
+
+def test_speculator_state_round_trips_so_a_new_engine_keeps_the_trees(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=30)
+    spec = SpecConfig(policy=PolicyConfig(min_batch_for_off=10**6, draft_lens=(8,), epsilon=0.0))
+    first = Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(block_size=4, num_blocks=256),
+                   spec=spec)
+    first.generate(_requests(tok, params, PROMPTS))
+    state = first.speculator.state_dict()
+    resumed = Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(block_size=4, num_blocks=256),
+                     spec=spec)
+    resumed.speculator.load_state_dict(state)
+    assert resumed.speculator.state_dict() == state
+    fresh = Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(block_size=4, num_blocks=256),
+                   spec=spec)
+    fresh.generate(_requests(tok, params, PROMPTS))
+    resumed.generate(_requests(tok, params, PROMPTS))
+    # With the first round's trees, the resumed engine drafts the repeated outputs from the start.
+    assert resumed.rollout_metrics()["spec/accept_len"] > fresh.rollout_metrics()["spec/accept_len"] + 1
+    with pytest.raises(ValueError, match="version"):
+        resumed.speculator.load_state_dict({"version": 99})
