@@ -20,6 +20,7 @@ New weights reach the drafts through `DrafterSlot.publish` (double buffer, versi
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import threading
 import time
@@ -162,8 +163,10 @@ class BubbleTrainer:
         return self.metrics.as_dict(current_step, self.newest_data_step, version)
 
     def state_dict(self) -> dict[str, Any]:
-        """Trainable weights, optimizer state and counters, for the run's checkpoint."""
-        return {"drafter": self.drafter.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """Trainable weights, optimizer state and counters, for the run's checkpoint (copies: training
+        on afterwards does not change them)."""
+        return {"drafter": {k: v.clone() for k, v in self.drafter.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "steps": self.steps, "newest_data_step": self.newest_data_step,
                 "generator": self.generator.get_state()}
 

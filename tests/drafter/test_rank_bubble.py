@@ -1,0 +1,93 @@
+"""Bubble coordination through the torch.distributed store with two gloo processes.
+
+Rank 0 finishes its "rollout" at once and trains while rank 1 still generates (sleeps); rank 1
+finishes later and finds every rank done, so it does not train. Afterwards both hold the same
+weights: rank 0's trained ones (the update is weighted by optimizer steps, and rank 1 took none).
+Then both ranks move their weights by different amounts in different step counts, and the
+average is the step-weighted one.
+"""
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+GENERATE_S = 1.5  # rank 1's rollout
+
+
+def _worker(rank: int, tmp: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    from slipstream.drafter import (BubbleTrainer, Drafter, DrafterConfig, DrafterSlot, FeatureBuffer, RankBubble,
+                                    TargetHead, broadcast_drafter)
+    from slipstream.models.decoder import Decoder, DecoderConfig
+    from slipstream.rollout.model_runner import StepFeatures
+
+    store = dist.FileStore(os.path.join(tmp, "store"), WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    try:
+        V, H = 16, 16
+        c = DecoderConfig(model_type="llama", vocab_size=V, hidden_size=H, num_layers=1, num_heads=2, num_kv_heads=2,
+                          head_dim=8, intermediate_size=32)
+        target = Decoder(c)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            target.embed.weight.copy_(torch.randn(V, H, generator=g))
+            target.norm.weight.fill_(1.0)
+            target.lm_head.weight.copy_(torch.randn(V, H, generator=g))
+        cfg = DrafterConfig(batch_tokens=32, seq_len=16, slice_steps=2, window=8, seed=rank)
+        torch.manual_seed(100 + rank)  # different initial weights: the broadcast must equalise them
+        drafter = Drafter(c, TargetHead.from_decoder(target), cfg)
+        broadcast_drafter(drafter)
+        initial = {k: v.clone() for k, v in drafter.state_dict().items()}
+        buffer = FeatureBuffer(cfg, H)
+        gen = torch.Generator().manual_seed(rank)
+        buffer(StepFeatures([(f"r{rank}", 0)], torch.zeros(30, dtype=torch.long), torch.arange(30),
+                            torch.randint(V, (30,), generator=gen), {-1: torch.randn(30, H, generator=gen)}))
+        trainer = BubbleTrainer(drafter, buffer, DrafterSlot(drafter))
+        if rank == 1:
+            time.sleep(GENERATE_S)
+        bubble = RankBubble(dist.PrefixStore("test", store), rank, WORLD)
+        before_average = {}
+        import slipstream.drafter.bubble_trainer as bt
+
+        average = bt.average_drafter
+
+        def spy(d, start, steps, group=None):
+            before_average.update({k: v.clone() for k, v in d.state_dict().items()})
+            average(d, start, steps, group)
+
+        bt.average_drafter = spy
+        report = bubble.run(trainer, step=0)
+        after = {k: v.clone() for k, v in drafter.state_dict().items()}
+        # Both ranks trained: rank r moved every weight by r + 1 in r + 1 steps.
+        with torch.no_grad():
+            for p in drafter.parameters():
+                p.add_(rank + 1.0)
+        average(drafter, after, steps=rank + 1)
+        torch.save({"report": report, "initial": initial, "before": before_average, "after": after,
+                    "served": trainer.slot.state_dict(), "version": trainer.slot.version,
+                    "weighted": drafter.state_dict()}, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_done_early_train_and_end_with_equal_weights(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    assert r0["report"].steps > 0 and r0["report"].kind == "rank_idle"
+    assert r0["report"].available_s >= GENERATE_S * 0.5
+    assert r1["report"].steps == 0
+    for k in r0["initial"]:
+        assert torch.equal(r0["initial"][k], r1["initial"][k]), k  # broadcast at the start
+        assert torch.equal(r0["after"][k], r1["after"][k]), k  # averaged at the end
+        assert torch.allclose(r0["after"][k], r0["before"][k], atol=1e-6), k  # = rank 0's update
+        assert torch.equal(r0["served"][k], r0["after"][k]), k  # published to the drafts
+    assert not all(torch.equal(r0["after"][k], r0["initial"][k]) for k in r0["initial"])
+    assert r0["version"] == r1["version"] == 1
+    for k in r0["after"]:  # (1 * 1 + 2 * 2) / (1 + 2)
+        assert torch.allclose(r0["weighted"][k], r0["after"][k] + 5 / 3, atol=1e-5), k
+        assert torch.equal(r0["weighted"][k], r1["weighted"][k]), k
