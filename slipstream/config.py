@@ -104,6 +104,33 @@ class AttentionConfig:
 
 
 @dataclass
+class SpeculationConfig:
+    # off, or suffix: lossless speculative decoding in the native engine with suffix-tree drafts
+    # from recent rollouts of the same prompt, its group's live outputs and its own text.
+    kind: str = "off"
+    # The drafter: a prompt's window of the last `window_steps` rollouts (RL steps), suffixes up
+    # to `max_depth` tokens; a draft is at most min(cap, alpha * match length) tokens and stops
+    # before its probability under the trees' counts falls below `min_token_prob`.
+    window_steps: int = 4
+    max_depth: int = 64
+    cap: int = 15
+    alpha: float = 1.0
+    min_token_prob: float = 0.1
+    max_tokens_per_prompt: int = 32768
+    max_prompts: int = 256
+    # The policy: no drafts while `min_batch_for_off` or more sequences are live; below, a bandit
+    # per live-batch bucket picks the draft length (an arm) by measured tokens/s.
+    min_batch_for_off: int = 32
+    bucket_edges: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    draft_lens: list[int] = field(default_factory=lambda: [0, 2, 4, 8, 15])
+    max_step_draft_tokens: int = 128
+    long_boost: float = 2.0
+    num_length_classes: int = 3
+    epsilon: float = 0.1
+    guard_margin: float = 0.03
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 20
     prompts_per_step: int = 8
@@ -158,6 +185,7 @@ class SlipstreamConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    spec: SpeculationConfig = field(default_factory=SpeculationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -227,6 +255,10 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
                 "reward.rule_weight", "reward.model_weight"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name), allow_zero=True)
+    _choice("spec.kind", cfg.spec.kind, ["off", "suffix"])
+    if cfg.spec.kind != "off" and cfg.rollout.backend != "native":
+        raise ConfigError(f"spec={cfg.spec.kind} needs rollout=native (the HF backend does not speculate)")
+    engine_spec_config(cfg.spec, cfg.trainer.seed)
     if cfg.task.max_steps < cfg.task.min_steps:
         raise ConfigError(f"task.max_steps={cfg.task.max_steps} must be >= task.min_steps={cfg.task.min_steps}")
     if not 0.0 < cfg.task.step_p <= 1.0:
@@ -242,6 +274,26 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     if not set(cfg.task.operations) <= set("+-*") or not cfg.task.operations:
         raise ConfigError(f"task.operations={cfg.task.operations!r} must be a non-empty subset of '+-*'")
     return cfg
+
+
+def engine_spec_config(spec: SpeculationConfig, seed: int = 0):
+    """The native engine's speculation settings (`rollout.spec.SpecConfig`), None for spec=off.
+    Raises ConfigError naming the key of a value the drafter or the policy rejects."""
+    from slipstream.rollout.spec import PolicyConfig, SpecConfig, SuffixConfig
+
+    if spec.kind == "off":
+        return None
+    try:
+        suffix = SuffixConfig(window_steps=spec.window_steps, max_depth=spec.max_depth, cap=spec.cap,
+                              alpha=spec.alpha, min_token_prob=spec.min_token_prob,
+                              max_tokens_per_prompt=spec.max_tokens_per_prompt, max_prompts=spec.max_prompts)
+        policy = PolicyConfig(min_batch_for_off=spec.min_batch_for_off, bucket_edges=tuple(spec.bucket_edges),
+                              draft_lens=tuple(spec.draft_lens), max_step_draft_tokens=spec.max_step_draft_tokens,
+                              long_boost=spec.long_boost, num_length_classes=spec.num_length_classes,
+                              epsilon=spec.epsilon, guard_margin=spec.guard_margin, seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"spec: {e}") from None
+    return SpecConfig(suffix=suffix, policy=policy)
 
 
 def _data_dir(repo_name: str, installed_name: str) -> Path:
@@ -281,7 +333,7 @@ def group_options(group: str) -> list[str]:
 
 
 _SECTIONS = {"model": ModelConfig, "task": TaskConfig, "algorithm": AlgorithmConfig, "rollout": RolloutConfig,
-             "attention": AttentionConfig, "trainer": TrainerConfig, "reward": RewardConfig,
+             "attention": AttentionConfig, "spec": SpeculationConfig, "trainer": TrainerConfig, "reward": RewardConfig,
              "logger": LoggerConfig}
 
 

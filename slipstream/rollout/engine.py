@@ -89,6 +89,16 @@ class Engine:
         """Fraction of attention key tiles skipped per phase since the last call (skip-softmax only)."""
         return self.runner.sparsity(reset=True)
 
+    def history_state(self) -> dict:
+        """What the engine learned from past rollouts (the drafter's trees, the policy's bandit),
+        JSON-serialisable, for a checkpoint; empty without speculation."""
+        return {} if self.speculator is None else {"spec": self.speculator.state_dict()}
+
+    def load_history_state(self, state: dict | None) -> None:
+        """Restore `history_state` (None, or a state without speculation, changes nothing)."""
+        if state and state.get("spec") is not None and self.speculator is not None:
+            self.speculator.load_state_dict(state["spec"])
+
     def rollout_metrics(self, small_batch: int = 16) -> dict[str, float]:
         """Speculation and live-batch metrics of the last `generate` (see `Timeline.metrics`)."""
         edges = (self.speculator.policy.config if self.speculator is not None else PolicyConfig()).bucket_edges

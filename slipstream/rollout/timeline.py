@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,13 @@ class Timeline:
         self.steps.append(StepRecord(t_start - self._t0, t_end - t_start, live, emitted, drafted, accepted,
                                      verified_seqs))
 
-    def to_rows(self) -> list[dict]:
-        return [asdict(s) for s in self.steps]
+    def to_columns(self) -> dict[str, list]:
+        """The steps as columns (compact in a JSON line): start and seconds rounded to 0.1 ms."""
+        cols: dict[str, list] = {f.name: [] for f in fields(StepRecord)}
+        for s in self.steps:
+            for name, value in asdict(s).items():
+                cols[name].append(round(value, 4) if isinstance(value, float) else value)
+        return cols
 
     def metrics(self, bucket_edges: tuple[int, ...], small_batch: int = 16) -> dict[str, float]:
         """Per rollout: time and steps with and without speculation, drafted and accepted tokens,

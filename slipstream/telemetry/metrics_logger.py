@@ -265,16 +265,21 @@ class MetricsLogger:
                 self._warn_wandb("log", err)
                 self._finish_wandb(exit_code=1)
 
-    def log_rollouts(self, step: int, response_lengths: Iterable[int], rewards: Iterable[float]) -> None:
-        """Record every response's length and reward of one step (for the report's histograms)."""
+    def log_rollouts(self, step: int, response_lengths: Iterable[int], rewards: Iterable[float],
+                     timeline: dict[str, list] | None = None) -> None:
+        """Record every response's length and reward of one step (for the report's histograms) and,
+        when given, the rollout's engine-step timeline (columns of `rollout.timeline.StepRecord`)."""
         if not self.cfg.jsonl:
             return
-        self._append(self.rollouts_path, {
+        row = {
             "step": int(step),
             "time": time.time(),
             "response_lengths": [int(_scalar(x)) for x in response_lengths],
             "rewards": [float(_scalar(x)) for x in rewards],
-        })
+        }
+        if timeline is not None:
+            row["timeline"] = timeline
+        self._append(self.rollouts_path, row)
 
     # ------------------------------------------------------------------ lifetime
     def _finish_wandb(self, exit_code: int | None = None) -> None:

@@ -2,7 +2,8 @@
 
     python -m slipstream.telemetry.report runs/<name>
 
-writes into `runs/<name>/report/`: reward.png, response_length.png, step_time.png and report.md.
+writes into `runs/<name>/report/`: reward.png, response_length.png, step_time.png,
+rollout_timeline.png and report.md.
 Figures are drawn on matplotlib's Agg canvas directly, so pyplot's global backend is left alone.
 """
 
@@ -194,6 +195,47 @@ def _plot_step_time(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _timelines(rollouts: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Rollout rows that carry a well-formed engine timeline, in file order."""
+    keys = ("start", "seconds", "live", "drafted")
+    out = []
+    for row in rollouts or []:
+        tl = row.get("timeline")
+        if isinstance(tl, dict) and all(isinstance(tl.get(k), list) for k in keys) and tl["start"] \
+                and len({len(tl[k]) for k in keys}) == 1:
+            out.append(row)
+    return out
+
+
+def _plot_timeline(rollouts: list[dict[str, Any]] | None, path: Path) -> None:
+    """Live batch size over the rollout's wall clock, speculative steps marked: the first and the
+    last rollout that logged a timeline."""
+    with_timeline = _timelines(rollouts)
+    chosen = with_timeline[:1] + with_timeline[-1:] if len(with_timeline) > 1 else with_timeline
+    fig, axes = _new_figure(height=3.2 * max(len(chosen), 1), nrows=max(len(chosen), 1))
+    if not chosen:
+        _no_data(axes[0], f"no rollout timeline in {ROLLOUTS_FILE}")
+        axes[0].set_title("Rollout timeline")
+    for ax, row in zip(axes, chosen):
+        tl = row["timeline"]
+        ends = [s + d for s, d in zip(tl["start"], tl["seconds"])]
+        ax.step(tl["start"], tl["live"], where="post", color="tab:blue", label="live sequences")
+        spec_steps = [i for i, d in enumerate(tl["drafted"]) if d > 0]
+        for i in spec_steps:
+            ax.axvspan(tl["start"][i], ends[i], color="tab:orange", alpha=0.35, linewidth=0)
+        if spec_steps:
+            ax.axvspan(0, 0, color="tab:orange", alpha=0.35, label="speculative step")
+        ax.set_yscale("symlog", linthresh=16)
+        ax.set_xlabel("seconds into the rollout")
+        ax.set_ylabel("live batch")
+        spec_time = sum(tl["seconds"][i] for i in spec_steps)
+        ax.set_title(f"Rollout timeline, step {row['step']}: {len(tl['start'])} engine steps, "
+                     f"{ends[-1]:.2f} s, {spec_time:.2f} s speculative")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right")
+    fig.savefig(path, dpi=100)
+
+
 def _summary(rows: list[dict[str, Any]], rollouts: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
     per_step = _by_step(rows)
     _, reward = _series(rows, "reward/mean")
@@ -220,6 +262,16 @@ def _summary(rows: list[dict[str, Any]], rollouts: list[dict[str, Any]] | None) 
     if tokens is None and rollouts:
         tokens = sum(sum(r.get("response_lengths") or []) for r in rollouts)
 
+    _, drafted = _series(rows, "spec/drafted_tokens")
+    _, accepted = _series(rows, "spec/accepted_tokens")
+    _, spec_time = _series(rows, "spec/time_spec_steps")
+    _, plain_time = _series(rows, "spec/time_plain_steps")
+    speculation = "n/a"
+    if drafted and sum(drafted) > 0:
+        share = sum(spec_time) / max(sum(spec_time) + sum(plain_time), 1e-12)
+        speculation = (f"{int(sum(accepted)):,} of {int(sum(drafted)):,} drafted tokens accepted "
+                       f"({sum(accepted) / sum(drafted):.1%}); {share:.1%} of engine time in speculative steps")
+
     steps = list(per_step)
     return [
         ("steps logged", f"{len(steps)} ({steps[0]}–{steps[-1]})" if len(steps) > 1 else str(steps[0])),
@@ -229,13 +281,15 @@ def _summary(rows: list[dict[str, Any]], rollouts: list[dict[str, Any]] | None) 
         ("eval accuracy, after", _fmt(acc[-1] if acc else None)),
         ("mean step time", _fmt(sum(step_times) / len(step_times) if step_times else None, "{:.2f} s")),
         ("total tokens", "n/a" if tokens is None else f"{int(tokens):,}"),
+        ("speculation", speculation),
     ]
 
 
 def write_report(run_dir: Path) -> list[Path]:
-    """Write reward.png, response_length.png, step_time.png and report.md into `run_dir/report/`.
+    """Write reward.png, response_length.png, step_time.png, rollout_timeline.png and report.md
+    into `run_dir/report/`.
 
-    Returns the paths written (the three PNGs, then report.md). Raises ReportError naming the path
+    Returns the paths written (the four PNGs, then report.md). Raises ReportError naming the path
     when the run directory or its metrics.jsonl is missing or empty, or a line cannot be read.
     """
     run_dir = Path(run_dir)
@@ -252,10 +306,11 @@ def write_report(run_dir: Path) -> list[Path]:
 
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    pngs = [out / "reward.png", out / "response_length.png", out / "step_time.png"]
+    pngs = [out / "reward.png", out / "response_length.png", out / "step_time.png", out / "rollout_timeline.png"]
     _plot_reward(rows, pngs[0])
     _plot_lengths(rows, rollouts, pngs[1])
     _plot_step_time(rows, pngs[2])
+    _plot_timeline(rollouts, pngs[3])
 
     lines = [f"# Run report: {run_dir.resolve().name}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in _summary(rows, rollouts)]

@@ -65,6 +65,32 @@ def _save(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _rollout_state_file(directory: Path, rank: int) -> Path:
+    return directory / f"rollout_rank{rank}.json"
+
+
+def save_rollout_state(directory: Path, rank: int, state: dict) -> None:
+    """The rollout engine's history of one rank (speculation trees and statistics: each rank
+    drafts for its own prompts), as JSON, fsynced; part of the checkpoint written in `directory`."""
+    with open(_rollout_state_file(directory, rank), "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_rollout_state(path: Path, rank: int) -> dict | None:
+    """What `save_rollout_state` wrote for `rank` in checkpoint `path`; None if it holds none
+    (a run without speculation, or another number of ranks)."""
+    file = _rollout_state_file(path, rank)
+    if not file.is_file():
+        return None
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot load the rollout state of rank {rank} from {path}: {e}") from e
+
+
 def save_checkpoint(root: Path, state: TrainState, model, optimizer, extra: dict | None = None,
                     keep: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)

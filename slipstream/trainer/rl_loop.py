@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from slipstream.config import SlipstreamConfig
+from slipstream.config import SlipstreamConfig, engine_spec_config
 from slipstream.models import load_model_and_tokenizer
 from slipstream.models.weights import decoder_from_hf_module
 from slipstream.rollout.engine import Engine, EngineConfig
@@ -21,7 +21,7 @@ from slipstream.rollout.types import Request, SamplingParams
 from slipstream.tasks import Problem, build_task
 from slipstream.telemetry import MetricsLogger, progress_bar, write_report
 from slipstream.trainer.batch import build_batch
-from slipstream.trainer.checkpoint import TrainState, latest_checkpoint
+from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_rollout_state
 from slipstream.trainer.distributed import (
     DistContext,
     global_metrics,
@@ -80,7 +80,8 @@ def build_rollout(cfg: SlipstreamConfig, model, tokenizer, device: torch.device)
                         max_num_batched_tokens=rc.max_num_batched_tokens, max_model_len=rc.max_model_len,
                         prefill_skip_scale=0.0 if dense else cfg.attention.prefill_scale,
                         decode_skip_scale=0.0 if dense else cfg.attention.decode_scale)
-    return Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=cfg.trainer.seed)
+    return Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=cfg.trainer.seed,
+                  spec=engine_spec_config(cfg.spec, cfg.trainer.seed))
 
 
 def encode_prompt(tokenizer, problem: Problem, system_prompt: str | None) -> list[int]:
@@ -137,6 +138,7 @@ def train(cfg: SlipstreamConfig) -> dict:
         state = load_train_checkpoint(resume_from, parts.checkpointed, ctx)
         if isinstance(engine, Engine):  # the engine generates with the restored weights
             engine.load_weights(actor.backend.named_full_parameters())
+            engine.load_history_state(load_rollout_state(resume_from, ctx.rank))  # speculation trees
         if ctx.is_main:
             print(f"resumed from {resume_from} (step {state.step})")
     stream = PromptStream(train_problems, tc.seed, state.epoch, state.position)
@@ -183,6 +185,8 @@ def train(cfg: SlipstreamConfig) -> dict:
                 engine.release_cache()
                 parts.reload_optimizers()
             t_rollout = time.perf_counter() - t0
+            native = isinstance(engine, Engine)
+            spec_metrics, timeline = (engine.rollout_metrics(), engine.timeline.to_columns()) if native else ({}, None)
             sparsity = engine.sparsity() if cfg.attention.kind == "blasst" else {}
             # 3. rewards
             t0 = time.perf_counter()
@@ -223,7 +227,7 @@ def train(cfg: SlipstreamConfig) -> dict:
             metrics.update(rollout_metrics)
             metrics.update({
                 "time/rollout": t_rollout, "time/reward": t_reward, "time/update": t_update, "time/sync": t_sync,
-                **reward_metrics, **{f"attention/sparsity_{phase}": v for phase, v in sparsity.items()},
+                **reward_metrics, **{f"attention/sparsity_{phase}": v for phase, v in sparsity.items()}, **spec_metrics,
             })
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 t0 = time.perf_counter()
@@ -236,9 +240,10 @@ def train(cfg: SlipstreamConfig) -> dict:
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
             logger.log(step, metrics)
-            logger.log_rollouts(step, all_lengths, all_rewards)
+            logger.log_rollouts(step, all_lengths, all_rewards, timeline=timeline)
             if (tc.save_every and step % tc.save_every == 0) or step == tc.steps:
-                save_train_checkpoint(ckpt_root, state, parts.checkpointed, ctx, keep=tc.keep_checkpoints)
+                save_train_checkpoint(ckpt_root, state, parts.checkpointed, ctx, keep=tc.keep_checkpoints,
+                                      rollout_state=engine.history_state() if native else None)
             summary = metrics
     shutdown_distributed()
     if not ctx.is_main:

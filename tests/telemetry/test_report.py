@@ -42,8 +42,8 @@ def test_report_writes_plots_and_summary(tmp_path):
     paths = write_report(run)
     report = run / "report"
     assert paths == [report / "reward.png", report / "response_length.png", report / "step_time.png",
-                     report / "report.md"]
-    for png in paths[:3]:
+                     report / "rollout_timeline.png", report / "report.md"]
+    for png in paths[:4]:
         assert_png(png)
 
     md = (report / "report.md").read_text()
@@ -55,8 +55,9 @@ def test_report_writes_plots_and_summary(tmp_path):
     assert rows["reward, last step"] == "0.6"
     assert rows["mean step time"] == "5.50 s"
     assert rows["total tokens"] == "600"
-    for png in ("reward.png", "response_length.png", "step_time.png"):
+    for png in ("reward.png", "response_length.png", "step_time.png", "rollout_timeline.png"):
         assert f"]({png})" in md
+    assert rows["speculation"] == "n/a"
 
 
 def test_report_without_rollouts_or_timings(tmp_path):
@@ -64,9 +65,9 @@ def test_report_without_rollouts_or_timings(tmp_path):
     run.mkdir()
     (run / METRICS_FILE).write_text("\n".join(json.dumps({"step": s, "reward/mean": s / 2}) for s in range(3)))
     paths = write_report(run)
-    for png in paths[:3]:
+    for png in paths[:4]:
         assert_png(png)
-    md = paths[3].read_text()
+    md = paths[-1].read_text()
     assert "| eval accuracy, before | n/a |" in md
     assert "| total tokens | n/a |" in md
 
@@ -77,7 +78,7 @@ def test_token_total_from_rollouts(tmp_path):
         for step in (1, 2):
             logger.log(step, {"reward/mean": 0.5, "time/rollout": 1.0, "time/update": 2.0})
             logger.log_rollouts(step, [3, 4], [1.0, 0.0])
-    md = write_report(run)[3].read_text()
+    md = write_report(run)[-1].read_text()
     assert "| total tokens | 14 |" in md
     assert "| mean step time | 3.00 s |" in md  # no time/step: the sum of the parts
 
@@ -129,3 +130,29 @@ def test_cli(tmp_path, capsys):
     run = make_run(tmp_path / "run", steps=2)
     assert main([str(run)]) == 0
     assert capsys.readouterr().out.splitlines()[-1].endswith("report.md")
+
+
+def test_rollout_timeline_plot_and_speculation_summary(tmp_path):
+    from slipstream.rollout.timeline import Timeline
+    from slipstream.telemetry.report import _timelines
+
+    run = tmp_path / "run"
+    timeline = Timeline()
+    for i, live in enumerate([40, 40, 20, 9, 3, 1]):  # the batch drains; the tail speculates
+        timeline.record(0.1 * i, 0.1 * i + 0.05, live, emitted=live, drafted=4 * live if live < 16 else 0,
+                        accepted=2 * live if live < 16 else 0, verified_seqs=live if live < 16 else 0)
+    metrics = timeline.metrics((1, 2, 4, 8, 16, 32))
+    assert metrics["spec/drafted_tokens"] == 52 and metrics["spec/accepted_tokens"] == 26
+    assert metrics["spec/accept_len"] == 3.0 and metrics["spec/accept_len/bs8"] == 3.0
+    assert metrics["rollout/time_below_batch_16"] == pytest.approx(0.15)
+    with MetricsLogger(run, LoggerConfig(console=False, wandb=False), {}, "t") as logger:
+        logger.log(1, {"reward/mean": 0.5, **metrics})
+        logger.log_rollouts(1, [3, 4], [1.0, 0.0], timeline=timeline.to_columns())
+        logger.log_rollouts(2, [3, 4], [1.0, 0.0], timeline={"start": [0.0], "live": [1]})  # malformed: skipped
+    rollouts = [json.loads(line) for line in (run / ROLLOUTS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in _timelines(rollouts)] == [1]
+    assert rollouts[0]["timeline"]["live"] == [40, 40, 20, 9, 3, 1]
+    paths = write_report(run)
+    assert_png(paths[3])
+    md = paths[-1].read_text()
+    assert "| speculation | 26 of 52 drafted tokens accepted (50.0%); 50.0% of engine time in speculative steps |" in md
