@@ -6,8 +6,10 @@ from slipstream.drafter.config import DrafterConfig
 from slipstream.drafter.feature_buffer import DrafterBatch, FeatureBuffer, aligned_pairs
 from slipstream.drafter.metrics import BubbleReport, DrafterMetrics
 from slipstream.drafter.model import Draft, DraftContext, Drafter, TargetHead
+from slipstream.drafter.source_policy import SOURCES, CombinedDraft, SourcePolicy, SourcePolicyConfig, combine_drafts
 from slipstream.drafter.swap import DrafterSlot
 
-__all__ = ["BubbleReport", "BubbleTrainer", "Draft", "DraftContext", "Drafter", "DrafterBatch", "DrafterConfig",
+__all__ = ["SOURCES", "BubbleReport", "BubbleTrainer", "CombinedDraft", "Draft", "DraftContext", "Drafter", "DrafterBatch", "DrafterConfig",
            "DrafterMetrics", "DrafterSlot", "FeatureBuffer", "RankBubble", "SideStreamTrainer", "SlowdownGate",
+           "SourcePolicy", "SourcePolicyConfig", "combine_drafts",
            "TargetHead", "aligned_pairs", "average_drafter", "broadcast_drafter", "drafter_loss"]
