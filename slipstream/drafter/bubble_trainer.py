@@ -78,6 +78,7 @@ class BubbleTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)  # draws the batches' pieces
         self.steps = 0
         self.newest_data_step: int | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}  # the latest step's loss terms (device tensors)
 
     def train_step(self) -> bool:
         """One optimizer step on a fresh batch; False (and nothing done) while the buffer holds no pair."""
@@ -93,6 +94,7 @@ class BubbleTrainer:
         self.steps += 1
         self.newest_data_step = max(batch.newest_step, self.newest_data_step or batch.newest_step)
         self.metrics.record_train(stats, batch.mean_step)
+        self.last_stats = stats
         return True
 
     def train_slice(self, limit: int | None = None) -> int:
