@@ -18,9 +18,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from slipstream.tasks import TaskDataError
     from slipstream.telemetry import ReportError
     from slipstream.trainer.checkpoint import CheckpointError
+    from slipstream.trainer.backends import BackendError
+    from slipstream.trainer.distributed import DistributedSetupError
+    from slipstream.trainer.rewards import RewardModelError
     from slipstream.trainer.rl_loop import TrainingError
 
-    return ConfigError, ModelLoadError, TaskDataError, ReportError, CheckpointError, TrainingError
+    return (ConfigError, ModelLoadError, TaskDataError, ReportError, CheckpointError, TrainingError, BackendError,
+            DistributedSetupError, RewardModelError)
 
 
 def cmd_train(overrides: list[str], print_config: bool) -> int:
@@ -45,6 +49,14 @@ def cmd_report(run_dir: str) -> int:
 
     for path in write_report(Path(run_dir)):
         print(path)
+    return 0
+
+
+def cmd_export(run_dir: str, out: str, step: int | None) -> int:
+    from slipstream.trainer.export import export
+
+    ckpt = export(Path(run_dir), Path(out), step)
+    print(f"exported {ckpt} -> {out}")
     return 0
 
 
@@ -150,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     r = sub.add_parser("report", help="write plots and a summary for a run directory")
     r.add_argument("run_dir")
+    e = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face model directory")
+    e.add_argument("run_dir")
+    e.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
+    e.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
     m = sub.add_parser("models", help="registered models: list, pull NAME")
     m.add_argument("action", choices=["list", "pull"])
     m.add_argument("name", nargs="?")
@@ -179,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args.overrides, args.print_config)
         if args.command == "report":
             return cmd_report(args.run_dir)
+        if args.command == "export":
+            return cmd_export(args.run_dir, args.out, args.step)
         if args.command == "models":
             return cmd_models(args.action, args.name, args.force)
         if args.command == "calibrate-sparsity":
@@ -188,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                                       not args.no_progress)
         return cmd_recipes()
     except _user_errors() as e:
-        print(f"slipstream: error: {e}", file=sys.stderr)
+        # Under torchrun every rank prints its own errors: say which rank this is.
+        where = f" [rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"slipstream{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("slipstream: interrupted", file=sys.stderr)

@@ -167,7 +167,7 @@ class Actor:
             if on_micro_batch is not None:
                 on_micro_batch(part.size)
         try:
-            grad_norm = self.backend.step(self.tcfg.max_grad_norm)
+            grad_norm = self.backend.step()
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}") from None
         return loss_sum, grad_norm, torch.cat(olds)

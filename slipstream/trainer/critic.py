@@ -42,7 +42,8 @@ class ValueModel(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
-        return self.value_head(hidden).squeeze(-1).float()
+        # A fresh tensor, not a view: FSDP2 hooks its backward on the module's output.
+        return self.value_head(hidden).squeeze(-1).float().clone()
 
 
 def response_values(module: nn.Module, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
@@ -103,7 +104,7 @@ class Critic:
                 sums += torch.tensor([float(loss.detach()) / self.tcfg.mini_batches,
                                       float(metrics["critic/vf_clip_frac"]) * w, float(metrics["critic/value_mean"]) * w,
                                       float(metrics["critic/return_mean"]) * w, w], dtype=torch.float64)
-            norms.append(self.backend.step(self.tcfg.max_grad_norm))
+            norms.append(self.backend.step())
         total = self.ctx.all_reduce_sum(sums)
         tokens = max(float(total[4]), 1.0)
         return {"critic/loss": float(total[0]), "critic/vf_clip_frac": float(total[1]) / tokens,

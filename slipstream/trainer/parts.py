@@ -45,11 +45,12 @@ def build_parts(cfg: SlipstreamConfig, model, ctx: DistContext) -> TrainParts:
     def wrap(module, optim: OptimizerSpec | None) -> TrainBackend:
         return build_backend(tc.backend, module, ctx, optim, zero_stage=tc.zero_stage, cpu_offload=tc.cpu_offload)
 
-    actor_backend = wrap(model, OptimizerSpec(tc.lr, tuple(tc.betas), tc.weight_decay))
+    actor_backend = wrap(model, OptimizerSpec(tc.lr, tuple(tc.betas), tc.weight_decay, tc.max_grad_norm))
     ref = wrap(ref_module, None) if ref_module is not None else None
     actor = Actor(actor_backend, tc, ac, ctx, ref=ref, temperature=cfg.rollout.temperature)
     critic = None
     if critic_module is not None:
-        critic_backend = wrap(critic_module.to(ctx.device), OptimizerSpec(ac.critic_lr, tuple(tc.betas), tc.weight_decay))
+        critic_backend = wrap(critic_module.to(ctx.device),
+                              OptimizerSpec(ac.critic_lr, tuple(tc.betas), tc.weight_decay, tc.max_grad_norm))
         critic = Critic(critic_backend, tc, ac, ctx)
     return TrainParts(actor=actor, critic=critic)

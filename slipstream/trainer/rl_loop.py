@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from slipstream.config import SlipstreamConfig, engine_spec_config
 from slipstream.models import load_model_and_tokenizer
+from slipstream.models.loading import resolve_model
 from slipstream.models.weights import decoder_from_hf_module
 from slipstream.rollout.engine import Engine, EngineConfig
 from slipstream.rollout.hf_backend import HFRolloutBackend
@@ -125,6 +126,9 @@ def train(cfg: SlipstreamConfig) -> dict:
     train_problems, eval_problems = task.train_problems(), task.eval_problems()
     # The trainer keeps float32 master weights; on CUDA the forward passes run under bf16 autocast.
     model_cfg = dataclasses.replace(cfg.model, dtype="float32") if cfg.model.dtype == "auto" else cfg.model
+    if ctx.local_rank == 0:  # one process per node fills the model cache (pull, build) before the others read it
+        resolve_model(model_cfg.name, tiny_hidden_size=model_cfg.tiny_hidden_size, tiny_layers=model_cfg.tiny_layers)
+    ctx.barrier()
     model, tokenizer = load_model_and_tokenizer(model_cfg, device)
     engine = build_rollout(cfg, model, tokenizer, device)  # from the full weights, before they are sharded
     parts = build_parts(cfg, model, ctx)

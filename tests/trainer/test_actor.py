@@ -15,7 +15,8 @@ CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
 
 
 def _actor(model, tcfg: TrainerConfig, acfg: AlgorithmConfig, ref_model=None, temperature: float = 1.0) -> Actor:
-    backend = build_backend("local", model, CPU, OptimizerSpec(tcfg.lr, tuple(tcfg.betas), tcfg.weight_decay))
+    backend = build_backend("local", model, CPU, OptimizerSpec(tcfg.lr, tuple(tcfg.betas), tcfg.weight_decay,
+                                                            tcfg.max_grad_norm))
     ref = build_backend("local", ref_model, CPU, None) if ref_model is not None else None
     return Actor(backend, tcfg, acfg, CPU, ref=ref, temperature=temperature)
 
@@ -52,10 +53,10 @@ def test_micro_batching_gives_the_full_batch_gradient(tiny_model):
         batch = _batch(model)
         real_step = actor.backend.step
 
-        def step_recording_grads(max_norm, model=model, real_step=real_step):
+        def step_recording_grads(model=model, real_step=real_step):
             # the backend frees the gradients right after the step: read them just before
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-            return real_step(max_norm)
+            return real_step()
 
         actor.backend.step = step_recording_grads
         actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)

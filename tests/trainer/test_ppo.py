@@ -106,7 +106,8 @@ def test_critic_starts_at_zero_and_learns_the_returns(tiny_model):
     assert torch.equal(response_values(module, batch, CPU.device), torch.zeros(4, 4))
     tcfg = TrainerConfig(micro_batch_size=2, max_grad_norm=1e9)
     acfg = AlgorithmConfig(advantage="gae", gamma=1.0, lam=1.0, value_clip=0.0, critic_lr=3e-3)
-    critic = Critic(build_backend("local", module, CPU, OptimizerSpec(lr=acfg.critic_lr)), tcfg, acfg, CPU)
+    backend = build_backend("local", module, CPU, OptimizerSpec(lr=acfg.critic_lr, max_grad_norm=1e9))
+    critic = Critic(backend, tcfg, acfg, CPU)
     adv, values, returns = critic.advantages(batch)
     # values 0, gamma = lam = 1: every token's return is its sequence's reward
     assert torch.equal(returns, batch.rewards[:, None] * batch.response_mask)

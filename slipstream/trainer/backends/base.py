@@ -25,6 +25,7 @@ class OptimizerSpec:
     lr: float
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # the global gradient norm is clipped to this before each step
 
 
 class TrainBackend(ABC):
@@ -42,8 +43,8 @@ class TrainBackend(ABC):
         """Accumulate the gradient of `loss`; `last` marks the final micro-batch before `step`."""
 
     @abstractmethod
-    def step(self, max_grad_norm: float) -> float:
-        """Clip the global gradient norm, apply one optimizer step, clear the gradients.
+    def step(self) -> float:
+        """Clip the global gradient norm to `max_grad_norm`, apply one optimizer step, clear the gradients.
 
         Returns the norm before clipping. A non-finite norm raises FloatingPointError.
         """

@@ -52,6 +52,7 @@ class FSDP2Backend(TrainBackend):
         fully_shard(module, mesh=mesh, mp_policy=mp)
         self.module = module
         self.optimizer = None
+        self.max_grad_norm = optim.max_grad_norm if optim is not None else 0.0
         if optim is not None:
             self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=optim.lr,
                                                betas=tuple(optim.betas), weight_decay=optim.weight_decay)
@@ -60,8 +61,8 @@ class FSDP2Backend(TrainBackend):
         # Gradients are reduce-scattered after every backward; FSDP2 accumulates into the shards.
         loss.backward()
 
-    def step(self, max_grad_norm: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_grad_norm)
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         try:

@@ -29,6 +29,7 @@ class LocalBackend(TrainBackend):
         self.module = module
         self.trainable = optim is not None
         self.optimizer = None
+        self.max_grad_norm = optim.max_grad_norm if optim is not None else 0.0
         if optim is not None:
             self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=optim.lr,
                                                betas=tuple(optim.betas), weight_decay=optim.weight_decay)
@@ -38,8 +39,8 @@ class LocalBackend(TrainBackend):
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
-    def step(self, max_grad_norm: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_grad_norm)
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
         try:
             value = check_finite_norm(norm)
         except FloatingPointError:

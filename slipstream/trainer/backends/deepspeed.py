@@ -1,0 +1,136 @@
+"""`trainer.backend=deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3, optionally with CPU optimizer offload.
+
+Stage 1 shards the AdamW state across ranks, stage 2 also the gradients, stage 3 also the
+parameters (gathered layer by layer in the forward pass and for the engine's weight sync). The
+micro-batch accumulation is slipstream's own: every loss is already normalised by the global
+batch, so DeepSpeed runs with one "micro-batch" per step and `last` marks the accumulation
+boundary where it reduces the gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from slipstream.trainer.backends.base import (
+    BackendError,
+    OptimizerSpec,
+    TrainBackend,
+    check_finite_norm,
+    write_format,
+)
+
+CHECKPOINT_TAG = "zero"  # DeepSpeed's sub-directory of a checkpoint
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise BackendError("trainer.backend=deepspeed needs the deepspeed package: pip install "
+                           f"'slipstream[deepspeed]' (import failed: {e})") from None
+    return deepspeed
+
+
+class DeepSpeedBackend(TrainBackend):
+    format = "deepspeed"
+
+    def __init__(self, module: torch.nn.Module, ctx, optim: OptimizerSpec | None, *, zero_stage: int = 2,
+                 cpu_offload: bool = False):
+        if zero_stage not in (1, 2, 3):
+            raise BackendError(f"trainer.zero_stage={zero_stage} is not valid; choose one of: 1, 2, 3")
+        if not ctx.active:
+            raise BackendError("trainer.backend=deepspeed needs a process group (init_distributed was not called)")
+        self.ds = _import_deepspeed()
+        self.ctx, self.zero_stage = ctx, zero_stage
+        self.trainable = optim is not None
+        module.to(ctx.device)
+        cuda = ctx.device.type == "cuda"
+        zero: dict = {"stage": zero_stage}
+        if cpu_offload and self.trainable:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": zero,
+            "bf16": {"enabled": cuda},
+            "gradient_clipping": optim.max_grad_norm if optim is not None else 0.0,
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        if not self.trainable:
+            module.requires_grad_(False).eval()
+            if zero_stage < 3:  # stages 1 and 2 shard only training state: a frozen module is a plain replica
+                self.engine, self.optimizer, self.module, self.inner = None, None, module, module
+                return
+            config["zero_optimization"] = {"stage": 3}
+            self.engine = self.ds.initialize(model=module, config=config)[0]
+            self.optimizer, self.module, self.inner = None, self.engine, self.engine.module
+            return
+        params = [p for p in module.parameters() if p.requires_grad]
+        if cpu_offload and cuda:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            opt = DeepSpeedCPUAdam(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                                   adamw_mode=True)
+        else:
+            opt = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        self.engine, self.optimizer, _, _ = self.ds.initialize(model=module, optimizer=opt, config=config)
+        # Forward passes go through the engine: it keeps ZeRO's per-micro-batch bookkeeping (the
+        # accumulation counters advance at each forward); the wrapped module keeps the parameter names.
+        self.module, self.inner = self.engine, self.engine.module
+
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()  # clips to `max_grad_norm` (DeepSpeed's gradient_clipping) and steps
+        norm = self.engine.get_global_grad_norm()  # the norm before clipping
+        self.engine.zero_grad()
+        try:
+            return check_finite_norm(torch.as_tensor(norm))
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; DeepSpeed has already applied that step") from None
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        with torch.no_grad():
+            for name, p in self.inner.named_parameters():
+                if self.zero_stage == 3:
+                    # ZeRO-3 keeps a shard per rank: gather this parameter alone, copy it out, release it.
+                    with self.ds.zero.GatheredParameters([p], modifier_rank=None):
+                        full = p.detach().clone()
+                    yield name, full
+                else:
+                    yield name, p
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        write_format(directory, self.format, self.ctx.rank)
+
+    def load(self, directory: Path) -> None:
+        if self.engine is None:
+            return
+        path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise BackendError(f"no DeepSpeed checkpoint under {directory}")
+
+    def offload_optimizer(self) -> None:
+        if self.engine is not None and self.trainable and self.ctx.device.type == "cuda" and self.zero_stage == 3:
+            self.engine.offload_states()
+
+    def reload_optimizer(self) -> None:
+        if self.engine is not None and self.trainable and self.ctx.device.type == "cuda" and self.zero_stage == 3:
+            self.engine.reload_states()

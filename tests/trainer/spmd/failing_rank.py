@@ -1,0 +1,32 @@
+"""A two-rank job in which rank 1 fails: `raise` (an exception), `die` (SIGKILL) or `hang` (stops answering).
+
+Rank 0 meanwhile waits in a collective, as a healthy rank of a training step would. The entry
+point is wrapped like slipstream's own (`record`), so torchrun reports the failed rank's error.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from slipstream.trainer.distributed import init_distributed
+
+
+@record
+def main(mode: str) -> None:
+    ctx = init_distributed("cpu", timeout_s=5, need_group=True)
+    if ctx.rank == 1:
+        if mode == "raise":
+            raise RuntimeError("reward verifier crashed on rank one")
+        if mode == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "hang":
+            time.sleep(600)
+    ctx.all_reduce_sum(torch.ones(1))  # rank 0: blocks until rank 1 answers, fails, or the timeout
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,79 @@
+"""One actor update and one critic update on a fixed batch, on any backend and number of ranks.
+
+Run alone (`python one_update.py BACKEND OUT`) or under torchrun; every rank takes its share of
+the same global batch (whole groups), and rank 0 writes the loss, gradient norms and the full
+parameters after the update to OUT, for comparison with the single-process run.
+"""
+
+import sys
+
+import torch
+
+from slipstream.config import AlgorithmConfig, TrainerConfig
+from slipstream.models.tiny import tiny_config
+from slipstream.rollout.types import Completion
+from slipstream.trainer.actor import Actor
+from slipstream.trainer.backends import OptimizerSpec, build_backend
+from slipstream.trainer.batch import build_batch
+from slipstream.trainer.critic import Critic, ValueModel
+from slipstream.trainer.distributed import init_distributed, shard_groups, shutdown_distributed
+
+
+def global_batch():
+    """Four groups of three samples with different lengths, prompts and rewards."""
+    gen = torch.Generator().manual_seed(1)
+    comps, rewards = [], []
+    for g in range(4):
+        prompt = torch.randint(3, 200, (3 + g,), generator=gen).tolist()
+        for i in range(3):
+            toks = torch.randint(3, 200, (2 + (g + i) % 4,), generator=gen).tolist()
+            lps = (-torch.rand(len(toks), generator=gen)).tolist()
+            comps.append(Completion(f"{g}-{i}", f"g{g}", prompt, toks, lps, "stop"))
+            rewards.append(float((g + i) % 3 == 0))
+    return comps, rewards
+
+
+def main(kind: str, out: str) -> None:
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu", timeout_s=60, need_group=kind != "local")
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(32, 2)).float()
+    critic_module = ValueModel.from_policy(model)
+    torch.nn.init.normal_(critic_module.value_head.weight, std=0.1)  # non-zero values: GAE and clipping act
+    comps, rewards = global_batch()
+    groups = [list(range(3 * g, 3 * g + 3)) for g in range(4)]
+    mine = [i for grp in shard_groups(groups, ctx) for i in grp]
+    batch = build_batch([comps[i] for i in mine], [rewards[i] for i in mine], pad_id=0)
+
+    # One mini-batch: with several, a mini-batch takes a slice of every rank's rows, which is another
+    # split of the batch than one process makes.
+    tcfg = TrainerConfig(lr=1e-2, micro_batch_size=2, mini_batches=1, max_grad_norm=1.0)
+    # REINFORCE++ (global normalisation) and token-mean (global token count): both need the global batch.
+    acfg = AlgorithmConfig(advantage="reinforce_pp", loss_agg="token-mean", kl_coef=0.1, critic_lr=1e-2,
+                           gamma=0.9, lam=0.8, value_clip=0.05)
+    extra = {"zero_stage": int(sys.argv[3])} if len(sys.argv) > 3 else {}
+    ref = build_backend(kind, LlamaForCausalLM(tiny_config(32, 2)).float(), ctx, None, **extra)
+    actor_backend = build_backend(kind, model, ctx, OptimizerSpec(tcfg.lr, max_grad_norm=1.0), **extra)
+    actor = Actor(actor_backend, tcfg, acfg, ctx, ref=ref)
+    critic_backend = build_backend(kind, critic_module, ctx, OptimizerSpec(acfg.critic_lr, max_grad_norm=1.0), **extra)
+    critic = Critic(critic_backend, tcfg, acfg, ctx)
+
+    adv = actor.advantages(batch)
+    metrics = actor.update(batch, adv, step=0, max_tokens=8)
+    gae_adv, values, returns = critic.advantages(batch)
+    cmetrics = critic.update(batch, values, returns)
+    actor_params = {k: v.detach().clone() for k, v in actor.backend.named_full_parameters()}
+    critic_params = {k: v.detach().clone() for k, v in critic.backend.named_full_parameters()}
+    gathered_adv = torch.cat(ctx.all_gather(adv))
+    gathered_gae = torch.cat([t.flatten() for t in ctx.all_gather(torch.nn.functional.pad(
+        gae_adv, (0, 8 - gae_adv.shape[1])))])
+    if ctx.is_main:
+        torch.save({"metrics": metrics, "critic_metrics": cmetrics, "actor": actor_params, "critic": critic_params,
+                    "advantages": gathered_adv, "gae": gathered_gae}, out)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
