@@ -7,7 +7,7 @@ import torch
 def test_deepspeed_selected_but_missing_is_a_config_error(monkeypatch):
     import importlib.util
 
-    from slipstream.config import ConfigError
+    from slipstream.config import ConfigError, compose
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
