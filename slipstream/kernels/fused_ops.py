@@ -27,7 +27,8 @@ except ImportError:  # CPU-only installs run the torch path
     triton = None
 
 
-def _use_triton(x: torch.Tensor) -> bool:
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve `x`: CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
     from slipstream.kernels.attention import triton_interpret
 
     if triton is None:
@@ -170,7 +171,7 @@ if triton is not None:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(RMSNorm(x + residual), x + residual) over the last dim of [T, N]; without `residual`, (RMSNorm(x), None)."""
-    if not _use_triton(x) or x.dim() != 2:
+    if not use_triton(x) or x.dim() != 2:
         return rms_norm_torch(x, weight, eps, residual)
     T, N = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -194,7 +195,7 @@ def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_h
     On the Triton path q is rotated in place (the returned tensor is a view of `qkv`).
     """
     T, D = qkv.shape[0], k_cache.shape[-1]
-    if not _use_triton(qkv) or qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 \
+    if not use_triton(qkv) or qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 \
             or D % 2 or (D // 2) & (D // 2 - 1):
         return rope_store_kv_torch(qkv, cos, sin, num_heads, num_kv_heads, k_cache, v_cache, slot_mapping,
                                    q_norm, k_norm, eps)
@@ -215,7 +216,7 @@ def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_h
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of [T, 2I] (gate first) -> [T, I]."""
-    if not _use_triton(gate_up) or gate_up.dim() != 2 or gate_up.stride(-1) != 1:
+    if not use_triton(gate_up) or gate_up.dim() != 2 or gate_up.stride(-1) != 1:
         return silu_mul_torch(gate_up)
     T, N2 = gate_up.shape
     N = N2 // 2

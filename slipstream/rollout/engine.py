@@ -32,6 +32,8 @@ class EngineConfig:
     enable_prefix_sharing: bool = True
     prefill_skip_scale: float = 0.0  # BLASST skip-softmax in prefill steps (0: dense)
     decode_skip_scale: float = 0.0  # and in decode / verify steps
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
+    max_graph_batch: int = 256  # largest decode batch a graph is captured for; larger ones run eagerly
 
 
 def kv_blocks_for(decoder: Decoder, cfg: EngineConfig) -> int:
@@ -57,7 +59,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size,
                                    eos_token_ids=eos_token_ids, max_model_len=max_model_len)
         self.runner = ModelRunner(decoder, num_blocks, cfg.block_size, seed, capture_layers, feature_sink,
-                                  cfg.prefill_skip_scale, cfg.decode_skip_scale)
+                                  cfg.prefill_skip_scale, cfg.decode_skip_scale, cfg.cuda_graphs, max_model_len,
+                                  min(cfg.max_graph_batch, cfg.max_num_seqs))
         self.stats = {"steps": 0, "preemptions": 0}
         self.speculator = Speculator(spec) if spec is not None else None
         self.spec_runner = SpecRunner(self.runner) if spec is not None else None
@@ -77,13 +80,12 @@ class Engine:
         """Free the KV cache's memory (a colocated trainer needs it while it updates); cached prefixes
         are forgotten. `restore_cache` allocates it again before the next `generate`."""
         self.block_manager.reset_prefix_cache()
-        self.runner.kv_caches = []
+        self.runner.release_cache()
         if self.runner.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def restore_cache(self) -> None:
-        if not self.runner.kv_caches:
-            self.runner.kv_caches = self.decoder.allocate_kv_cache(self.block_manager.num_blocks, self.cfg.block_size)
+        self.runner.allocate_cache()
 
     def sparsity(self) -> dict[str, float]:
         """Fraction of attention key tiles skipped per phase since the last call (skip-softmax only)."""
@@ -101,8 +103,10 @@ class Engine:
 
     def rollout_metrics(self, small_batch: int = 16) -> dict[str, float]:
         """Speculation and live-batch metrics of the last `generate` (see `Timeline.metrics`)."""
-        edges = (self.speculator.policy.config if self.speculator is not None else PolicyConfig()).bucket_edges
-        return self.timeline.metrics(edges, small_batch)
+        if self.speculator is None:
+            return self.timeline.metrics(PolicyConfig().bucket_edges, small_batch)
+        return {**self.timeline.metrics(self.speculator.policy.config.bucket_edges, small_batch),
+                "spec/draft_seconds": self.speculator.draft_seconds}
 
     def step(self) -> list[Sequence]:
         t0 = time.perf_counter()

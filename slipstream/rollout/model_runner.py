@@ -1,10 +1,12 @@
 """Runs one scheduled step on the decoder: packed forward over the paged cache, then sampling.
 
-The only host synchronisation of a step is reading the sampled tokens and their log-probs back.
+Decode-only steps replay a CUDA graph (cuda_graph.py) on GPU; other steps run eagerly. The only
+host synchronisation of a step is reading the sampled tokens and their log-probs back, together.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,6 +14,7 @@ import torch
 
 from slipstream.kernels.attention import MAX_DECODE_Q_LEN as DECODE_MAX_Q_LEN
 from slipstream.models.decoder import AttentionMetadata, Decoder
+from slipstream.rollout.cuda_graph import DecodeGraphs
 from slipstream.rollout.sampler import sample
 from slipstream.rollout.scheduler import ScheduledBatch
 
@@ -36,7 +39,9 @@ class StepFeatures:
 class ModelRunner:
     def __init__(self, decoder: Decoder, num_blocks: int, block_size: int, seed: int = 0,
                  capture_layers: tuple[int, ...] = (), feature_sink: Callable[[StepFeatures], None] | None = None,
-                 prefill_skip_scale: float = 0.0, decode_skip_scale: float = 0.0):
+                 prefill_skip_scale: float = 0.0, decode_skip_scale: float = 0.0, cuda_graphs: bool = True,
+                 max_model_len: int = 4096, max_graph_batch: int = 256):
+        """`cuda_graphs`: replay decode steps of up to `max_graph_batch` sequences from CUDA graphs (GPU only)."""
         self.decoder = decoder
         self.prefill_skip_scale, self.decode_skip_scale = prefill_skip_scale, decode_skip_scale
         # (skipped, visited) key tiles per phase, summed on the device; read only when asked.
@@ -46,9 +51,37 @@ class ModelRunner:
         self.capture_layers = tuple(capture_layers) if feature_sink is not None else ()
         self.feature_sink = feature_sink
         self.device = decoder.embed.weight.device
-        self.block_size = block_size
-        self.kv_caches = decoder.allocate_kv_cache(num_blocks, block_size)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.max_model_len, self.max_graph_batch = max_model_len, max_graph_batch
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: DecodeGraphs | None = None
+        self.allocate_cache()
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.seeds = random.Random(seed)  # seeds of the fused sampling kernel
+
+    def allocate_cache(self) -> None:
+        """Allocate the KV cache, if released: the block manager's blocks plus one scratch block that
+        padded decode rows write to, and the decode graphs over it."""
+        if not self.kv_caches:
+            self.kv_caches = self.decoder.allocate_kv_cache(self.num_blocks + 1, self.block_size)
+            self.graphs = self._decode_graphs(capture=True) if self.use_graphs else None
+
+    def use_static_decode(self) -> None:
+        """Run decode steps through the graphs' padded static buffers, without capturing: the CPU
+        tests check the padding, the scratch block and the buffer layout this way."""
+        self.graphs = self._decode_graphs(capture=False)
+
+    def _decode_graphs(self, capture: bool) -> DecodeGraphs:
+        return DecodeGraphs(self.decoder, self.kv_caches, self.block_size, self.max_model_len,
+                            scratch_block=self.num_blocks, max_batch=self.max_graph_batch, capture=capture,
+                            skip_scale=self.decode_skip_scale, counters=self.tile_counters["decode"],
+                            capture_layers=self.capture_layers)
+
+    def release_cache(self) -> None:
+        """Free the KV cache and the graphs that point into it."""
+        self.graphs = None
+        self.kv_caches = []
 
     def sparsity(self, reset: bool = True) -> dict[str, float]:
         """Measured fraction of key tiles skipped per phase since the last reset (phases that ran)."""
@@ -63,9 +96,23 @@ class ModelRunner:
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
+        self.seeds.seed(seed)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
+        entries = batch.entries
+        if (self.graphs is not None and entries and len(entries) <= self.graphs.max_batch
+                and all(e.num_new == 1 and e.samples for e in entries)):
+            logits, captured = self.graphs.replay([e.seq for e in entries])
+            if self.capture_layers:
+                ids, positions = self.graphs.last_inputs(len(entries))
+                self.feature_sink(StepFeatures([(e.seq.request_id, e.seq.sample_index) for e in entries],
+                                               torch.arange(len(entries), device=self.device), positions, ids,
+                                               {k: v.clone() for k, v in captured.items()}))
+            return self._sample(logits, entries)
+        return self._run_eager(batch)
+
+    def _run_eager(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
         inputs = batch.build_inputs(self.device)
         phase = "decode" if inputs.max_q_len <= DECODE_MAX_Q_LEN else "prefill"
         skip = self.decode_skip_scale if phase == "decode" else self.prefill_skip_scale
@@ -84,11 +131,20 @@ class ModelRunner:
         sampling = batch.sampling
         if not sampling:  # a step of prefill chunks only
             return [], []
-        logits = self.decoder.compute_logits(hidden[inputs.sample_indices])
+        return self._sample(self.decoder.compute_logits(hidden[inputs.sample_indices]), sampling)
+
+    def _sample(self, logits: torch.Tensor, sampling: list) -> tuple[list[int], list[float]]:
         params = [e.seq.params for e in sampling]
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=self.device)
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(self.device,
+                                                                                              non_blocking=True)
         truncate = any(p.top_p < 1.0 or p.top_k > 0 for p in params)
-        tokens, logprobs = sample(logits, temperature, top_p, top_k, self.generator, truncate)
-        return tokens.tolist(), logprobs.tolist()
+        if truncate:
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(self.device, non_blocking=True)
+            top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(self.device, non_blocking=True)
+        else:
+            top_p = top_k = None
+        tokens, logprobs = sample(logits, temperature, top_p, top_k, self.generator, truncate,
+                                  seed=self.seeds.getrandbits(31))
+        # The step's one host synchronisation: tokens and log-probs come back together.
+        both = torch.stack([tokens.double(), logprobs.double()]).cpu()
+        return both[0].long().tolist(), both[1].tolist()

@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import torch
 
+from slipstream.kernels.fused_ops import use_triton as _fused_ok
+
 
 def shape_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                  top_k: torch.Tensor, truncate: bool | None = None) -> torch.Tensor:
     """[N, V] logits of the sampling distribution (-inf outside the kept set).
 
-    temperature [N] (0 = greedy: left unscaled), top_p [N] in (0, 1], top_k [N] (<= 0: off).
+    temperature [N] (0 = greedy: left unscaled), top_p [N] in (0, 1], top_k [N] (<= 0: off); top_p and
+    top_k may be None with `truncate=False`.
     `truncate`: whether any row uses top-k/top-p, when the caller knows it (the engine does, from
     the requests' params); None reads it from the tensors, which costs a host sync on GPU.
     """
     logits = logits.float()
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
     logits = logits / t[:, None]
-    need_k = top_k > 0
-    need_p = top_p < 1.0
     if truncate is None:
-        truncate = bool(need_k.any()) or bool(need_p.any())
+        truncate = bool((top_k > 0).any()) or bool((top_p < 1.0).any())
     if truncate:
+        need_k, need_p = top_k > 0, top_p < 1.0
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
         drop = need_k[:, None] & (rank >= top_k[:, None])
@@ -38,8 +40,17 @@ def shape_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           generator: torch.Generator | None = None, truncate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row; returns (tokens [N] long, logprobs [N] float32)."""
+           generator: torch.Generator | None = None, truncate: bool | None = None,
+           seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; returns (tokens [N] long, logprobs [N] float32).
+
+    With `seed` and `truncate=False`, GPU rows go through one fused kernel (`kernels.sampling`),
+    whose randomness comes from `seed` instead of `generator`.
+    """
+    if seed is not None and truncate is False and _fused_ok(logits):
+        from slipstream.kernels.sampling import fused_sample
+
+        return fused_sample(logits, temperature, seed)
     shaped = shape_logits(logits, temperature, top_p, top_k, truncate)
     logprobs = shaped.log_softmax(-1)
     # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i.

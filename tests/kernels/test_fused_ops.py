@@ -70,4 +70,4 @@ def test_silu_mul_matches_torch(dtype):
 
 def test_torch_path_outside_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not fused_ops._use_triton(torch.zeros(1))
+    assert not fused_ops.use_triton(torch.zeros(1))

@@ -1,0 +1,152 @@
+"""Decode steps replayed from CUDA graphs: one captured forward per batch-size bucket.
+
+A decode step of a small model is a few hundred tiny kernels; launching them from Python costs
+far more than running them. A captured graph launches them all at once. Graphs need fixed shapes
+and fixed addresses, so every decode step is padded to the next bucket size and reads its inputs
+from static buffers:
+
+* one int64 staging buffer holds, for bucket B, [input_ids | positions | seq_lens | slots]
+  (B each) then the block tables (B x max_blocks); the host fills a pinned twin and ONE copy moves
+  it to the device, inside the same stream as the replay;
+* padding rows decode token 0 at position 0 of a one-token context in a scratch KV block that the
+  block manager never hands out (the cache has `num_blocks + 1` blocks), so they write nothing
+  that a real sequence reads;
+* the block table width is fixed (max_model_len / block_size), so the attention kernel's grid is
+  fixed; rows past a sequence's last block are never read.
+
+The graph ends with the logits; sampling runs after it (one fused kernel for rows without top-k /
+top-p). `replay` returns static output tensors: copy what must outlive the next step.
+On CPU the same padded, static-buffer forward runs eagerly (`capture=False`): it is how the tests
+check the padding, the scratch block and the buffer layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import numpy as np
+import torch
+
+from slipstream.models.decoder import AttentionMetadata, Decoder
+from slipstream.rollout.sequence import Sequence
+
+
+def default_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 to 64, of 16 to 128, of 32 beyond; the last one >= max_batch."""
+    out, b = [], 1
+    while True:
+        out.append(b)
+        if b >= max_batch:
+            return out
+        b = b * 2 if b < 8 else b + (8 if b < 64 else 16 if b < 128 else 32)
+
+
+class DecodeGraphs:
+    def __init__(self, decoder: Decoder, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 max_model_len: int, scratch_block: int, max_batch: int, *, capture: bool = True,
+                 skip_scale: float = 0.0, counters: torch.Tensor | None = None,
+                 capture_layers: tuple[int, ...] = ()):
+        self.decoder, self.kv_caches, self.block_size = decoder, kv_caches, block_size
+        self.device = decoder.embed.weight.device
+        self.buckets = default_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.width = -(-max_model_len // block_size)  # block-table columns
+        self.scratch_block = scratch_block
+        self.capture_enabled = capture
+        self.skip_scale, self.counters, self.capture_layers = skip_scale, counters, tuple(capture_layers)
+        n = self.max_batch * (4 + self.width)
+        self.staging = torch.zeros(n, dtype=torch.int64, device=self.device)
+        pin = self.device.type == "cuda"
+        self.host = torch.zeros(n, dtype=torch.int64, pin_memory=pin)
+        self.host_np = self.host.numpy()
+        self.cu_seqlens = torch.arange(self.max_batch + 1, dtype=torch.int32, device=self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self.pool = None
+        self.last_bucket = 1
+
+    def bucket_for(self, n: int) -> int | None:
+        """The smallest bucket holding `n` sequences, None when none does (the step runs eagerly)."""
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return None
+
+    def _views(self, B: int) -> tuple[torch.Tensor, ...]:
+        s = self.staging
+        ids, pos, lens, slots = (s[i * B:(i + 1) * B] for i in range(4))
+        tables = s[4 * B:4 * B + B * self.width].view(B, self.width)
+        return ids, pos, lens, slots, tables
+
+    def _forward(self, B: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        ids, pos, lens, slots, tables = self._views(B)
+        attn = AttentionMetadata(self.cu_seqlens[:B + 1], lens.to(torch.int32), tables.to(torch.int32), slots,
+                                 max_q_len=1, skip_scale=self.skip_scale,
+                                 counters=self.counters if self.skip_scale > 0 else None)
+        if self.capture_layers:
+            hidden, captured = self.decoder(ids, pos, attn, self.kv_caches, capture_layers=self.capture_layers)
+        else:
+            hidden, captured = self.decoder(ids, pos, attn, self.kv_caches), {}
+        return self.decoder.compute_logits(hidden), captured
+
+    def _fill(self, seqs: Seq[Sequence], B: int) -> None:
+        """Write the step's inputs for `seqs` (padded to B rows) into the pinned host buffer."""
+        h, bs, W = self.host_np, self.block_size, self.width
+        n = len(seqs)
+        for i, seq in enumerate(seqs):
+            p = seq.num_tokens - 1  # the last token is fed back; its K/V goes to position p
+            table = seq.block_table
+            h[i] = seq.last_token
+            h[B + i] = p
+            h[2 * B + i] = p + 1
+            h[3 * B + i] = table[p // bs] * bs + p % bs
+            row = 4 * B + i * W
+            h[row:row + len(table)] = table
+        pad = slice(n, B)
+        h[pad] = 0
+        h[B + n:2 * B] = 0
+        h[2 * B + n:3 * B] = 1
+        h[3 * B + n:4 * B] = self.scratch_block * bs
+        h[4 * B + n * W:4 * B + B * W:W] = self.scratch_block
+
+    def _capture(self, B: int) -> None:
+        self.host_np[:] = 0
+        self._fill([], B)
+        self.staging.copy_(self.host)
+        if not self.capture_enabled:
+            self.graphs[B] = (None, None, {})
+            return
+        torch.cuda.synchronize(self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up: compile the kernels outside the capture
+            self._forward(B)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits, captured = self._forward(B)
+        self.pool = graph.pool()
+        self.graphs[B] = (graph, logits, captured)
+
+    def replay(self, seqs: Seq[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits [len(seqs), vocab] (and captured hidden states) of one decode step of `seqs`."""
+        n = len(seqs)
+        B = self.bucket_for(n)
+        if B is None or n == 0:
+            raise ValueError(f"decode graphs hold 1..{self.max_batch} sequences, got {n}")
+        if B not in self.graphs:
+            self._capture(B)
+        self._fill(seqs, B)
+        size = B * (4 + self.width)
+        self.staging[:size].copy_(self.host[:size], non_blocking=True)
+        self.last_bucket = B
+        graph, logits, captured = self.graphs[B]
+        if graph is None:
+            logits, captured = self._forward(B)
+        else:
+            graph.replay()
+        return logits[:n], {k: v[:n] for k, v in captured.items()}
+
+    def last_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, positions) of the first `n` rows of the last replay (views of the static buffers)."""
+        ids, pos, *_ = self._views(self.last_bucket)
+        return ids[:n], pos[:n]

@@ -1,0 +1,74 @@
+"""Decode steps through the CUDA-graph buffers (padded buckets, scratch block), run eagerly on CPU."""
+
+import torch
+
+from slipstream.models.weights import decoder_from_hf_module
+from slipstream.rollout.cuda_graph import default_buckets
+from slipstream.rollout.engine import Engine, EngineConfig
+from slipstream.rollout.types import Request, SamplingParams
+
+PROMPTS = ["Start with 7. Add 5.", "What is 3 + 4?", "x", "A much longer prompt that spans several cache blocks."]
+
+
+def _engine(model, tok, static: bool, sink=None, **kw):
+    engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(**kw), feature_sink=sink)
+    if static:
+        engine.runner.use_static_decode()
+    return engine
+
+
+def _requests(tok, params):
+    return [Request(tok(p, add_special_tokens=False)["input_ids"], params, f"g{i}", f"r{i}")
+            for i, p in enumerate(PROMPTS)]
+
+
+def test_buckets_cover_every_batch_size_with_little_padding():
+    b = default_buckets(256)
+    assert b[:5] == [1, 2, 4, 8, 16] and b[-1] == 256 and b == sorted(set(b))
+    for n in range(1, 257):
+        bucket = next(x for x in b if x >= n)
+        assert bucket < 2 * n or n == 1  # fewer padded rows than real ones
+        assert bucket - n < 32
+    assert default_buckets(5)[-1] == 8 and default_buckets(1) == [1]
+
+
+def test_padded_static_decode_equals_the_eager_engine(tiny_model):
+    model, tok = tiny_model
+    # 4 prompts x n=3: 12 decoding sequences, padded to bucket 16; finishing ones shrink the bucket.
+    for params in (SamplingParams(n=3, temperature=0.0, max_tokens=30),
+                   SamplingParams(n=3, temperature=0.9, max_tokens=30, seed=5)):
+        kw = dict(block_size=4, num_blocks=200, max_model_len=128)
+        static_engine = _engine(model, tok, True, **kw)
+        static = static_engine.generate(_requests(tok, params))
+        eager = _engine(model, tok, False, **kw).generate(_requests(tok, params))
+        assert [c.tokens for c in static] == [c.tokens for c in eager]
+        for a, b in zip(static, eager):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+        assert static_engine.runner.graphs.graphs  # decode steps did go through the buckets
+        assert static_engine.block_manager.num_free_blocks == 200  # the scratch block is not the manager's
+
+
+def test_padding_rows_write_only_the_scratch_block(tiny_model):
+    model, tok = tiny_model
+    engine = _engine(model, tok, True, block_size=4, num_blocks=64, max_model_len=64)
+    k_cache = engine.runner.kv_caches[0][0]
+    assert k_cache.shape[0] == 65  # the manager's 64 blocks + scratch
+    k_cache[64] = 123.0
+    engine.generate(_requests(tok, SamplingParams(n=1, temperature=0.0, max_tokens=8))[:3])  # 3 rows -> bucket 4
+    assert (k_cache[64, 0] != 123.0).all()  # a padding row wrote its K/V at the scratch block's slot 0
+
+
+def test_features_through_the_static_path_equal_eager_ones(tiny_model):
+    model, tok = tiny_model
+    got = {True: {}, False: {}}
+    for static in (True, False):
+        def sink(f, out=got[static]):
+            for r in range(len(f.positions)):
+                key = (f.seq_keys[int(f.owner[r])], int(f.positions[r]))
+                out[key] = (int(f.token_ids[r]), f.hidden[-1][r].clone())
+        _engine(model, tok, static, sink, block_size=4, num_blocks=128, max_model_len=64).generate(
+            _requests(tok, SamplingParams(n=2, temperature=0.0, max_tokens=10)))
+    assert got[True].keys() == got[False].keys()
+    for key, (token, h) in got[False].items():
+        assert got[True][key][0] == token
+        torch.testing.assert_close(got[True][key][1], h, atol=1e-5, rtol=1e-5)
