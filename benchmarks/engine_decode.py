@@ -2,12 +2,13 @@
 
     python benchmarks/engine_decode.py --smollm2 PATH_TO_HF_DIR [--models ...] [--batches 1 8 64 256]
 
-Per model and batch size: tokens/s of the engine and of HF `generate` (same prompts, same
-number of new tokens, EOS ignored, greedy), and the floor: one decode step must at least read
+Per model and batch size: tokens/s of the engine and of HF `generate` (same prompts, EOS ignored,
+greedy; HF is timed on its first --hf-new-tokens tokens, which only flatters it), and the floor: one decode step must at least read
 the weights and the KV cache once, so floor_tokens_per_s = batch / ((weight bytes + mean KV bytes
 per step) / measured device-to-device copy bandwidth). Random weights for the Qwen2.5 shapes
 (throughput depends on shapes, not values); the real SmolLM2-135M-Instruct when a path is given.
-Writes benchmarks/results/engine_decode.json.
+Per model also a prefill row: the engine's prefill (+ one sampled token) vs the HF forward with
+SDPA attention (logits of the last position only). Writes benchmarks/results/engine_decode.json.
 """
 
 from __future__ import annotations
@@ -79,12 +80,37 @@ def time_engine(decoder, prompts: torch.Tensor, new_tokens: int) -> float:
     engine = Engine(decoder, eos_token_ids=[], cfg=cfg)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens)
     reqs = [Request(p.tolist(), params, str(i), str(i)) for i, p in enumerate(prompts)]
-    engine.generate([Request(prompts[0].tolist(), SamplingParams(temperature=0.0, max_tokens=4), "w", "w")])
+    # warm-up at the same batch size: compiles the kernels and captures the decode graph of its bucket
+    engine.generate([Request(r.prompt_ids, SamplingParams(temperature=0.0, max_tokens=4), "w", "w") for r in reqs])
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     engine.generate(reqs)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def time_prefill(model, decoder, prompts: torch.Tensor) -> tuple[float, float]:
+    """Seconds to prefill `prompts` (and sample one token): the engine vs the HF forward with SDPA."""
+    from slipstream.rollout.engine import Engine, EngineConfig
+    from slipstream.rollout.types import Request, SamplingParams
+
+    batch, plen = prompts.shape
+    engine = Engine(decoder, eos_token_ids=[], cfg=EngineConfig(block_size=16, kv_cache_gb=8.0, max_num_seqs=batch,
+                                                                max_num_batched_tokens=batch * plen,
+                                                                max_model_len=plen + 16, enable_prefix_sharing=False))
+    reqs = [Request(p.tolist(), SamplingParams(temperature=0.0, max_tokens=1), str(i), str(i))
+            for i, p in enumerate(prompts)]
+    times = []
+    for fn in (lambda: engine.generate(reqs), lambda: model(prompts, logits_to_keep=1)):
+        with torch.no_grad():
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / 3)
+    return times[0], times[1]
 
 
 def main() -> None:
@@ -93,7 +119,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--hf-new-tokens", type=int, default=64,
+                    help="HF generate is timed on this many new tokens (its per-token rate only drops with length)")
+    ap.add_argument("--prefill", nargs=2, type=int, default=[8, 1024], metavar=("BATCH", "PROMPT"))
     ap.add_argument("--skip-hf-above", type=int, default=10**9, help="skip the HF baseline for larger batches")
     ap.add_argument("--out", default="benchmarks/results/engine_decode.json")
     args = ap.parse_args()
@@ -102,7 +131,7 @@ def main() -> None:
 
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
-    rows = []
+    rows, prefill_rows = [], []
     for name in args.models:
         if name == "smollm2-135m" and not args.smollm2:
             continue
@@ -114,13 +143,15 @@ def main() -> None:
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(10, c.vocab_size - 10, (batch, args.prompt), generator=g).to(device)
             ours = time_engine(decoder, prompts, args.new_tokens)
-            theirs = time_hf(model, prompts, args.new_tokens) if batch <= args.skip_hf_above else None
+            hf_tokens = min(args.hf_new_tokens, args.new_tokens)
+            theirs = time_hf(model, prompts, hf_tokens) if batch <= args.skip_hf_above else None
             mean_ctx = args.prompt + args.new_tokens / 2
             kv_bytes = batch * mean_ctx * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
             floor = batch / ((weight_bytes + kv_bytes) / bw)
             tokens = batch * args.new_tokens
             row = {"model": name, "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
-                   "tokens_per_s": tokens / ours, "hf_tokens_per_s": tokens / theirs if theirs else None,
+                   "tokens_per_s": tokens / ours, "hf_tokens_per_s": batch * hf_tokens / theirs if theirs else None,
+                   "hf_new_tokens": hf_tokens,
                    "floor_tokens_per_s": floor, "device": torch.cuda.get_device_name()}
             row["fraction_of_floor"] = row["tokens_per_s"] / floor
             row["speedup_vs_hf"] = row["tokens_per_s"] / row["hf_tokens_per_s"] if theirs else None
@@ -129,6 +160,15 @@ def main() -> None:
                   f"hf {row['hf_tokens_per_s'] or float('nan'):9.0f}  floor {floor:9.0f}  "
                   f"({100 * row['fraction_of_floor']:.1f}% of floor, "
                   f"{row['speedup_vs_hf'] or float('nan'):.1f}x hf)", flush=True)
+        pb, pl = args.prefill
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(10, c.vocab_size - 10, (pb, pl), generator=g).to(device)
+        ours, sdpa = time_prefill(model, decoder, prompts)
+        prefill_rows.append({"model": name, "batch": pb, "prompt": pl, "tokens_per_s": pb * pl / ours,
+                             "hf_sdpa_tokens_per_s": pb * pl / sdpa, "speedup_vs_hf_sdpa": sdpa / ours,
+                             "device": torch.cuda.get_device_name()})
+        print(f"{name:14s} prefill {pb}x{pl}: engine {pb * pl / ours:9.0f} tok/s  HF+SDPA {pb * pl / sdpa:9.0f} "
+              f"({sdpa / ours:.2f}x)", flush=True)
         del model, decoder
         torch.cuda.empty_cache()
     # The GPU machine gets a copy of the tree without .git: SLIPSTREAM_COMMIT names the commit there.
@@ -140,7 +180,7 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bw, "torch": torch.__version__,
             "triton": triton.__version__, "transformers": transformers.__version__, "commit": commit or None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "prefill": prefill_rows}, indent=2))
     print(f"wrote {args.out}")
 
 
