@@ -185,6 +185,10 @@ def _requests(tok, params, prompts):
             for i, p in enumerate(prompts)]
 
 
+# Speculation at every batch size, arms drawn at random (seeded) instead of by measured throughput:
+# what these tests check does not depend on timing.
+ALWAYS_EXPLORE = PolicyConfig(min_batch_for_off=10**6, draft_lens=(4, 8, 15), epsilon=1.0)
+
 PROMPTS = ["Start with 7. Add 5.", "What is 3 + 4?", "x", "A much longer prompt that spans several cache blocks."]
 
 
@@ -193,8 +197,7 @@ def test_greedy_outputs_are_identical_with_the_suffix_drafter_over_rounds(tiny_m
     params = SamplingParams(n=2, temperature=0.0, max_tokens=32)
     cfg = EngineConfig(block_size=4, num_blocks=256)
     plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(_requests(tok, params, PROMPTS))
-    # Speculate at every batch size; the bandit tries every arm, including long drafts.
-    spec = SpecConfig(policy=PolicyConfig(min_batch_for_off=10**6, draft_lens=(4, 15)))
+    spec = SpecConfig(policy=ALWAYS_EXPLORE)
     engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, spec=spec)
     accept_lens = []
     for _ in range(3):  # later rounds draft from the earlier rounds' outputs of the same prompts
@@ -265,7 +268,7 @@ def test_preemption_with_speculation_keeps_outputs_and_frees_every_block(tiny_mo
     params = SamplingParams(n=3, temperature=0.0, max_tokens=48)
     big = Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(block_size=4, num_blocks=512))
     expected = [c.tokens for c in big.generate(_requests(tok, params, PROMPTS))]
-    spec = SpecConfig(policy=PolicyConfig(min_batch_for_off=10**6, draft_lens=(8,), epsilon=0.0))
+    spec = SpecConfig(policy=ALWAYS_EXPLORE)
     small = Engine(decoder_from_hf_module(model), [tok.eos_token_id],
                    EngineConfig(block_size=4, num_blocks=40, max_num_batched_tokens=64, chunk_size=16), spec=spec)
     for _ in range(2):
@@ -278,7 +281,7 @@ def test_preemption_with_speculation_keeps_outputs_and_frees_every_block(tiny_mo
 def test_speculator_state_round_trips_so_a_new_engine_keeps_the_trees(tiny_model):
     model, tok = tiny_model
     params = SamplingParams(n=2, temperature=0.0, max_tokens=30)
-    spec = SpecConfig(policy=PolicyConfig(min_batch_for_off=10**6, draft_lens=(8,), epsilon=0.0))
+    spec = SpecConfig(policy=ALWAYS_EXPLORE)
     first = Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(block_size=4, num_blocks=256),
                    spec=spec)
     first.generate(_requests(tok, params, PROMPTS))
@@ -295,3 +298,55 @@ def test_speculator_state_round_trips_so_a_new_engine_keeps_the_trees(tiny_model
     assert resumed.rollout_metrics()["spec/accept_len"] > fresh.rollout_metrics()["spec/accept_len"] + 1
     with pytest.raises(ValueError, match="version"):
         resumed.speculator.load_state_dict({"version": 99})
+
+
+def test_no_drafts_while_the_batch_is_large(tiny_model):
+    model, tok = tiny_model
+    reqs = [Request(tok(p, add_special_tokens=False)["input_ids"], SamplingParams(n=3, temperature=0.0, max_tokens=m),
+                    f"g{i}", f"r{i}") for i, (p, m) in enumerate(zip(PROMPTS, (6, 12, 18, 40)))]
+    policy = PolicyConfig(min_batch_for_off=4, draft_lens=(8,), epsilon=1.0)
+    engine = Engine(decoder_from_hf_module(model), [], EngineConfig(block_size=4, num_blocks=256),
+                    spec=SpecConfig(policy=policy))
+    for _ in range(2):  # the second rollout drafts from the first one's outputs
+        comps = engine.generate(reqs)
+    assert [len(c.tokens) for c in comps] == [6] * 3 + [12] * 3 + [18] * 3 + [40] * 3
+    steps = engine.timeline.steps
+    assert [s.live for s in steps if s.drafted] and all(s.live < 4 for s in steps if s.drafted)
+    assert engine.rollout_metrics()["spec/draft_seconds"] > 0
+
+
+def test_feature_capture_with_speculation_hands_only_accepted_positions(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=16)
+    reqs = _requests(tok, params, PROMPTS[:2])
+
+    def features(truth=None):
+        seen, steps = {}, []
+        engine = Engine(decoder_from_hf_module(model), [], EngineConfig(block_size=4, num_blocks=256),
+                        capture_layers=(-1,), feature_sink=steps.append, spec=SpecConfig() if truth else None)
+        if truth:  # some true next tokens, then a wrong one
+            rng = random.Random(1)
+
+            def draft(seq):
+                done, out = seq.num_output_tokens, truth[(seq.request_id, seq.sample_index)]
+                right = out[done:done + rng.randint(0, 4)]
+                return right + [(out[done + len(right)] + 1) % 259] if done + len(right) < len(out) else right
+            engine.speculator = ScriptedSpeculator(draft)
+        comps = engine.generate(reqs)
+        if truth:
+            m = engine.rollout_metrics()
+            assert m["spec/drafted_tokens"] > m["spec/accepted_tokens"] > 0
+        for f in steps:
+            for r in range(f.token_ids.shape[0]):
+                key = (f.seq_keys[int(f.owner[r])], int(f.positions[r]))
+                assert key not in seen  # every position once: rejected drafts are not handed over
+                seen[key] = (int(f.token_ids[r]), f.hidden[-1][r])
+        return comps, seen
+
+    plain_comps, plain = features()
+    spec_comps, spec = features({(c.request_id, i % 2): c.tokens for i, c in enumerate(plain_comps)})
+    assert [c.tokens for c in spec_comps] == [c.tokens for c in plain_comps]
+    assert set(spec) == set(plain)
+    for key, (token, hidden) in plain.items():
+        assert spec[key][0] == token
+        torch.testing.assert_close(spec[key][1], hidden, atol=1e-5, rtol=1e-4)

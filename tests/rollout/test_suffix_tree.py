@@ -415,3 +415,23 @@ def test_drafter_update_costs_well_under_a_millisecond():
     mean = (time.perf_counter() - start) / len(toks)
     assert d.live_tokens("g") == len(prompt) + len(toks)
     assert mean < 0.5e-3, f"update took {mean * 1e6:.0f} us per request-step"
+
+
+def test_registering_with_a_backlog_equals_feeding_the_tokens_one_by_one():
+    rng = random.Random(5)
+    prompt = [rng.randrange(6) for _ in range(10)]
+    outs = {k: [rng.randrange(6) for _ in range(rng.randint(0, 80))] for k in ("a", "b", "c")}
+    fed, bulk = SuffixDrafter(SuffixConfig(max_depth=8)), SuffixDrafter(SuffixConfig(max_depth=8))
+    for k, out in outs.items():
+        fed.add_request(k, "g", prompt)
+        for t in out:
+            fed.update(k, [t])
+        bulk.add_request(k, "g", prompt, out)
+    for k in outs:
+        for cut in range(0, 40, 3):
+            ctx = prompt + outs[k][:cut]
+            assert fed.propose(k, "g", ctx) == bulk.propose(k, "g", ctx)
+    fed.update("a", [1, 2])
+    bulk.update("a", [1, 2])
+    assert fed.propose("a", "g", prompt + outs["a"] + [1, 2]) == bulk.propose("a", "g", prompt + outs["a"] + [1, 2])
+    assert fed.live_tokens("g") == bulk.live_tokens("g")

@@ -7,9 +7,11 @@ the policy the step's measured throughput under the arm it chose. Per rollout (o
 and ranks their prompts by expected length, `end` moves the finished outputs into their prompts'
 windows.
 
-The drafter is kept cheap where it cannot pay off: while the batch is large no sequence drafts,
-so new tokens are only noted, and the trees catch up the first time drafts are wanted (the
-sibling and own trees then hold everything generated so far). Moving a rollout's outputs into
+The drafter is kept cheap where it cannot pay off: while the batch is large, or the bandit plays
+its no-speculation arm, no sequence drafts, so new tokens are only noted; the trees catch up the
+next time drafts are wanted. Catching up indexes a sequence's backlog in one pass (several times
+cheaper per token than growing it token by token) and only for groups with a live sequence: the
+outputs of groups that are done help no draft in this rollout. Moving a rollout's outputs into
 the windows (`end`) runs in a background thread, overlapping whatever follows the rollout (the
 trainer's update); the next rollout and `state_dict` wait for it.
 """
@@ -17,6 +19,7 @@ trainer's update); the next rollout and `state_dict` wait for it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +55,7 @@ class Speculator:
         self._closed: set[int] = set()  # finished sequences already handed to the drafter
         self._arm: int | None = None  # the bandit's arm for the current step (None: large batch)
         self._worker: threading.Thread | None = None
+        self.draft_seconds = 0.0  # spent indexing and proposing in this rollout
 
     # ---------------------------------------------------------------- rollout lifecycle
 
@@ -65,6 +69,7 @@ class Speculator:
         self.wait()
         self._seqs = {s.seq_id: s for s in seqs}
         self._fed, self._dirty, self._closed = {}, set(self._seqs), set()
+        self.draft_seconds = 0.0
         groups = {s.group_id for s in self._seqs.values()}
         self.policy.set_expected_lengths({g: self.drafter.expected_length(g) for g in groups})
 
@@ -87,24 +92,25 @@ class Speculator:
 
     # ---------------------------------------------------------------- per step
 
-    def _catch_up(self) -> None:
-        """Feed the drafter every token it has not seen; close the finished sequences."""
+    def _catch_up(self, live_groups: set[str]) -> None:
+        """Feed the drafter every token of `live_groups` it has not seen; close the finished
+        sequences. A group with no live sequence left is done for this rollout: its sequences
+        are left to `end`."""
         d = self.drafter
-        for sid in self._dirty:
+        dirty, self._dirty = self._dirty, set()
+        for sid in dirty:
             seq = self._seqs[sid]
+            if seq.group_id not in live_groups:
+                continue
             fed = self._fed.get(sid)
             if fed is None:
-                d.add_request(sid, seq.group_id, seq.prompt_ids)
-                fed = 0
-            if seq.num_output_tokens > fed:
+                d.add_request(sid, seq.group_id, seq.prompt_ids, seq.output_ids)
+            elif seq.num_output_tokens > fed:
                 d.update(sid, seq.output_ids[fed:])
-                self._fed[sid] = seq.num_output_tokens
-            else:
-                self._fed[sid] = fed
+            self._fed[sid] = seq.num_output_tokens
             if seq.is_finished:
                 d.finish_request(sid)
                 self._closed.add(sid)
-        self._dirty.clear()
 
     def propose(self, scheduler: Scheduler) -> dict[int, list[int]]:
         """Drafts for this step's decoding sequences, by seq_id (empty while the batch is large)."""
@@ -115,9 +121,14 @@ class Speculator:
         decoding = [s for s in scheduler.running if not s.is_prefilling]
         if not decoding:
             return {}
-        self._catch_up()
         budgets = self.policy.plan([(s.seq_id, s.group_id) for s in decoding], live)
         self._arm = self.policy.arm_for(live)
+        if not any(budgets.values()):
+            return {}
+        t0 = time.perf_counter()
+        live_groups = {s.group_id for s in scheduler.running}
+        live_groups.update(s.group_id for s in scheduler.waiting)
+        self._catch_up(live_groups)
         depth = self.drafter.config.max_depth
         drafts = {}
         for s in decoding:
@@ -128,6 +139,7 @@ class Speculator:
             draft = self.drafter.propose(s.seq_id, s.group_id, s.token_slice(max(n - depth, 0), n), budget)
             if draft.tokens:
                 drafts[s.seq_id] = draft.tokens
+        self.draft_seconds += time.perf_counter() - t0
         return drafts
 
     def observe(self, batch: ScheduledBatch, live: int, seconds: float) -> None:

@@ -681,21 +681,26 @@ class SuffixDrafter:
     # ---------------------------------------------------------------- requests
 
     def add_request(self, request_key: Hashable, group_id: Hashable,
-                    prompt_tokens: Iterable[int]) -> None:
-        """Register a live sample of `group_id` in the current step."""
+                    prompt_tokens: Iterable[int], output_tokens: Iterable[int] = ()) -> None:
+        """Register a live sample of `group_id` in the current step, with the tokens it has
+        generated so far (indexed in one pass, several times cheaper per token than `update`)."""
         if request_key in self._requests:
             raise KeyError(f"request {request_key!r} is already registered")
         cfg = self.config
         prompt = _int_list(prompt_tokens)
+        output = _int_list(output_tokens)
         own = SuffixTree(cfg.max_depth)
-        own.extend(_OWN, prompt[-cfg.max_depth:])
-        self._requests[request_key] = _Request(group_id, own)
+        own.extend(_OWN, prompt[-cfg.max_depth:] + output)
+        req = self._requests[request_key] = _Request(group_id, own)
         group = self._groups.get(group_id)
         if group is None:
             group = self._groups[group_id] = _Group(cfg.max_depth)
             group.tree.add(prompt[:cfg.max_tokens_per_prompt], key=_PROMPT)
         if group_id in self._prompts:
             self._prompts.move_to_end(group_id)
+        req.output = output
+        if output:
+            self._extend_group(group_id, request_key, output)
 
     def update(self, request_key: Hashable, new_tokens: Iterable[int]) -> None:
         """Append newly generated tokens of a live request."""
@@ -705,7 +710,11 @@ class SuffixDrafter:
             return
         req.output.extend(toks)
         req.tree.extend(_OWN, toks)
-        group = self._groups[req.group_id]
+        self._extend_group(req.group_id, request_key, toks)
+
+    def _extend_group(self, group_id: Hashable, request_key: Hashable, toks: list[int]) -> None:
+        """Append a request's new tokens to its group's index, within the index's room."""
+        group = self._groups[group_id]
         if group.frozen:
             return
         room = self.config.max_tokens_per_prompt - group.tree.num_tokens
