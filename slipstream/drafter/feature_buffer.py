@@ -242,9 +242,8 @@ class FeatureBuffer:
             valid = index >= 0
             safe = index.clamp(min=0)
             row_steps = pairs.steps[safe][valid]
-            where = lambda rows: rows[safe].to(self._hidden.device)  # noqa: E731
-            features = self._hidden[where(pairs.feature_rows)]
-            targets = self._hidden[where(pairs.target_rows)]
+            features = self._hidden[pairs.feature_rows[safe].to(self._hidden.device)]
+            targets = self._hidden[pairs.target_rows[safe].to(self._hidden.device)]
             return DrafterBatch(
                 features=features.to(device),
                 next_tokens=torch.where(valid, pairs.next_tokens[safe], 0).to(device),

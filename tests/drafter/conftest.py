@@ -67,3 +67,13 @@ def toy():
     """The toy target's pieces: decoder(), engine(decoder, sink), requests(...), successors(a), sizes."""
     return SimpleNamespace(decoder=toy_decoder, engine=toy_engine, requests=toy_requests, successors=successors,
                            vocab=VOCAB, hidden=HIDDEN)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The drafter tests' tensors are tiny: one intra-op thread is faster than several, and far
+    faster when the machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
