@@ -116,6 +116,7 @@ class Engine:
         if batch.num_draft_tokens:  # verify the drafts: each sequence emits 1 + accepted tokens
             tokens, logprobs = self.spec_runner.run(batch)
             finished = self.scheduler.postprocess_verified(batch, tokens, logprobs)
+            self.spec_runner.emit_features(batch)  # of the kept positions only
         else:
             tokens, logprobs = self.runner.run(batch)
             finished = self.scheduler.postprocess(batch, tokens, logprobs)

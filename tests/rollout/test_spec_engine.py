@@ -320,9 +320,13 @@ def test_feature_capture_with_speculation_hands_only_accepted_positions(tiny_mod
     params = SamplingParams(n=2, temperature=0.0, max_tokens=16)
     reqs = _requests(tok, params, PROMPTS[:2])
 
+    # A stop token the model does emit, so drafts run through a stop and are cut there.
+    stop = Engine(decoder_from_hf_module(model), [], EngineConfig(block_size=4, num_blocks=256)).generate(
+        reqs)[0].tokens[6]
+
     def features(truth=None):
         seen, steps = {}, []
-        engine = Engine(decoder_from_hf_module(model), [], EngineConfig(block_size=4, num_blocks=256),
+        engine = Engine(decoder_from_hf_module(model), [stop], EngineConfig(block_size=4, num_blocks=256),
                         capture_layers=(-1,), feature_sink=steps.append, spec=SpecConfig() if truth else None)
         if truth:  # some true next tokens, then a wrong one
             rng = random.Random(1)
@@ -346,6 +350,7 @@ def test_feature_capture_with_speculation_hands_only_accepted_positions(tiny_mod
     plain_comps, plain = features()
     spec_comps, spec = features({(c.request_id, i % 2): c.tokens for i, c in enumerate(plain_comps)})
     assert [c.tokens for c in spec_comps] == [c.tokens for c in plain_comps]
+    assert plain_comps[0].finish_reason == "stop" and plain_comps[0].tokens[-1] == stop
     assert set(spec) == set(plain)
     for key, (token, hidden) in plain.items():
         assert spec[key][0] == token

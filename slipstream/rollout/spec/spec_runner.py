@@ -6,6 +6,10 @@ target distribution of the token after draft j - 1 (row 0: after the last sample
 without a draft (a prefill that ends this step, or a decode with nothing to propose) are verified
 with k = 0, which draws one token from the same distribution `sample` would and reports the same
 log-probability. Like the plain step, the only host synchronisation is one read of the results.
+
+Captured hidden states (for a learned drafter) are handed to the feature sink after the step is
+postprocessed (`emit_features`), and only for positions the sequences kept: a rejected draft, or
+a draft token after a stop, never reaches the consumer, exactly as in plain decoding.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class SpecRunner:
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
+        self._features: tuple | None = None  # (batch, inputs, captured) until `emit_features`
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[list[int]], list[list[float]]]:
@@ -77,21 +82,24 @@ class SpecRunner:
             emitted.append([int(t) for t in row[1:1 + n]])
             logprobs.append(row[2 + K:2 + K + n])
         if captured is not None:
-            self._emit_features(batch, inputs, captured, emitted)
+            self._features = (batch, inputs, captured)
         return emitted, logprobs
 
-    def _emit_features(self, batch: ScheduledBatch, inputs, captured: dict[int, torch.Tensor],
-                       emitted: list[list[int]]) -> None:
-        """Hand the consumer the hidden states of the accepted positions only: rejected drafts
-        were never part of any sequence."""
+    @torch.inference_mode()
+    def emit_features(self, batch: ScheduledBatch) -> None:
+        """After `postprocess_verified(batch, ...)`: hand the feature sink the hidden states of
+        the positions each sequence kept, i.e. every fed token that is not its last one (the last
+        is fed by the next step, or is a stop token that never is)."""
+        if self._features is None:
+            return
+        fed, inputs, captured = self._features
+        self._features = None
+        if fed is not batch:
+            raise RuntimeError("emit_features for another batch than the last one run")
         r = self.runner
-        keep, k = [], 0
-        offset = 0
+        keep, offset = [], 0
         for e in batch.entries:
-            n = e.num_new
-            if e.samples:
-                n -= len(e.draft) - (len(emitted[k]) - 1)
-                k += 1
+            n = min(e.num_new, e.seq.num_tokens - 1 - e.start)
             keep.extend(range(offset, offset + n))
             offset += e.num_new
         index = torch.tensor(keep, dtype=torch.long).to(r.device, non_blocking=True)
