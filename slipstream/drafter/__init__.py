@@ -10,7 +10,7 @@ from slipstream.drafter.model import Draft, DraftContext, Drafter, TargetHead
 from slipstream.drafter.source_policy import SOURCES, CombinedDraft, SourcePolicy, SourcePolicyConfig, combine_drafts
 from slipstream.drafter.swap import DrafterSlot
 
-__all__ = ["SOURCES", "BubbleReport", "BubbleTrainer", "CombinedDraft", "ContextWindows", "Draft", "DraftContext", "Drafter",
-           "DrafterBatch", "DrafterConfig", "DrafterMetrics", "DrafterSlot", "FeatureBuffer", "RankBubble",
+__all__ = ["SOURCES", "BubbleReport", "BubbleTrainer", "CombinedDraft", "ContextWindows", "Draft", "DraftContext",
+           "Drafter", "DrafterBatch", "DrafterConfig", "DrafterMetrics", "DrafterSlot", "FeatureBuffer", "RankBubble",
            "SideStreamTrainer", "SlowdownGate", "SourcePolicy", "SourcePolicyConfig", "TargetHead", "aligned_pairs",
            "average_drafter", "broadcast_drafter", "combine_drafts", "drafter_loss"]
