@@ -125,20 +125,13 @@ def cmd_calibrate(overrides: list[str], target: float, num_prompts: int, name: s
     return 0
 
 
-def cmd_drafter_warmup(overrides: list[str], out: str, steps: int, prompts: int, lr: float,
-                       progress: bool) -> int:
+def cmd_drafter_warmup(overrides: list[str], out: str, steps: int, prompts: int, progress: bool) -> int:
     """Train a drafter offline on the target's own samples of the task prompts and write it to `out`."""
-    from slipstream.config import compose
-    from slipstream.drafter import DrafterConfig
+    from slipstream.config import compose, drafter_config
     from slipstream.drafter.warmup import warmup
 
     cfg = compose(overrides)
-    try:
-        dcfg = DrafterConfig(lr=lr, seed=cfg.trainer.seed)
-    except ValueError as e:
-        print(f"slipstream: error: {e}", file=sys.stderr)
-        return 2
-    r = warmup(cfg, out, steps, prompts, dcfg, show_progress=progress)
+    r = warmup(cfg, out, steps, prompts, drafter_config(cfg.drafter, cfg.trainer.seed), show_progress=progress)
     print(f"drafter warmup: {r.samples} samples, {r.tokens} tokens, {r.pairs} training pairs, {r.steps} steps, "
           f"loss {r.first_loss:.4f} -> {r.last_loss:.4f}\nwrote {r.path}")
     return 0
@@ -173,11 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the available recipes")
     d = sub.add_parser("drafter", help="the learned drafter: warmup (train offline from the target's samples)")
     d.add_argument("action", choices=["warmup"])
-    d.add_argument("overrides", nargs="*", help="hydra overrides choosing the model, task and rollout")
+    d.add_argument("overrides", nargs="*", help="hydra overrides choosing the model, task, rollout and drafter.*")
     d.add_argument("--out", required=True, help="drafter file to write")
     d.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     d.add_argument("--prompts", type=int, default=64, help="training prompts to sample from (default 64)")
-    d.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     c = sub.add_parser("calibrate-sparsity", help="find skip-softmax scales that reach a target sparsity")
     c.add_argument("overrides", nargs="*", help="hydra overrides choosing the model, task and rollout")
@@ -202,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "calibrate-sparsity":
             return cmd_calibrate(args.overrides, args.target, args.prompts, args.name)
         if args.command == "drafter":
-            return cmd_drafter_warmup(args.overrides, args.out, args.steps, args.prompts, args.lr,
-                                      not args.no_progress)
+            return cmd_drafter_warmup(args.overrides, args.out, args.steps, args.prompts, not args.no_progress)
         return cmd_recipes()
     except _user_errors() as e:
         # Under torchrun every rank prints its own errors: say which rank this is.

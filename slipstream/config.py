@@ -131,6 +131,34 @@ class SpeculationConfig:
 
 
 @dataclass
+class LearnedDrafterConfig:
+    # off; frozen: the warm-start drafter, never trained during the run; online: trained in the
+    # RL step's bubbles (ranks done early, reward computation, a gated side stream).
+    kind: str = "off"
+    warm_start: str | None = None  # a file of `slipstream drafter warmup`; null: start untrained
+    # The rest is `slipstream.drafter.DrafterConfig` (see its docstring and docs/config.md).
+    capture_layer: int = -1
+    window: int = 64
+    intermediate_size: int = 0
+    max_draft_len: int = 8
+    buffer_tokens: int = 262144
+    buffer_max_age: int = 2
+    buffer_storage: str = "device"  # device | pinned | cpu
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_tokens: int = 2048
+    seq_len: int = 256
+    slice_steps: int = 4
+    feature_loss_weight: float = 1.0
+    token_loss_weight: float = 0.1
+    side_stream_max_slowdown: float = 0.05
+    side_stream_max_batch: int = 8
+    side_stream_probe_steps: int = 8
+    side_stream_reprobe_steps: int = 256
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 20
     prompts_per_step: int = 8
@@ -186,6 +214,7 @@ class SlipstreamConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     spec: SpeculationConfig = field(default_factory=SpeculationConfig)
+    drafter: LearnedDrafterConfig = field(default_factory=LearnedDrafterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -259,6 +288,13 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     if cfg.spec.kind != "off" and cfg.rollout.backend != "native":
         raise ConfigError(f"spec={cfg.spec.kind} needs rollout=native (the HF backend does not speculate)")
     engine_spec_config(cfg.spec, cfg.trainer.seed)
+    _choice("drafter.kind", cfg.drafter.kind, ["off", "frozen", "online"])
+    if cfg.drafter.kind != "off" and cfg.rollout.backend != "native":
+        raise ConfigError(f"drafter={cfg.drafter.kind} needs rollout=native (features come from the native engine)")
+    if cfg.drafter.warm_start is not None and not Path(cfg.drafter.warm_start).is_file():
+        raise ConfigError(f"drafter.warm_start={cfg.drafter.warm_start!r} is not a file (write one with "
+                          f"`slipstream drafter warmup`)")
+    drafter_config(cfg.drafter, cfg.trainer.seed)
     if cfg.task.max_steps < cfg.task.min_steps:
         raise ConfigError(f"task.max_steps={cfg.task.max_steps} must be >= task.min_steps={cfg.task.min_steps}")
     if not 0.0 < cfg.task.step_p <= 1.0:
@@ -274,6 +310,19 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     if not set(cfg.task.operations) <= set("+-*") or not cfg.task.operations:
         raise ConfigError(f"task.operations={cfg.task.operations!r} must be a non-empty subset of '+-*'")
     return cfg
+
+
+def drafter_config(drafter: LearnedDrafterConfig, seed: int = 0):
+    """The learned drafter's settings (`slipstream.drafter.DrafterConfig`); ConfigError names a bad key."""
+    import dataclasses
+
+    from slipstream.drafter.config import DrafterConfig
+
+    values = {f.name: getattr(drafter, f.name) for f in dataclasses.fields(DrafterConfig) if f.name != "seed"}
+    try:
+        return DrafterConfig(**values, seed=seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def engine_spec_config(spec: SpeculationConfig, seed: int = 0):
@@ -334,7 +383,7 @@ def group_options(group: str) -> list[str]:
 
 _SECTIONS = {"model": ModelConfig, "task": TaskConfig, "algorithm": AlgorithmConfig, "rollout": RolloutConfig,
              "attention": AttentionConfig, "spec": SpeculationConfig, "trainer": TrainerConfig, "reward": RewardConfig,
-             "logger": LoggerConfig}
+             "logger": LoggerConfig, "drafter": LearnedDrafterConfig}
 
 
 def register_configs() -> None:

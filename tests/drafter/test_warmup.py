@@ -20,8 +20,8 @@ def _decoder(**kw) -> Decoder:
 
 def test_warmup_cli_writes_a_drafter_that_learned_and_loads(tmp_path, capsys):
     out = tmp_path / "drafter.pt"
-    rc = main(["drafter", "warmup", "recipe=smoke", "rollout.n=2", "rollout.max_tokens=24", "--prompts", "4",
-               "--steps", "30", "--lr", "3e-3", "--out", str(out), "--no-progress"])
+    rc = main(["drafter", "warmup", "recipe=smoke", "rollout.n=2", "rollout.max_tokens=24", "drafter.lr=3e-3",
+               "--prompts", "4", "--steps", "30", "--out", str(out), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "wrote" in printed and str(out) in printed
@@ -49,9 +49,10 @@ def test_bad_drafter_files_are_named(tmp_path):
 
 
 def test_a_bad_drafter_setting_is_a_one_line_error(tmp_path, capsys):
-    rc = main(["drafter", "warmup", "recipe=smoke", "--lr", "-1", "--out", str(tmp_path / "d.pt"), "--no-progress"])
+    rc = main(["drafter", "warmup", "recipe=smoke", "drafter.lr=-1", "--out", str(tmp_path / "d.pt"),
+               "--no-progress"])
     assert rc == 2
-    assert "drafter.lr" in capsys.readouterr().err
+    assert "drafter.lr" in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "d.pt").exists()
 
 
@@ -63,3 +64,18 @@ def test_save_then_load_round_trip_keeps_training_settings(tmp_path):
     path = save_drafter(tmp_path / "x.pt", d, "test-model")
     again = load_drafter(path, target, DrafterConfig(lr=5e-4, window=99))
     assert again.config.window == 12 and again.config.lr == 5e-4  # shape from the file, the rest from the caller
+
+
+def test_the_config_group_mirrors_the_drafter_settings():
+    import dataclasses
+
+    from slipstream.config import LearnedDrafterConfig, compose, drafter_config
+    from slipstream.drafter import DrafterConfig
+
+    group = {f.name: f.default for f in dataclasses.fields(LearnedDrafterConfig)}
+    for f in dataclasses.fields(DrafterConfig):
+        if f.name != "seed":  # the run's trainer.seed
+            assert group[f.name] == f.default, f.name
+    cfg = compose(["recipe=smoke", "drafter=online", "drafter.window=32", "trainer.seed=5"])
+    d = drafter_config(cfg.drafter, cfg.trainer.seed)
+    assert d.window == 32 and d.seed == 5 and cfg.drafter.kind == "online"
