@@ -63,7 +63,9 @@ class Engine:
                                   min(cfg.max_graph_batch, cfg.max_num_seqs))
         self.stats = {"steps": 0, "preemptions": 0}
         self.speculator = Speculator(spec) if spec is not None else None
-        self.spec_runner = SpecRunner(self.runner) if spec is not None else None
+        # Verification graphs only for the batch sizes that speculate.
+        self.spec_runner = SpecRunner(self.runner, min(cfg.max_graph_batch, spec.policy.min_batch_for_off)) \
+            if spec is not None else None
         self.timeline = Timeline()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:

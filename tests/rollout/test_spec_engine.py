@@ -167,12 +167,15 @@ def _reference_logprobs(dec: Decoder, tokens: list[int], num_prompt: int, params
     return shaped.log_softmax(-1).gather(-1, torch.tensor(tokens[num_prompt:])[:, None]).squeeze(-1)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-graph-layout"])
 @pytest.mark.parametrize("params", [SamplingParams(n=4, temperature=0.7, top_p=0.9, max_tokens=20, seed=5),
                                     SamplingParams(n=4, temperature=0.0, max_tokens=20)])
-def test_logprobs_of_emitted_tokens_are_the_targets(params):
+def test_logprobs_of_emitted_tokens_are_the_targets(params, static):
     dec = small_decoder(1)
     engine = Engine(dec, [EOS], EngineConfig(block_size=4, num_blocks=512), spec=SpecConfig())
     engine.speculator = ScriptedSpeculator(random_drafts(7))
+    if static:  # verification through the padded static buffers of the CUDA graphs
+        engine.spec_runner.use_static_verify()
     comps = engine.generate([Request([1, 2, 3], params, "g", "r"), Request([3, 3], params, "h", "s")])
     assert engine.rollout_metrics()["spec/accepted_tokens"] > 10
     for c in comps:
@@ -192,13 +195,16 @@ ALWAYS_EXPLORE = PolicyConfig(min_batch_for_off=10**6, draft_lens=(4, 8, 15), ep
 PROMPTS = ["Start with 7. Add 5.", "What is 3 + 4?", "x", "A much longer prompt that spans several cache blocks."]
 
 
-def test_greedy_outputs_are_identical_with_the_suffix_drafter_over_rounds(tiny_model):
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-graph-layout"])
+def test_greedy_outputs_are_identical_with_the_suffix_drafter_over_rounds(tiny_model, static):
     model, tok = tiny_model
     params = SamplingParams(n=2, temperature=0.0, max_tokens=32)
     cfg = EngineConfig(block_size=4, num_blocks=256)
     plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(_requests(tok, params, PROMPTS))
     spec = SpecConfig(policy=ALWAYS_EXPLORE)
     engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, spec=spec)
+    if static:
+        engine.spec_runner.use_static_verify()
     accept_lens = []
     for _ in range(3):  # later rounds draft from the earlier rounds' outputs of the same prompts
         comps = engine.generate(_requests(tok, params, PROMPTS))
@@ -219,7 +225,8 @@ def _cache_rows(engine: Engine, seq: Sequence, n: int) -> list[torch.Tensor]:
     return [c[blocks, offsets] for layer in engine.runner.kv_caches for c in layer]
 
 
-def test_rejected_drafts_roll_the_cache_back_to_plain_decoding(tiny_model):
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-graph-layout"])
+def test_rejected_drafts_roll_the_cache_back_to_plain_decoding(tiny_model, static):
     model, tok = tiny_model
     params = SamplingParams(temperature=0.0, max_tokens=60)
     prompt = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
@@ -234,6 +241,8 @@ def test_rejected_drafts_roll_the_cache_back_to_plain_decoding(tiny_model):
 
     spec = Engine(decoder_from_hf_module(model), [], cfg, spec=SpecConfig())
     spec.speculator = ScriptedSpeculator(partly_right)
+    if static:  # padding rows write only the scratch block
+        spec.spec_runner.use_static_verify()
     plain = Engine(decoder_from_hf_module(model), [], cfg)
     s_seq, p_seq = Sequence(prompt, params), Sequence(prompt, params)
     spec.scheduler.add(s_seq)
@@ -261,6 +270,8 @@ def test_rejected_drafts_roll_the_cache_back_to_plain_decoding(tiny_model):
     assert rejected > 20
     assert s_seq.output_ids == truth
     assert bm.num_free_blocks == 64
+    if static:  # the steps did go through the graphs' layout, with query widths up to 16
+        assert {q for _, q in spec.spec_runner.graphs.graphs} >= {8, 16}
 
 
 def test_preemption_with_speculation_keeps_outputs_and_frees_every_block(tiny_model):

@@ -21,14 +21,76 @@ from slipstream.models.decoder import AttentionMetadata
 from slipstream.rollout.model_runner import ModelRunner, StepFeatures
 from slipstream.rollout.scheduler import ScheduledBatch
 from slipstream.rollout.spec.verify import verify_drafts
+from slipstream.rollout.spec.verify_graphs import VerifyGraphs
 
 
 class SpecRunner:
-    """Verification steps on the model runner's decoder, cache and generator."""
+    """Verification steps on the model runner's decoder, cache and generator.
 
-    def __init__(self, runner: ModelRunner):
+    Steps of decoding sequences only (no prefill chunk), within `max_graph_batch` sequences,
+    replay verification graphs (`verify_graphs.py`) where the runner replays decode graphs;
+    other steps, and steps that capture features, run eagerly.
+    """
+
+    def __init__(self, runner: ModelRunner, max_graph_batch: int = 32):
         self.runner = runner
+        self.max_graph_batch = max_graph_batch
+        self.graphs: VerifyGraphs | None = None
+        self._static = False
         self._features: tuple | None = None  # (batch, inputs, captured) until `emit_features`
+
+    def use_static_verify(self) -> None:
+        """Run verification through the graphs' padded static buffers without capturing them: the
+        CPU tests check the padding and the buffer layout this way."""
+        self._static = True
+
+    def _verify_graphs(self) -> VerifyGraphs | None:
+        r = self.runner
+        if not (r.use_graphs or self._static) or not r.kv_caches:
+            return None
+        if self.graphs is None or self.graphs.kv_caches is not r.kv_caches:  # a new cache: new graphs
+            self.graphs = VerifyGraphs(r.decoder, r.kv_caches, r.block_size, r.max_model_len,
+                                       scratch_block=r.num_blocks, max_batch=self.max_graph_batch,
+                                       capture=r.use_graphs, skip_scale=r.decode_skip_scale,
+                                       counters=r.tile_counters["decode"])
+        return self.graphs
+
+    def _graph_logits(self, batch: ScheduledBatch, K: int) -> torch.Tensor | None:
+        """Target logits [S, K + 1, V] from a verification graph, None if the step runs eagerly."""
+        entries = batch.entries
+        if self.runner.capture_layers or any(not e.samples or e.num_new != 1 + len(e.draft) for e in entries):
+            return None
+        graphs = self._verify_graphs()
+        shape = graphs.shape_for(len(entries), K) if graphs is not None else None
+        if shape is None:
+            return None
+        return graphs.replay(entries, *shape)[:len(entries), :K + 1]
+
+    def _eager_logits(self, batch: ScheduledBatch, K: int) -> torch.Tensor:
+        """Target logits [S, K + 1, V] from a packed eager forward (rows past an entry's draft
+        repeat its last row: verification never reads them)."""
+        r = self.runner
+        inputs = batch.build_inputs(r.device)
+        phase = "decode" if inputs.max_q_len <= MAX_DECODE_Q_LEN else "prefill"
+        skip = r.decode_skip_scale if phase == "decode" else r.prefill_skip_scale
+        attn = AttentionMetadata(inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables, inputs.slot_mapping,
+                                 inputs.max_q_len, skip_scale=skip,
+                                 counters=r.tile_counters[phase] if skip > 0 else None)
+        if r.capture_layers:
+            hidden, captured = r.decoder(inputs.input_ids, inputs.positions, attn, r.kv_caches,
+                                         capture_layers=r.capture_layers)
+            self._features = (batch, inputs, captured)
+        else:
+            hidden = r.decoder(inputs.input_ids, inputs.positions, attn, r.kv_caches)
+        rows, offset = [], 0
+        for e in batch.entries:
+            end = offset + e.num_new
+            if e.samples:
+                k = len(e.draft)
+                rows.append([end - 1 - k + min(j, k) for j in range(K + 1)])
+            offset = end
+        row_index = torch.tensor(rows, dtype=torch.long).to(r.device, non_blocking=True)
+        return r.decoder.compute_logits(hidden[row_index.reshape(-1)]).view(len(rows), K + 1, -1)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[list[int]], list[list[float]]]:
@@ -36,40 +98,19 @@ class SpecRunner:
         target log-probabilities, per sampling entry of `batch`, for `postprocess_verified`."""
         r = self.runner
         device = r.device
-        inputs = batch.build_inputs(device)
-        phase = "decode" if inputs.max_q_len <= MAX_DECODE_Q_LEN else "prefill"
-        skip = r.decode_skip_scale if phase == "decode" else r.prefill_skip_scale
-        attn = AttentionMetadata(inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables, inputs.slot_mapping,
-                                 inputs.max_q_len, skip_scale=skip,
-                                 counters=r.tile_counters[phase] if skip > 0 else None)
-        captured = None
-        if r.capture_layers:
-            hidden, captured = r.decoder(inputs.input_ids, inputs.positions, attn, r.kv_caches,
-                                         capture_layers=r.capture_layers)
-        else:
-            hidden = r.decoder(inputs.input_ids, inputs.positions, attn, r.kv_caches)
-
-        # Rows of each sampling entry's verified positions, padded by repeating its last row
-        # (verification never reads a position past the entry's draft).
         sampling = batch.sampling
         K = max(len(e.draft) for e in sampling)
-        rows, drafts, offset = [], [], 0
-        for e in batch.entries:
-            end = offset + e.num_new
-            if e.samples:
-                k = len(e.draft)
-                rows.append([end - 1 - k + min(j, k) for j in range(K + 1)])
-                drafts.append(list(e.draft) + [0] * (K - k))
-            offset = end
-        row_index = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+        logits = self._graph_logits(batch, K)
+        if logits is None:
+            logits = self._eager_logits(batch, K)
+        drafts = [list(e.draft) + [0] * (K - len(e.draft)) for e in sampling]
         draft_tokens = torch.tensor(drafts, dtype=torch.long).reshape(len(sampling), K).to(device, non_blocking=True)
         draft_lens = torch.tensor([len(e.draft) for e in sampling], dtype=torch.long).to(device, non_blocking=True)
-        logits = self.runner.decoder.compute_logits(hidden[row_index.reshape(-1)]).view(len(sampling), K + 1, -1)
 
         params = [e.seq.params for e in sampling]
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device, non_blocking=True)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(device, non_blocking=True)
         truncate = any(p.top_p < 1.0 or p.top_k > 0 for p in params)
         result = verify_drafts(logits, draft_tokens, draft_lens, temperature, top_p, top_k,
                                generator=r.generator, truncate=truncate)
@@ -81,8 +122,6 @@ class SpecRunner:
             n = int(row[0]) + 1
             emitted.append([int(t) for t in row[1:1 + n]])
             logprobs.append(row[2 + K:2 + K + n])
-        if captured is not None:
-            self._features = (batch, inputs, captured)
         return emitted, logprobs
 
     @torch.inference_mode()
