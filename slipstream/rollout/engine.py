@@ -83,6 +83,8 @@ class Engine:
         are forgotten. `restore_cache` allocates it again before the next `generate`."""
         self.block_manager.reset_prefix_cache()
         self.runner.release_cache()
+        if self.spec_runner is not None:
+            self.spec_runner.release_graphs()  # they point into the cache
         if self.runner.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -366,3 +366,22 @@ def test_feature_capture_with_speculation_hands_only_accepted_positions(tiny_mod
     for key, (token, hidden) in plain.items():
         assert spec[key][0] == token
         torch.testing.assert_close(spec[key][1], hidden, atol=1e-5, rtol=1e-4)
+
+
+def test_released_cache_drops_the_verification_graphs_and_speculation_resumes_after_restore(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=24)
+    reqs = _requests(tok, params, PROMPTS[:2])
+    cfg = EngineConfig(block_size=4, num_blocks=128)
+    expected = [c.tokens for c in Engine(decoder_from_hf_module(model), [], cfg).generate(reqs)]
+    engine = Engine(decoder_from_hf_module(model), [], cfg, spec=SpecConfig(policy=ALWAYS_EXPLORE))
+    engine.spec_runner.use_static_verify()
+    assert [c.tokens for c in engine.generate(reqs)] == expected
+    old_cache = engine.runner.kv_caches
+    assert engine.spec_runner.graphs.kv_caches is old_cache
+    engine.release_cache()
+    assert engine.spec_runner.graphs is None  # nothing holds the released cache any more
+    engine.restore_cache()
+    assert [c.tokens for c in engine.generate(reqs)] == expected
+    assert engine.rollout_metrics()["spec/accepted_tokens"] > 0
+    assert engine.spec_runner.graphs.kv_caches is engine.runner.kv_caches is not old_cache

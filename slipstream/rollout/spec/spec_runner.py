@@ -44,6 +44,10 @@ class SpecRunner:
         CPU tests check the padding and the buffer layout this way."""
         self._static = True
 
+    def release_graphs(self) -> None:
+        """Drop the verification graphs (and with them the last references to a released cache)."""
+        self.graphs = None
+
     def _verify_graphs(self) -> VerifyGraphs | None:
         r = self.runner
         if not (r.use_graphs or self._static) or not r.kv_caches:
