@@ -80,9 +80,10 @@ class BubbleTrainer:
         self.newest_data_step: int | None = None
         self.last_stats: dict[str, torch.Tensor] = {}  # the latest step's loss terms (device tensors)
 
-    def train_step(self) -> bool:
-        """One optimizer step on a fresh batch; False (and nothing done) while the buffer holds no pair."""
-        batch = self.buffer.sample(self.generator, device=self.drafter.device)
+    def train_step(self, refresh: bool = True) -> bool:
+        """One optimizer step on a fresh batch; False (and nothing done) while the buffer holds no pair.
+        refresh=False: draw from the pairs indexed before (see `FeatureBuffer.sample`)."""
+        batch = self.buffer.sample(self.generator, device=self.drafter.device, refresh=refresh)
         if batch is None:
             return False
         self.drafter.train()
@@ -362,7 +363,9 @@ class SideStreamTrainer:
                 # The step reads rows the decode stream wrote; the decode stream goes on meanwhile.
                 self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
             with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                trained = self.trainer.train_step()
+                # The engine writes features every step: re-indexing them each time would cost
+                # host syncs in the decode loop, so the step draws from the pairs indexed before.
+                trained = self.trainer.train_step(refresh=False)
             self._used += self.trainer.clock() - launch
             self._steps += int(trained)
         self._last = (now, live_batch, trained)

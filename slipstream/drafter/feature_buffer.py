@@ -107,10 +107,14 @@ class FeatureBuffer:
         self._positions = torch.empty(cap, dtype=torch.long, device=store_on, pin_memory=pin)
         self._owner = torch.empty(cap, dtype=torch.long, device=store_on, pin_memory=pin)
         self._chunks: deque[_Chunk] = deque()
+        self._dirty = False  # rows arrived since the index was built
         self._head = 0  # next ring row to write
         self._used = 0
         self.step = 0
         self._pairs: _Pairs | None = None
+        # Rows written since the index was built, and the free rows then: while the first stays
+        # within the second, no indexed row has been overwritten and the index may be reused.
+        self._written_since, self._free_at_index = 0, 0
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- ingestion (decode loop)
@@ -144,7 +148,8 @@ class FeatureBuffer:
             self._chunks.append(_Chunk(start, T, self.step, list(features.seq_keys), ready))
             self._head = (start + T) % self.capacity
             self._used += T
-            self._pairs = None
+            self._written_since += T
+            self._dirty = True
 
     def set_step(self, step: int) -> None:
         """The RL step whose rollout the next features come from; drops rows older than the age limit."""
@@ -152,7 +157,7 @@ class FeatureBuffer:
             self.step = step
             while self._chunks and self._chunks[0].step < step - self.config.buffer_max_age:
                 self._used -= self._chunks.popleft().length
-                self._pairs = None
+                self._pairs = None  # the index holds pairs that must not be trained on any more
 
     def __len__(self) -> int:
         """Rows held."""
@@ -160,29 +165,37 @@ class FeatureBuffer:
 
     # ---------------------------------------------------------------- training batches (bubbles)
 
-    def _index(self) -> _Pairs:
-        if self._pairs is not None:
+    def _index(self, refresh: bool = True) -> _Pairs:
+        reusable = self._pairs is not None and self._written_since <= self._free_at_index
+        if reusable and (not self._dirty or not refresh):
             return self._pairs
-        seq_ids: dict[tuple, int] = {}
-        parts = []
-        for c in self._chunks:
-            if c.ready is not None:
-                c.ready.synchronize()
-            rows = (torch.arange(c.length) + c.start) % self.capacity
-            ids = torch.tensor([seq_ids.setdefault((c.step, *k), len(seq_ids)) for k in c.seq_keys],
-                               dtype=torch.long)
-            owner = self._owner[rows.to(self._owner.device)].cpu()
-            parts.append((rows, ids[owner], torch.full((c.length,), c.step, dtype=torch.long)))
-        if not parts:
+        self._dirty = False
+        self._written_since, self._free_at_index = 0, self.capacity - self._used
+        if not self._chunks:
             empty = torch.zeros(0, dtype=torch.long)
             self._pairs = _Pairs(empty, empty, empty, empty, empty, empty)
             return self._pairs
-        rows = torch.cat([p[0] for p in parts])
-        seqs = torch.cat([p[1] for p in parts])
-        steps = torch.cat([p[2] for p in parts])
-        where = rows.to(self._positions.device)
-        positions = self._positions[where].cpu()
-        tokens = self._tokens[where].cpu()
+        # Every chunk's sequences get global ids; a row's id is its chunk's table at its owner.
+        seq_ids: dict[tuple, int] = {}
+        tables, offsets, lengths, steps = [], [], [], []
+        for c in self._chunks:
+            if c.ready is not None:
+                c.ready.synchronize()
+            offsets.append(sum(len(t) for t in tables))
+            tables.append([seq_ids.setdefault((c.step, *k), len(seq_ids)) for k in c.seq_keys])
+            lengths.append(c.length)
+            steps.append(c.step)
+        lengths_t = torch.tensor(lengths)
+        starts = torch.tensor([c.start for c in self._chunks])
+        chunk_of_row = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
+        within = torch.arange(int(lengths_t.sum())) - torch.repeat_interleave(lengths_t.cumsum(0) - lengths_t, lengths_t)
+        rows = (starts[chunk_of_row] + within) % self.capacity
+        # One gather and one device-to-host copy per column, whatever the number of chunks.
+        where = rows.to(self._owner.device)
+        owner, positions, tokens = (x[where].cpu() for x in (self._owner, self._positions, self._tokens))
+        seqs = torch.tensor([i for t in tables for i in t], dtype=torch.long)[
+            torch.tensor(offsets)[chunk_of_row] + owner]
+        steps = torch.tensor(steps)[chunk_of_row]
         # Sort by (sequence, position); a position seen twice (recomputed after preemption) keeps
         # its newest row, which the stable sort puts last.
         key = seqs * (int(positions.max()) + 2) + positions
@@ -214,15 +227,20 @@ class FeatureBuffer:
         with self._lock:
             return int(self._index().feature_rows.shape[0])
 
-    def sample(self, generator: torch.Generator | None = None, device=None) -> DrafterBatch | None:
+    def sample(self, generator: torch.Generator | None = None, device=None, refresh: bool = True
+               ) -> DrafterBatch | None:
         """A batch of about `batch_tokens` pairs in rows of `seq_len`, on `device` (default: the
         buffer's device); None while the buffer holds no pair. Pieces start at uniformly drawn
-        pairs and run to the end of their run or of the row."""
+        pairs and run to the end of their run or of the row.
+
+        refresh=False samples from the pairs indexed before, without reading the newest steps'
+        rows (which costs host syncs), as long as none of the indexed rows has been overwritten:
+        for training while the engine is still writing (the side stream)."""
         device = torch.device(device) if device is not None else self.device
         L = self.config.seq_len
         B = max(1, -(-self.config.batch_tokens // L))
         with self._lock:
-            pairs = self._index()
+            pairs = self._index(refresh)
             P = pairs.feature_rows.shape[0]
             if P == 0:
                 return None
@@ -242,15 +260,27 @@ class FeatureBuffer:
             valid = index >= 0
             safe = index.clamp(min=0)
             row_steps = pairs.steps[safe][valid]
-            features = self._hidden[pairs.feature_rows[safe].to(self._hidden.device)]
-            targets = self._hidden[pairs.target_rows[safe].to(self._hidden.device)]
+            # The host-made columns go over in one page-locked, asynchronous copy: the host does
+            # not wait for the device (which may be busy decoding).
+            cols = torch.stack([pairs.feature_rows[safe], pairs.target_rows[safe],
+                                torch.where(valid, pairs.next_tokens[safe], 0),
+                                torch.where(valid, pairs.positions[safe], 0), segments,
+                                torch.where(valid, pairs.steps[safe], -1)])
+            to_storage = _to(cols[:2], self._hidden.device)
+            cols = _to(cols[2:], device)
             return DrafterBatch(
-                features=features.to(device),
-                next_tokens=torch.where(valid, pairs.next_tokens[safe], 0).to(device),
-                target_features=targets.to(device),
-                positions=torch.where(valid, pairs.positions[safe], 0).to(device),
-                segment_ids=segments.to(device),
-                data_steps=torch.where(valid, pairs.steps[safe], -1).to(device),
+                features=self._hidden[to_storage[0]].to(device),
+                next_tokens=cols[0],
+                target_features=self._hidden[to_storage[1]].to(device),
+                positions=cols[1],
+                segment_ids=cols[2],
+                data_steps=cols[3],
                 newest_step=int(row_steps.max()),
                 mean_step=float(row_steps.float().mean()),
             )
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -50,14 +51,16 @@ class DrafterMetrics:
         b[1] += report.used_s
         b[2] += report.steps
 
-    def record_verify(self, source: str, draft_lens: torch.Tensor, accepted_lens: torch.Tensor) -> None:
-        """A verification step's draft lengths and accepted lengths ([B] each) for drafts of one source.
-        Requests that drafted nothing do not count."""
-        drafted = draft_lens > 0
+    def record_verify(self, source: str, draft_lens: Iterable[int], accepted_lens: Iterable[int]) -> None:
+        """A verification step's draft and accepted lengths per request, for drafts of one source,
+        as host integers (the engine has them after its one read per step). Requests that drafted
+        nothing do not count."""
         a = self._accept[source]
-        a[0] += float(accepted_lens[drafted].sum())
-        a[1] += float(draft_lens[drafted].sum())
-        a[2] += int(drafted.sum())
+        for drafted, accepted in zip(draft_lens, accepted_lens):
+            if drafted > 0:
+                a[0] += int(accepted)
+                a[1] += int(drafted)
+                a[2] += 1
 
     def as_dict(self, current_step: int, newest_data_step: int | None, version: int | None = None
                 ) -> dict[str, float]:

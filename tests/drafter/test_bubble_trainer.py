@@ -67,7 +67,7 @@ def test_an_empty_buffer_waits_for_the_stop_without_training():
 def test_training_while_rewards_are_computed_ends_with_them():
     t = _trainer()
     value, report = t.train_while(lambda: (time.sleep(0.4), 42)[1])
-    assert value == 42 and report.kind == "reward" and report.steps > 0 and report.available_s >= 0.4
+    assert value == 42 and report.kind == "reward" and report.steps > 0 and report.available_s >= 0.3
 
     def broken():
         raise RuntimeError("verifier crashed")
@@ -102,7 +102,7 @@ def test_publish_and_metrics():
     assert m["drafter/bubble_rank_idle_steps"] == 4.0
     assert 0 < m["drafter/bubble_used_s"] <= m["drafter/bubble_available_s"]
     assert m["drafter/loss"] > 0
-    t.metrics.record_verify("drafter", torch.tensor([4, 4, 0]), torch.tensor([4, 1, 0]))
+    t.metrics.record_verify("drafter", [4, 4, 0], [4, 1, 0])
     m = t.log(current_step=4)
     assert m["spec/drafter/acceptance_len"] == 2.5 and m["spec/drafter/acceptance_rate"] == 5 / 8
     assert "drafter/loss" not in m  # a new step starts empty

@@ -109,3 +109,20 @@ def test_pinned_storage_needs_cuda():
     else:
         with pytest.raises(ValueError, match="pinned needs CUDA"):
             _buffer(buffer_storage="pinned")
+
+
+def test_sampling_without_refresh_reuses_the_index_until_indexed_rows_are_overwritten():
+    buf = _buffer(buffer_tokens=40)
+    buf(_step([(0, p) for p in range(10)]))
+    buf.sample(torch.Generator().manual_seed(0))  # indexes sequence 0's rows
+    buf(_step([(1, p) for p in range(10)]))
+    stale = buf.sample(torch.Generator().manual_seed(0), refresh=False)
+    assert set(stale.features[stale.valid][:, 0].tolist()) == {0.0}  # the new rows are not read
+    fresh = buf.sample(torch.Generator().manual_seed(0))
+    assert set(fresh.features[fresh.valid][:, 0].tolist()) == {0.0, 1.0}
+    # Index over 20 of 40 rows; 25 more rows overwrite indexed ones: the index is rebuilt anyway.
+    buf(_step([(2, p) for p in range(10)]))
+    buf(_step([(3, p) for p in range(15)]))
+    after = buf.sample(torch.Generator().manual_seed(0), refresh=False)
+    assert set(after.features[after.valid][:, 0].tolist()) == {1.0, 2.0, 3.0}
+    _check_alignment(after)
