@@ -128,7 +128,7 @@ class Engine:
         if self.speculator is not None:
             self.speculator.observe(batch, live, t1 - t0)
         self.timeline.record(t0, t1, live, batch.num_emitted, batch.num_draft_tokens, batch.num_accepted,
-                             sum(1 for e in batch.entries if e.draft))
+                             batch.num_drafting_seqs)
         self.stats["steps"] += 1
         return finished
 

@@ -80,13 +80,12 @@ class ScheduledBatch:
     block_size: int
     preempted: list[Sequence] = field(default_factory=list)  # preempted while scheduling this step
     done: bool = False  # set by postprocess; the sequences have moved on since
-    # Set by postprocess: tokens appended to sequences, and draft tokens among them.
+    # Set by schedule: draft tokens to verify, and the sequences they belong to.
+    num_draft_tokens: int = 0
+    num_drafting_seqs: int = 0
+    # Set by postprocess: tokens appended to sequences, and accepted draft tokens among them.
     num_emitted: int = 0
     num_accepted: int = 0
-
-    @property
-    def num_draft_tokens(self) -> int:
-        return sum(len(e.draft) for e in self.entries)
 
     @property
     def num_tokens(self) -> int:
@@ -249,6 +248,8 @@ class Scheduler:
             if k and bm.can_append(seq, k):
                 bm.may_append(seq, k)
                 entries.append(ScheduledSeq(seq, seq.num_cached_tokens, 1 + k, True, tuple(draft[:k])))
+                batch.num_draft_tokens += k
+                batch.num_drafting_seqs += 1
                 budget -= 1 + k
                 i += 1
                 continue

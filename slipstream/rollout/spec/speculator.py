@@ -8,8 +8,8 @@ and ranks their prompts by expected length, `end` moves the finished outputs int
 windows.
 
 The drafter is kept cheap where it cannot pay off: while the batch is large, or the bandit plays
-its no-speculation arm, no sequence drafts, so new tokens are only noted; the trees catch up the
-next time drafts are wanted. Catching up indexes a sequence's backlog in one pass (several times
+its no-speculation arm, no sequence drafts and the trees are left alone; they catch up the next
+time drafts are wanted (what a sequence has not yet handed over is its output past `_fed`). Catching up indexes a sequence's backlog in one pass (several times
 cheaper per token than growing it token by token) and only for groups with a live sequence: the
 outputs of groups that are done help no draft in this rollout. Moving a rollout's outputs into
 the windows (`end`) runs in a background thread, overlapping whatever follows the rollout (the
@@ -50,8 +50,8 @@ class Speculator:
         self.drafter = SuffixDrafter(self.config.suffix)
         self.policy = SpecPolicy(self.config.policy)
         self._seqs: dict[int, Sequence] = {}  # this rollout's sequences by seq_id
+        self._groups: dict[str, list[Sequence]] = {}  # and by group
         self._fed: dict[int, int] = {}  # output tokens the drafter has seen, per registered sequence
-        self._dirty: set[int] = set()  # sequences with tokens the drafter has not seen
         self._closed: set[int] = set()  # finished sequences already handed to the drafter
         self._arm: int | None = None  # the bandit's arm for the current step (None: large batch)
         self._worker: threading.Thread | None = None
@@ -68,16 +68,18 @@ class Speculator:
     def begin(self, seqs: Iterable[Sequence]) -> None:
         self.wait()
         self._seqs = {s.seq_id: s for s in seqs}
-        self._fed, self._dirty, self._closed = {}, set(self._seqs), set()
+        self._groups = {}
+        for s in self._seqs.values():
+            self._groups.setdefault(s.group_id, []).append(s)
+        self._fed, self._closed = {}, set()
         self.draft_seconds = 0.0
-        groups = {s.group_id for s in self._seqs.values()}
-        self.policy.set_expected_lengths({g: self.drafter.expected_length(g) for g in groups})
+        self.policy.set_expected_lengths({g: self.drafter.expected_length(g) for g in self._groups})
 
     def end(self) -> None:
         """Hand the rollout's outputs to the drafter's windows (in the background)."""
         pending = [(sid, s.group_id, s.output_ids, sid in self._fed)
                    for sid, s in self._seqs.items() if sid not in self._closed]
-        self._seqs, self._fed, self._dirty, self._closed = {}, {}, set(), set()
+        self._seqs, self._groups, self._fed, self._closed = {}, {}, {}, set()
         self._worker = threading.Thread(target=self._close_rollout, args=(pending,), daemon=True,
                                         name="suffix-drafter-windows")
         self._worker.start()
@@ -97,20 +99,22 @@ class Speculator:
         sequences. A group with no live sequence left is done for this rollout: its sequences
         are left to `end`."""
         d = self.drafter
-        dirty, self._dirty = self._dirty, set()
-        for sid in dirty:
-            seq = self._seqs[sid]
-            if seq.group_id not in live_groups:
+        for group_id, seqs in self._groups.items():  # in request order: the same trees every run
+            if group_id not in live_groups:
                 continue
-            fed = self._fed.get(sid)
-            if fed is None:
-                d.add_request(sid, seq.group_id, seq.prompt_ids, seq.output_ids)
-            elif seq.num_output_tokens > fed:
-                d.update(sid, seq.output_ids[fed:])
-            self._fed[sid] = seq.num_output_tokens
-            if seq.is_finished:
-                d.finish_request(sid)
-                self._closed.add(sid)
+            for seq in seqs:
+                sid = seq.seq_id
+                if sid in self._closed:
+                    continue
+                fed = self._fed.get(sid)
+                if fed is None:
+                    d.add_request(sid, group_id, seq.prompt_ids, seq.output_ids)
+                elif seq.num_output_tokens > fed:
+                    d.update(sid, seq.output_ids[fed:])
+                self._fed[sid] = seq.num_output_tokens
+                if seq.is_finished:
+                    d.finish_request(sid)
+                    self._closed.add(sid)
 
     def propose(self, scheduler: Scheduler) -> dict[int, list[int]]:
         """Drafts for this step's decoding sequences, by seq_id (empty while the batch is large)."""
@@ -143,8 +147,7 @@ class Speculator:
         return drafts
 
     def observe(self, batch: ScheduledBatch, live: int, seconds: float) -> None:
-        """After a step: note the sequences that grew; give the bandit the step's throughput."""
-        self._dirty.update(e.seq.seq_id for e in batch.sampling)
+        """After a step: give the bandit the step's throughput under the arm it chose."""
         if self._arm is not None and seconds > 0:
             self.policy.record(live, self._arm, batch.num_emitted, seconds)
 
