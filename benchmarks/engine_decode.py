@@ -29,6 +29,9 @@ QWEN_SHAPES = {  # Qwen2.5 configs (hidden, layers, heads, kv heads, intermediat
 }
 
 
+PROFILE = False
+
+
 def copy_bandwidth(device) -> float:
     x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
@@ -84,7 +87,15 @@ def time_engine(decoder, prompts: torch.Tensor, new_tokens: int) -> float:
     engine.generate([Request(r.prompt_ids, SamplingParams(temperature=0.0, max_tokens=4), "w", "w") for r in reqs])
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    engine.generate(reqs)
+    if PROFILE:  # where the host time of a decode step goes
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as prof:
+            engine.generate(reqs)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    else:
+        engine.generate(reqs)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
@@ -125,7 +136,10 @@ def main() -> None:
     ap.add_argument("--prefill", nargs=2, type=int, default=[8, 1024], metavar=("BATCH", "PROMPT"))
     ap.add_argument("--skip-hf-above", type=int, default=10**9, help="skip the HF baseline for larger batches")
     ap.add_argument("--out", default="benchmarks/results/engine_decode.json")
+    ap.add_argument("--profile", action="store_true", help="print the host profile of each engine run")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
 
     from slipstream.models.weights import decoder_from_hf_module
 

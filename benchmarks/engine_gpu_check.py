@@ -47,8 +47,12 @@ def fused_ops(device) -> None:
     caches = [torch.zeros(64, 16, KV, D, device=device, dtype=torch.bfloat16) for _ in range(4)]
     q1 = F.rope_store_kv(qkv.clone(), cos, sin, H, KV, caches[0], caches[1], slots)
     q2 = F.rope_store_kv_torch(qkv.clone(), cos, sin, H, KV, caches[2], caches[3], slots)
-    diff = max((q1.float() - q2.float()).abs().max().item(), (caches[0].float() - caches[2].float()).abs().max().item())
-    check("rope_store_kv bf16", diff <= 1.6e-2 and torch.equal(caches[1], caches[3]), f"max diff {diff:.2e}")
+    # x*cos - y*sin cancels: one bf16 rounding of a product (the compiler may keep it in float32)
+    # shows as up to ~1 ulp of the inputs' scale, so the bound is relative to the inputs.
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in ((q1, q2), (caches[0], caches[2])))
+    scale = qkv.float().abs().max().item()
+    check("rope_store_kv bf16", diff <= 2**-7 * scale and torch.equal(caches[1], caches[3]),
+          f"max diff {diff:.2e} (inputs up to {scale:.1f})")
     gu = torch.randn(37, 2 * 4864, device=device, generator=g).bfloat16()
     diff = (F.silu_mul(gu).float() - F.silu_mul_torch(gu).float()).abs().max().item()
     check("silu_mul bf16", diff <= 1.6e-2, f"max diff {diff:.2e}")
@@ -64,7 +68,8 @@ def sampler(device) -> None:
     counts = torch.bincount(tokens, minlength=50).double()
     keep = target * N > 5
     stat = ((counts[keep] - target[keep] * N) ** 2 / (target[keep] * N)).sum()
-    p = torch.special.gammaincc(torch.tensor((keep.sum() - 1) / 2.0, dtype=torch.float64), stat.cpu() / 2).item()
+    dof = torch.tensor((keep.sum().item() - 1) / 2.0, dtype=torch.float64)
+    p = torch.special.gammaincc(dof, stat.cpu() / 2).item()
     lp_err = (lp.double() - target[tokens].log()).abs().max().item()
     check("fused sampler chi-square", p > 1e-4 and lp_err < 1e-4, f"p={p:.3g} logprob err {lp_err:.1e}")
 

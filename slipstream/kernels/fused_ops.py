@@ -141,16 +141,16 @@ if triton is not None:
         if slot >= 0:
             hk = tl.arange(0, KVH_P2)
             mk = (hk < KVH)[:, None]
-            p = base + H * D + hk[:, None] * D + cols[None, :]
-            k1, k2 = _norm_rotate(tl.load(p, mask=mk, other=0.0), tl.load(p + HALF, mask=mk, other=0.0), c, s,
+            pk = base + H * D + hk[:, None] * D + cols[None, :]
+            k1, k2 = _norm_rotate(tl.load(pk, mask=mk, other=0.0), tl.load(pk + HALF, mask=mk, other=0.0), c, s,
                                   kn_ptr, eps, mk, HALF, NORM)
             kc = kc_ptr + slot * stride_kc_slot + hk[:, None] * stride_kc_h + cols[None, :]
             tl.store(kc, k1.to(kc_ptr.dtype.element_ty), mask=mk)
             tl.store(kc + HALF, k2.to(kc_ptr.dtype.element_ty), mask=mk)
-            p = base + (H + KVH) * D + hk[:, None] * D + cols[None, :]
+            pv = base + (H + KVH) * D + hk[:, None] * D + cols[None, :]
             vc = vc_ptr + slot * stride_vc_slot + hk[:, None] * stride_vc_h + cols[None, :]
-            tl.store(vc, tl.load(p, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
-            tl.store(vc + HALF, tl.load(p + HALF, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
+            tl.store(vc, tl.load(pv, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
+            tl.store(vc + HALF, tl.load(pv + HALF, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
 
     @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr):

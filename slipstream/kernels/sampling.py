@@ -15,8 +15,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, temp_ptr, tok_ptr, lp_ptr, stride, V, seed, BLOCK: tl.constexpr):
+def _sample_kernel(logits_ptr, temp_ptr, tok_ptr, lp_ptr, stride, V, seed, seed_ptr, BLOCK: tl.constexpr,
+                   SEED_FROM_PTR: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if SEED_FROM_PTR:  # a CUDA graph replays the launch: the seed must come from memory
+        seed = tl.load(seed_ptr)
     t = tl.load(temp_ptr + row).to(tl.float32)
     greedy = t <= 0.0
     inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
@@ -44,8 +47,12 @@ def _sample_kernel(logits_ptr, temp_ptr, tok_ptr, lp_ptr, stride, V, seed, BLOCK
     tl.store(lp_ptr + row, x_best - m - tl.log(s))
 
 
-def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [N] long, logprobs [N] float32) drawn from softmax(logits / temperature); greedy where T = 0."""
+def fused_sample(logits: torch.Tensor, temperature: torch.Tensor,
+                 seed: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [N] long, logprobs [N] float32) drawn from softmax(logits / temperature); greedy where T = 0.
+
+    `seed`: an int, or a one-element integer tensor on the logits' device read by the kernel (graphs).
+    """
     if logits.dim() != 2 or temperature.shape != (logits.shape[0],):
         raise ValueError(f"need logits [N, V] and temperature [N], got {tuple(logits.shape)} and "
                          f"{tuple(temperature.shape)}")
@@ -56,6 +63,8 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> 
     tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
-        _sample_kernel[(N,)](logits, temperature, tokens, logprobs, logits.stride(0), V, seed % (2**31 - 1),
-                             BLOCK=min(4096, triton.next_power_of_2(V)), num_warps=8)
+        from_ptr = isinstance(seed, torch.Tensor)
+        _sample_kernel[(N,)](logits, temperature, tokens, logprobs, logits.stride(0), V,
+                             0 if from_ptr else seed % (2**31 - 1), seed if from_ptr else tokens,
+                             BLOCK=min(4096, triton.next_power_of_2(V)), SEED_FROM_PTR=from_ptr, num_warps=8)
     return tokens, logprobs

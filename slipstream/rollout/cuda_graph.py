@@ -5,17 +5,20 @@ far more than running them. A captured graph launches them all at once. Graphs n
 and fixed addresses, so every decode step is padded to the next bucket size and reads its inputs
 from static buffers:
 
-* one int64 staging buffer holds, for bucket B, [input_ids | positions | seq_lens | slots]
-  (B each) then the block tables (B x max_blocks); the host fills a pinned twin and ONE copy moves
-  it to the device, inside the same stream as the replay;
+* one int64 staging buffer holds, for bucket B, [input_ids | positions | seq_lens | slots |
+  temperatures (float64 bits)] (B each), the sampling seed, then the block tables (B x
+  max_blocks); the host fills a pinned twin and ONE copy moves it to the device, in the stream of
+  the replay;
 * padding rows decode token 0 at position 0 of a one-token context in a scratch KV block that the
   block manager never hands out (the cache has `num_blocks + 1` blocks), so they write nothing
   that a real sequence reads;
 * the block table width is fixed (max_model_len / block_size), so the attention kernel's grid is
   fixed; rows past a sequence's last block are never read.
 
-The graph ends with the logits; sampling runs after it (one fused kernel for rows without top-k /
-top-p). `replay` returns static output tensors: copy what must outlive the next step.
+The graph ends with the logits and, on GPU, the fused sampling kernel's draw for every row
+(tokens and log-probs stacked in one float64 [2, B] tensor, read back with one copy); steps with
+top-k / top-p sample from the logits after the replay instead. `replay` returns static output
+tensors: copy what must outlive the next step.
 On CPU the same padded, static-buffer forward runs eagerly (`capture=False`): it is how the tests
 check the padding, the scratch block and the buffer layout.
 """
@@ -54,11 +57,12 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.capture_enabled = capture
         self.skip_scale, self.counters, self.capture_layers = skip_scale, counters, tuple(capture_layers)
-        n = self.max_batch * (4 + self.width)
+        n = self.max_batch * (5 + self.width) + 1
         self.staging = torch.zeros(n, dtype=torch.int64, device=self.device)
         pin = self.device.type == "cuda"
         self.host = torch.zeros(n, dtype=torch.int64, pin_memory=pin)
         self.host_np = self.host.numpy()
+        self.host_f64 = self.host_np.view(np.float64)
         self.cu_seqlens = torch.arange(self.max_batch + 1, dtype=torch.int32, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor, dict[int, torch.Tensor]]] = {}
         self.pool = None
@@ -73,12 +77,15 @@ class DecodeGraphs:
 
     def _views(self, B: int) -> tuple[torch.Tensor, ...]:
         s = self.staging
-        ids, pos, lens, slots = (s[i * B:(i + 1) * B] for i in range(4))
-        tables = s[4 * B:4 * B + B * self.width].view(B, self.width)
-        return ids, pos, lens, slots, tables
+        ids, pos, lens, slots, temps = (s[i * B:(i + 1) * B] for i in range(5))
+        tables = s[5 * B + 1:5 * B + 1 + B * self.width].view(B, self.width)
+        return ids, pos, lens, slots, temps.view(torch.float64), s[5 * B:5 * B + 1], tables
 
-    def _forward(self, B: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        ids, pos, lens, slots, tables = self._views(B)
+    def _size(self, B: int) -> int:
+        return B * (5 + self.width) + 1
+
+    def _forward(self, B: int) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
+        ids, pos, lens, slots, temps, seed, tables = self._views(B)
         attn = AttentionMetadata(self.cu_seqlens[:B + 1], lens.to(torch.int32), tables.to(torch.int32), slots,
                                  max_q_len=1, skip_scale=self.skip_scale,
                                  counters=self.counters if self.skip_scale > 0 else None)
@@ -86,12 +93,20 @@ class DecodeGraphs:
             hidden, captured = self.decoder(ids, pos, attn, self.kv_caches, capture_layers=self.capture_layers)
         else:
             hidden, captured = self.decoder(ids, pos, attn, self.kv_caches), {}
-        return self.decoder.compute_logits(hidden), captured
+        logits = self.decoder.compute_logits(hidden)
+        sampled = None
+        if self.capture_enabled:
+            from slipstream.kernels.sampling import fused_sample
 
-    def _fill(self, seqs: Seq[Sequence], B: int) -> None:
+            tokens, logprobs = fused_sample(logits, temps, seed)
+            sampled = torch.stack([tokens.double(), logprobs.double()])
+        return logits, captured, sampled
+
+    def _fill(self, seqs: Seq[Sequence], B: int, seed: int = 0) -> None:
         """Write the step's inputs for `seqs` (padded to B rows) into the pinned host buffer."""
         h, bs, W = self.host_np, self.block_size, self.width
         n = len(seqs)
+        t0 = 5 * B + 1
         for i, seq in enumerate(seqs):
             p = seq.num_tokens - 1  # the last token is fed back; its K/V goes to position p
             table = seq.block_table
@@ -99,21 +114,22 @@ class DecodeGraphs:
             h[B + i] = p
             h[2 * B + i] = p + 1
             h[3 * B + i] = table[p // bs] * bs + p % bs
-            row = 4 * B + i * W
-            h[row:row + len(table)] = table
-        pad = slice(n, B)
-        h[pad] = 0
+            self.host_f64[4 * B + i] = seq.params.temperature
+            h[t0 + i * W:t0 + i * W + len(table)] = table
+        h[n:B] = 0
         h[B + n:2 * B] = 0
         h[2 * B + n:3 * B] = 1
         h[3 * B + n:4 * B] = self.scratch_block * bs
-        h[4 * B + n * W:4 * B + B * W:W] = self.scratch_block
+        self.host_f64[4 * B + n:5 * B] = 0.0
+        h[5 * B] = seed
+        h[t0 + n * W:t0 + B * W:W] = self.scratch_block
 
     def _capture(self, B: int) -> None:
         self.host_np[:] = 0
         self._fill([], B)
         self.staging.copy_(self.host)
         if not self.capture_enabled:
-            self.graphs[B] = (None, None, {})
+            self.graphs[B] = (None, None, {}, None)
             return
         torch.cuda.synchronize(self.device)
         stream = torch.cuda.Stream(self.device)
@@ -123,28 +139,30 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits, captured = self._forward(B)
+            logits, captured, sampled = self._forward(B)
         self.pool = graph.pool()
-        self.graphs[B] = (graph, logits, captured)
+        self.graphs[B] = (graph, logits, captured, sampled)
 
-    def replay(self, seqs: Seq[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Logits [len(seqs), vocab] (and captured hidden states) of one decode step of `seqs`."""
+    def replay(self, seqs: Seq[Sequence], seed: int = 0
+               ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
+        """One decode step of `seqs`: logits [n, vocab], captured hidden states, and (GPU) the fused
+        sampler's draw at each row's temperature, seeded by `seed`: float64 [2, n] (tokens; log-probs)."""
         n = len(seqs)
         B = self.bucket_for(n)
         if B is None or n == 0:
             raise ValueError(f"decode graphs hold 1..{self.max_batch} sequences, got {n}")
         if B not in self.graphs:
             self._capture(B)
-        self._fill(seqs, B)
-        size = B * (4 + self.width)
+        self._fill(seqs, B, seed)
+        size = self._size(B)
         self.staging[:size].copy_(self.host[:size], non_blocking=True)
         self.last_bucket = B
-        graph, logits, captured = self.graphs[B]
+        graph, logits, captured, sampled = self.graphs[B]
         if graph is None:
-            logits, captured = self._forward(B)
+            logits, captured, sampled = self._forward(B)
         else:
             graph.replay()
-        return logits[:n], {k: v[:n] for k, v in captured.items()}
+        return logits[:n], {k: v[:n] for k, v in captured.items()}, None if sampled is None else sampled[:, :n]
 
     def last_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, positions) of the first `n` rows of the last replay (views of the static buffers)."""

@@ -103,12 +103,15 @@ class ModelRunner:
         entries = batch.entries
         if (self.graphs is not None and entries and len(entries) <= self.graphs.max_batch
                 and all(e.num_new == 1 and e.samples for e in entries)):
-            logits, captured = self.graphs.replay([e.seq for e in entries])
+            logits, captured, sampled = self.graphs.replay([e.seq for e in entries], self.seeds.getrandbits(31))
             if self.capture_layers:
                 ids, positions = self.graphs.last_inputs(len(entries))
                 self.feature_sink(StepFeatures([(e.seq.request_id, e.seq.sample_index) for e in entries],
                                                torch.arange(len(entries), device=self.device), positions, ids,
                                                {k: v.clone() for k, v in captured.items()}))
+            if sampled is not None and not any(e.seq.params.top_p < 1.0 or e.seq.params.top_k > 0 for e in entries):
+                tokens, logprobs = sampled.cpu().tolist()  # the step's one host synchronisation
+                return [int(t) for t in tokens], logprobs
             return self._sample(logits, entries)
         return self._run_eager(batch)
 

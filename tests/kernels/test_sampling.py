@@ -50,6 +50,8 @@ def test_same_seed_same_draws_other_seed_other_draws():
     b, _ = fused_sample(logits, torch.ones(64), seed=1)
     c, _ = fused_sample(logits, torch.ones(64), seed=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    d, _ = fused_sample(logits, torch.ones(64), seed=torch.tensor([1]))  # read by the kernel (CUDA graphs)
+    assert torch.equal(a, d)
     assert len(set(a.tolist())) > 20  # rows of one launch draw independently
 
 
