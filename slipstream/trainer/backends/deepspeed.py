@@ -44,7 +44,7 @@ class DeepSpeedBackend(TrainBackend):
         if not ctx.active:
             raise BackendError("trainer.backend=deepspeed needs a process group (init_distributed was not called)")
         self.ds = _import_deepspeed()
-        self.ctx, self.zero_stage = ctx, zero_stage
+        self.ctx, self.zero_stage, self.cpu_offload = ctx, zero_stage, cpu_offload
         self.trainable = optim is not None
         module.to(ctx.device)
         cuda = ctx.device.type == "cuda"
@@ -127,10 +127,14 @@ class DeepSpeedBackend(TrainBackend):
         if path is None:
             raise BackendError(f"no DeepSpeed checkpoint under {directory}")
 
+    def _moves_states(self) -> bool:
+        # With ZeRO-Offload the optimizer state already lives on the CPU.
+        return self.trainable and self.ctx.device.type == "cuda" and not self.cpu_offload
+
     def offload_optimizer(self) -> None:
-        if self.engine is not None and self.trainable and self.ctx.device.type == "cuda" and self.zero_stage == 3:
-            self.engine.offload_states()
+        if self._moves_states():
+            self.engine.offload_states()  # optimizer state, master weights and gradient buffers
 
     def reload_optimizer(self) -> None:
-        if self.engine is not None and self.trainable and self.ctx.device.type == "cuda" and self.zero_stage == 3:
+        if self._moves_states():
             self.engine.reload_states()
