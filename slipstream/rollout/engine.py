@@ -132,10 +132,13 @@ class Engine:
         self.stats["steps"] += 1
         return finished
 
-    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> list[Completion]:
+    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,
+                 history: bool = True) -> list[Completion]:
         """One Completion per sample (`params.n` per request), in request order.
 
         The first request that carries a seed reseeds the sampler, so a call is reproducible.
+        `history=False`: the rollout does not feed what the engine learns from past rollouts (the
+        drafter's windows), e.g. an evaluation on prompts that are never trained on.
         """
         seed = next((r.params.seed for r in requests if r.params.seed is not None), None)
         if seed is not None:
@@ -151,6 +154,6 @@ class Engine:
             if progress is not None and finished:
                 progress(len(finished))
         if self.speculator is not None:
-            self.speculator.end()
+            self.speculator.end(record=history)
         self.stats["preemptions"] += self.scheduler.num_preemptions - preempted_before
         return [s.to_completion() for s in seqs]

@@ -58,8 +58,10 @@ class HFRolloutBackend:
         self.stop_default = [tokenizer.eos_token_id]
 
     @torch.no_grad()
-    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> list[Completion]:
-        """One Completion per sample: requests with params.n = k yield k completions, in order."""
+    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,
+                 history: bool = True) -> list[Completion]:
+        """One Completion per sample: requests with params.n = k yield k completions, in order.
+        `history` is the engine's interface; this backend learns nothing from past rollouts."""
         flat = [(req, i) for req in requests for i in range(req.params.n)]
         # Requests with equal params batch together; order of results follows `requests`.
         by_params: dict[SamplingParams, list[int]] = {}

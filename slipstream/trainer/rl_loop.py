@@ -100,7 +100,7 @@ def evaluate(engine, tokenizer, task, problems: list[Problem], cfg: SlipstreamCo
                             seed=cfg.trainer.seed)
     reqs = [Request(encode_prompt(tokenizer, p, cfg.task.system_prompt), params, p.uid, p.uid) for p in problems]
     bar = progress_bar(len(reqs), "eval", enabled=show)
-    comps = engine.generate(reqs, progress=bar.update)
+    comps = engine.generate(reqs, progress=bar.update, history=False)  # held-out prompts shape no drafts
     bar.close()
     texts = tokenizer.batch_decode([c.tokens for c in comps], skip_special_tokens=True)
     scores = [task.reward(p, t) for p, t in zip(problems, texts)]

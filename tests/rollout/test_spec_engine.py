@@ -385,3 +385,20 @@ def test_released_cache_drops_the_verification_graphs_and_speculation_resumes_af
     assert [c.tokens for c in engine.generate(reqs)] == expected
     assert engine.rollout_metrics()["spec/accepted_tokens"] > 0
     assert engine.spec_runner.graphs.kv_caches is engine.runner.kv_caches is not old_cache
+
+
+def test_a_rollout_without_history_leaves_the_windows_alone(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=12)
+    engine = Engine(decoder_from_hf_module(model), [], EngineConfig(block_size=4, num_blocks=128),
+                    spec=SpecConfig(policy=ALWAYS_EXPLORE))
+    engine.generate(_requests(tok, params, PROMPTS[:2]))
+    before = engine.speculator.state_dict()["drafter"]
+    held_out = [Request(tok(p, add_special_tokens=False)["input_ids"], params, f"eval{i}", f"e{i}")
+                for i, p in enumerate(PROMPTS[2:])]
+    engine.generate(held_out, history=False)
+    assert engine.rollout_metrics()["spec/steps_spec"] > 0  # it still speculated
+    assert engine.speculator.state_dict()["drafter"] == before
+    engine.generate(held_out)
+    after = engine.speculator.state_dict()["drafter"]
+    assert after["step"] == before["step"] + 1 and {"eval0", "eval1"} <= {p["group_id"] for p in after["prompts"]}

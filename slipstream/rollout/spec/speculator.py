@@ -75,11 +75,15 @@ class Speculator:
         self.draft_seconds = 0.0
         self.policy.set_expected_lengths({g: self.drafter.expected_length(g) for g in self._groups})
 
-    def end(self) -> None:
-        """Hand the rollout's outputs to the drafter's windows (in the background)."""
+    def end(self, record: bool = True) -> None:
+        """Hand the rollout's outputs to the drafter's windows (in the background); with
+        `record=False` forget them instead, leaving the windows and the drafter's step alone."""
         pending = [(sid, s.group_id, s.output_ids, sid in self._fed)
                    for sid, s in self._seqs.items() if sid not in self._closed]
         self._seqs, self._groups, self._fed, self._closed = {}, {}, {}, set()
+        if not record:
+            self.drafter.discard_step()
+            return
         self._worker = threading.Thread(target=self._close_rollout, args=(pending,), daemon=True,
                                         name="suffix-drafter-windows")
         self._worker.start()

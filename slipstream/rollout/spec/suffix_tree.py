@@ -630,6 +630,13 @@ class SuffixDrafter:
             self.step = int(step)
         self._evict_window()
 
+    def discard_step(self) -> None:
+        """Forget this step's live state and finished outputs, record nothing and stay at this
+        step (for rollouts that must not shape later drafts, e.g. evaluations)."""
+        self._pending.clear()
+        self._groups.clear()
+        self._requests.clear()
+
     def end_step(self) -> None:
         """Commit this step's finished outputs to their prompts' windows and advance the step."""
         for gid, outputs in self._pending.items():
