@@ -152,13 +152,14 @@ class BlockManager:
         self.num_lookup_tokens += seq.num_tokens
         self.num_hit_tokens += seq.num_cached_tokens
 
-    def _blocks_to_grow(self, seq: Sequence, num_lookahead: int) -> int:
+    def blocks_to_grow(self, seq: Sequence, num_lookahead: int = 0) -> int:
+        """New blocks `seq`'s next step needs for its last token and `num_lookahead` tokens after it."""
         return max(seq.num_blocks_needed(self.block_size, seq.num_tokens + num_lookahead) - len(seq.block_table), 0)
 
     def can_append(self, seq: Sequence, num_lookahead: int = 0) -> bool:
         """Whether `seq`'s next step (computing its last token and `num_lookahead` draft tokens
         after it) has slots for them."""
-        return self._blocks_to_grow(seq, num_lookahead) <= len(self._free)
+        return self.blocks_to_grow(seq, num_lookahead) <= len(self._free)
 
     def may_append(self, seq: Sequence, num_lookahead: int = 0) -> None:
         """Before a decode step: add the blocks its last token and `num_lookahead` draft tokens
@@ -167,7 +168,7 @@ class BlockManager:
         Draft tokens are never registered: a block is entered in the prefix map only once it is
         full of accepted tokens (`commit` after verification).
         """
-        grow = self._blocks_to_grow(seq, num_lookahead)
+        grow = self.blocks_to_grow(seq, num_lookahead)
         if grow > len(self._free):
             raise RuntimeError(f"no free block to grow {seq!r} by {num_lookahead + 1} tokens")
         for _ in range(grow):

@@ -25,8 +25,9 @@ step (the n samples of a group admitted together prefill their prompt once).
 
 Speculative steps: `schedule(drafts)` gives a decoding sequence with a draft of k tokens a query
 of 1 + k tokens (its last sampled token, then the draft), within the token budget, the decode
-kernel's query limit, and the room left by max_tokens and max_model_len; a draft that would need
-blocks the cache does not have is dropped rather than preempting anyone for it. After the
+kernel's query limit, and the room left by max_tokens and max_model_len; a draft is dropped
+rather than preempting anyone for it: it only takes free blocks beyond one for each running
+sequence still to be scheduled. After the
 verification, `postprocess_verified()` appends each sequence's emitted tokens (its accepted
 drafts, then the replacement or bonus token) up to a finish, and rolls the rejected positions
 back: `num_cached_tokens` becomes the accepted context, blocks taken only for rejected slots are
@@ -245,7 +246,8 @@ class Scheduler:
                 continue
             draft = drafts.get(seq.seq_id, ()) if drafts else ()
             k = self._draft_room(seq, draft, budget) if draft else 0
-            if k and bm.can_append(seq, k):
+            # The draft's blocks must leave one for each later running sequence's own next token.
+            if k and bm.blocks_to_grow(seq, k) + len(running) - i - 1 <= bm.num_free_blocks:
                 bm.may_append(seq, k)
                 entries.append(ScheduledSeq(seq, seq.num_cached_tokens, 1 + k, True, tuple(draft[:k])))
                 batch.num_draft_tokens += k

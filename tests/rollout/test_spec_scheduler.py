@@ -205,3 +205,16 @@ def test_postprocess_verified_rejects_results_that_contradict_the_draft():
     with pytest.raises(ValueError, match="use postprocess_verified"):
         sched.postprocess(batch, [1])
     assert seq.status is SequenceStatus.RUNNING and seq.output_ids == [5]
+
+
+def test_a_draft_never_takes_the_block_a_later_sequence_needs():
+    bm = BlockManager(4, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, eos_token_ids=[EOS])
+    old, new = Sequence([1, 2, 3], SamplingParams(max_tokens=100)), Sequence([4, 5, 6], SamplingParams(max_tokens=100))
+    sched.add([old, new])
+    sched.postprocess(sched.schedule(), [7, 8], [0.0, 0.0])  # each holds one full block; two are free
+    batch = sched.schedule({old.seq_id: [1, 1, 1, 1, 1, 1, 1, 1]})  # would take both free blocks
+    assert batch.entries[0].draft == () and not batch.preempted  # dropped: `new` needs the other one
+    sched.postprocess(batch, [9, 9], [0.0, 0.0])
+    batch = sched.schedule({old.seq_id: [1, 1, 1]})  # positions 5..8 fit the block its token starts
+    assert batch.entries[0].draft == (1, 1, 1) and not batch.preempted
