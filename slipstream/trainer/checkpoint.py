@@ -3,6 +3,8 @@
 A checkpoint is written into `checkpoints/.step_N.tmp-PID`, every file fsynced, a `COMPLETE`
 marker written last, then renamed to `checkpoints/step_N` in one `os.replace`. Resume only
 considers `step_N` directories holding the marker; leftovers of a killed write are removed.
+This module holds the pieces of that protocol; `sharded_checkpoint.py` writes and reads whole
+checkpoints (every rank's shards of every trained part).
 """
 
 from __future__ import annotations
@@ -91,34 +93,6 @@ def load_rollout_state(path: Path, rank: int) -> dict | None:
         raise CheckpointError(f"cannot load the rollout state of rank {rank} from {path}: {e}") from e
 
 
-def save_checkpoint(root: Path, state: TrainState, model, optimizer, extra: dict | None = None,
-                    keep: int = 2) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{state.step:06d}"
-    tmp = root / f".step_{state.step:06d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save(model.state_dict(), tmp / "model.pt")
-    _save(optimizer.state_dict(), tmp / "optimizer.pt")
-    _save({"rng": rng_state(), "extra": extra or {}}, tmp / "state.pt")
-    with open(tmp / "trainer_state.json", "w") as f:
-        json.dump(state.__dict__, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    with open(tmp / MARKER, "w") as f:
-        f.write("ok\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _prune(root, keep)
-    return final
-
-
 def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
@@ -142,18 +116,3 @@ def _prune(root: Path, keep: int) -> None:
 def latest_checkpoint(root: Path) -> Path | None:
     found = _complete_checkpoints(root)
     return found[-1][1] if found else None
-
-
-def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainState, dict]:
-    if not (path / MARKER).is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    try:
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        extra_state = torch.load(path / "state.pt", weights_only=False)
-        with open(path / "trainer_state.json") as f:
-            state = TrainState(**json.load(f))
-    except (OSError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
-    set_rng_state(extra_state["rng"])
-    return state, extra_state["extra"]

@@ -4,58 +4,66 @@ import pytest
 import torch
 
 from slipstream.trainer import checkpoint as ck
+from slipstream.trainer import sharded_checkpoint as sc
+from slipstream.trainer.backends import OptimizerSpec, build_backend
+from slipstream.trainer.distributed import DistContext
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def _model_and_opt(seed):
+def _backend(seed):
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(2, 4)).sum().backward()
-    opt.step()
-    return model, opt
+    backend = build_backend("local", model, CPU, OptimizerSpec(lr=0.1))
+    backend.backward(model(torch.randn(2, 4)).sum(), last=True)
+    backend.step()
+    return backend
 
 
 def test_round_trip_restores_model_optimizer_rng_and_position(tmp_path):
-    model, opt = _model_and_opt(0)
+    actor = _backend(0)
     torch.manual_seed(123)
     random.seed(7)
-    path = ck.save_checkpoint(tmp_path, ck.TrainState(step=3, epoch=1, position=5), model, opt)
+    path = sc.save_train_checkpoint(tmp_path, ck.TrainState(step=3, epoch=1, position=5), {"actor": actor}, CPU)
     expected_draw, expected_py = torch.rand(3), random.random()
-    other, other_opt = _model_and_opt(1)
-    state, _ = ck.load_checkpoint(path, other, other_opt)
+    other = _backend(1)
+    state = sc.load_train_checkpoint(path, {"actor": other}, CPU)
     assert state == ck.TrainState(step=3, epoch=1, position=5)
-    assert torch.equal(other.weight, model.weight)
-    assert torch.equal(other_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(other.module.weight, actor.module.weight)
+    assert torch.equal(other.optimizer.state_dict()["state"][0]["exp_avg"],
+                       actor.optimizer.state_dict()["state"][0]["exp_avg"])
     assert torch.equal(torch.rand(3), expected_draw) and random.random() == expected_py
 
 
 def test_a_write_killed_midway_is_never_picked_up(tmp_path, monkeypatch):
-    model, opt = _model_and_opt(0)
-    good = ck.save_checkpoint(tmp_path, ck.TrainState(2, 0, 4), model, opt)
-    real_save = ck._save
-    calls = {"n": 0}
+    actor = _backend(0)
+    good = sc.save_train_checkpoint(tmp_path, ck.TrainState(2, 0, 4), {"actor": actor}, CPU)
 
-    def dying_save(obj, path):
-        calls["n"] += 1
-        if calls["n"] == 2:  # model written, optimizer not yet
-            raise KeyboardInterrupt("killed")
-        real_save(obj, path)
+    def dying_save(obj, path):  # the model and optimizer are written, the RNG state is not
+        raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(ck, "_save", dying_save)
+    monkeypatch.setattr(sc, "_save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        ck.save_checkpoint(tmp_path, ck.TrainState(4, 0, 8), model, opt)
+        sc.save_train_checkpoint(tmp_path, ck.TrainState(4, 0, 8), {"actor": actor}, CPU)
     assert any(p.name.startswith(".step_000004.tmp-") for p in tmp_path.iterdir())
     assert ck.latest_checkpoint(tmp_path) == good
+    assert sc.resume_path("auto", tmp_path, CPU) == good and sc.resume_path("never", tmp_path, CPU) is None
     # a step_N directory without the marker (e.g. copied by hand, truncated) is ignored too
     (tmp_path / "step_000009").mkdir()
     assert ck.latest_checkpoint(tmp_path) == good
     with pytest.raises(ck.CheckpointError, match="step_000009"):
-        ck.load_checkpoint(tmp_path / "step_000009", model, opt)
+        sc.load_train_checkpoint(tmp_path / "step_000009", {"actor": actor}, CPU)
 
 
 def test_keep_prunes_old_checkpoints_and_leftovers(tmp_path):
-    model, opt = _model_and_opt(0)
+    actor = _backend(0)
     (tmp_path / ".step_000001.tmp-999").mkdir()
     for step in (1, 2, 3):
-        ck.save_checkpoint(tmp_path, ck.TrainState(step, 0, step), model, opt, keep=2)
+        sc.save_train_checkpoint(tmp_path, ck.TrainState(step, 0, step), {"actor": actor}, CPU, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000003"]
+
+
+def test_a_checkpoint_without_a_part_the_run_trains_is_refused(tmp_path):
+    path = sc.save_train_checkpoint(tmp_path, ck.TrainState(1, 0, 1), {"actor": _backend(0)}, CPU)
+    with pytest.raises(ck.CheckpointError, match="has no critic .*another algorithm"):
+        sc.load_train_checkpoint(path, {"actor": _backend(1), "critic": _backend(2)}, CPU)
