@@ -37,7 +37,7 @@ from slipstream.drafter.metrics import BubbleReport, DrafterMetrics
 from slipstream.drafter.model import Drafter
 from slipstream.drafter.swap import DrafterSlot
 
-__all__ = ["BubbleTrainer", "RankBubble", "SideStreamTrainer", "SlowdownGate", "average_drafter",
+__all__ = ["BubbleTimeout", "BubbleTrainer", "RankBubble", "SideStreamTrainer", "SlowdownGate", "average_drafter",
            "broadcast_drafter", "drafter_loss"]
 
 T = TypeVar("T")
@@ -83,15 +83,17 @@ class BubbleTrainer:
     def train_step(self, refresh: bool = True) -> bool:
         """One optimizer step on a fresh batch; False (and nothing done) while the buffer holds no pair.
         refresh=False: draw from the pairs indexed before (see `FeatureBuffer.sample`)."""
-        batch = self.buffer.sample(self.generator, device=self.drafter.device, refresh=refresh)
-        if batch is None:
-            return False
-        self.drafter.train()
-        loss, stats = drafter_loss(self.drafter, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
+        # Callers may sit inside the engine's inference mode or a no-grad block (the decode loop).
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = self.buffer.sample(self.generator, device=self.drafter.device, refresh=refresh)
+            if batch is None:
+                return False
+            self.drafter.train()
+            loss, stats = drafter_loss(self.drafter, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
         self.steps += 1
         self.newest_data_step = max(batch.newest_step, self.newest_data_step or batch.newest_step)
         self.metrics.record_train(stats, batch.mean_step)
@@ -186,6 +188,10 @@ class BubbleTrainer:
 # (a) ranks done early, coordinated through the torch.distributed store
 
 
+class BubbleTimeout(RuntimeError):
+    """Other ranks never reported their rollout done."""
+
+
 @torch.no_grad()
 def broadcast_drafter(drafter: Drafter, src: int = 0, group=None) -> None:
     """Give every rank `src`'s drafter weights (once, before the first bubble)."""
@@ -223,18 +229,26 @@ class RankBubble:
     """Bubble (a): train while other ranks still generate; see the module docstring.
 
     store: a torch.distributed store shared by the ranks (`dist.TCPStore`, `dist.FileStore`, or a
-    `dist.PrefixStore` over either); keys live under `prefix`/<step>.
+    `dist.PrefixStore` over either); keys live under `prefix`/<step>. A rank that waits longer than
+    `timeout_s` for the others raises `BubbleTimeout` naming the ranks that never finished.
     """
 
-    def __init__(self, store, rank: int, world_size: int, group=None, prefix: str = "slipstream/drafter"):
+    def __init__(self, store, rank: int, world_size: int, group=None, prefix: str = "slipstream/drafter",
+                 timeout_s: float = 1800.0):
         self.store, self.rank, self.world_size, self.group, self.prefix = store, rank, world_size, group, prefix
+        self.timeout_s = timeout_s
 
     def _key(self, step: int) -> str:
         return f"{self.prefix}/{step}/rollout_done"
 
     def mark_done(self, step: int) -> None:
         """Tell the other ranks this rank's rollout of `step` is done."""
+        self.store.set(f"{self._key(step)}/{self.rank}", "1")  # who, for the timeout message
         self.store.add(self._key(step), 1)
+
+    def missing_ranks(self, step: int) -> list[int]:
+        """Ranks that have not marked `step` done."""
+        return [r for r in range(self.world_size) if not self.store.check([f"{self._key(step)}/{r}"])]
 
     def done_count(self, step: int) -> int:
         """Ranks whose rollout of `step` is done."""
@@ -245,7 +259,17 @@ class RankBubble:
         Every rank of the group must call it for `step` (it ends with a collective)."""
         start = {n: p.detach().clone() for n, p in trainer.drafter.named_parameters()}
         self.mark_done(step)
-        report = trainer.train_until(stop=lambda: self.done_count(step) >= self.world_size, kind="rank_idle")
+        deadline = time.monotonic() + self.timeout_s
+
+        def stop() -> bool:
+            if self.done_count(step) >= self.world_size:
+                return True
+            if time.monotonic() > deadline:
+                raise BubbleTimeout(f"rank {self.rank}: ranks {self.missing_ranks(step)} did not finish the "
+                                    f"rollout of step {step} within {self.timeout_s:.0f} s")
+            return False
+
+        report = trainer.train_until(stop=stop, kind="rank_idle")
         average_drafter(trainer.drafter, start, report.steps, self.group)
         trainer.publish()
         return report

@@ -188,7 +188,8 @@ class FeatureBuffer:
         lengths_t = torch.tensor(lengths)
         starts = torch.tensor([c.start for c in self._chunks])
         chunk_of_row = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
-        within = torch.arange(int(lengths_t.sum())) - torch.repeat_interleave(lengths_t.cumsum(0) - lengths_t, lengths_t)
+        chunk_start = torch.repeat_interleave(lengths_t.cumsum(0) - lengths_t, lengths_t)
+        within = torch.arange(int(lengths_t.sum())) - chunk_start
         rows = (starts[chunk_of_row] + within) % self.capacity
         # One gather and one device-to-host copy per column, whatever the number of chunks.
         where = rows.to(self._owner.device)

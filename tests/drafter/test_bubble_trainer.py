@@ -154,3 +154,23 @@ def test_side_stream_trainer_trains_only_while_the_gate_allows():
     report = side.end_rollout()
     assert report.kind == "side_stream" and report.steps == t.steps == sum(trained)
     assert t.slot.version == 1
+
+
+def test_training_works_from_inside_inference_mode():
+    t = _trainer()
+    before = {k: v.clone() for k, v in t.drafter.state_dict().items()}
+    with torch.inference_mode():  # as from the engine's decode loop
+        assert t.train_step()
+    assert any(not torch.equal(before[k], v) for k, v in t.drafter.state_dict().items())
+
+
+def test_a_rank_that_never_finishes_is_named(tmp_path):
+    import torch.distributed as dist
+
+    from slipstream.drafter.bubble_trainer import BubbleTimeout, RankBubble
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    bubble = RankBubble(store, rank=0, world_size=3, timeout_s=0.3)
+    RankBubble(store, rank=2, world_size=3).mark_done(step=4)
+    with pytest.raises(BubbleTimeout, match=r"rank 0: ranks \[1\] did not finish the rollout of step 4"):
+        bubble.run(_trainer(), step=4)
