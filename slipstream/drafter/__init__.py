@@ -11,7 +11,7 @@ from slipstream.drafter.source_policy import (SOURCES, CombinedDraft, SourcePoli
                                               combine_drafts)
 from slipstream.drafter.swap import DrafterSlot
 
-__all__ = ["SOURCES", "BubbleReport", "BubbleTimeout", "BubbleTrainer", "CombinedDraft", "ContextWindows", "Draft", "DraftContext",
-           "Drafter", "DrafterBatch", "DrafterConfig", "DrafterMetrics", "DrafterSlot", "FeatureBuffer", "RankBubble",
-           "SideStreamTrainer", "SlowdownGate", "SourcePolicy", "SourcePolicyConfig", "TargetHead", "aligned_pairs",
-           "average_drafter", "broadcast_drafter", "combine_drafts", "drafter_loss"]
+__all__ = ["SOURCES", "BubbleReport", "BubbleTimeout", "BubbleTrainer", "CombinedDraft", "ContextWindows", "Draft",
+           "DraftContext", "Drafter", "DrafterBatch", "DrafterConfig", "DrafterMetrics", "DrafterSlot", "FeatureBuffer",
+           "RankBubble", "SideStreamTrainer", "SlowdownGate", "SourcePolicy", "SourcePolicyConfig", "TargetHead",
+           "aligned_pairs", "average_drafter", "broadcast_drafter", "combine_drafts", "drafter_loss"]
