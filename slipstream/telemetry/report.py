@@ -210,6 +210,9 @@ def _timelines(rollouts: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
 def _plot_timeline(rollouts: list[dict[str, Any]] | None, path: Path) -> None:
     """Live batch size over the rollout's wall clock, speculative steps marked: the first and the
     last rollout that logged a timeline."""
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import ScalarFormatter
+
     with_timeline = _timelines(rollouts)
     chosen = with_timeline[:1] + with_timeline[-1:] if len(with_timeline) > 1 else with_timeline
     fig, axes = _new_figure(height=3.2 * max(len(chosen), 1), nrows=max(len(chosen), 1))
@@ -219,20 +222,30 @@ def _plot_timeline(rollouts: list[dict[str, Any]] | None, path: Path) -> None:
     for ax, row in zip(axes, chosen):
         tl = row["timeline"]
         ends = [s + d for s, d in zip(tl["start"], tl["seconds"])]
-        ax.step(tl["start"], tl["live"], where="post", color="tab:blue", label="live sequences")
+        ax.step(tl["start"] + ends[-1:], tl["live"] + tl["live"][-1:], where="post", color="tab:blue",
+                label="live sequences")
         spec_steps = [i for i, d in enumerate(tl["drafted"]) if d > 0]
+        spans: list[list[float]] = []  # runs of consecutive speculative steps, one patch each
         for i in spec_steps:
-            ax.axvspan(tl["start"][i], ends[i], color="tab:orange", alpha=0.35, linewidth=0)
-        if spec_steps:
-            ax.axvspan(0, 0, color="tab:orange", alpha=0.35, label="speculative step")
-        ax.set_yscale("symlog", linthresh=16)
+            if spans and spans[-1][2] == i - 1:
+                spans[-1][1:] = [ends[i], i]
+            else:
+                spans.append([tl["start"][i], ends[i], i])
+        for lo, hi, _ in spans:
+            ax.axvspan(lo, hi, color="tab:orange", alpha=0.35, linewidth=0)
+        ax.set_yscale("log", base=2)  # the tail: halving batches get the same height
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_ylim(bottom=0.8)
         ax.set_xlabel("seconds into the rollout")
         ax.set_ylabel("live batch")
         spec_time = sum(tl["seconds"][i] for i in spec_steps)
         ax.set_title(f"Rollout timeline, step {row['step']}: {len(tl['start'])} engine steps, "
                      f"{ends[-1]:.2f} s, {spec_time:.2f} s speculative")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right")
+        handles, _ = ax.get_legend_handles_labels()
+        if spec_steps:
+            handles.append(Patch(color="tab:orange", alpha=0.35, label="speculative step"))
+        ax.legend(handles=handles, loc="upper right")
     fig.savefig(path, dpi=100)
 
 
