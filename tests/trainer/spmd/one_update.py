@@ -42,6 +42,7 @@ def main(kind: str, out: str) -> None:
     model = LlamaForCausalLM(tiny_config(32, 2)).float()
     critic_module = ValueModel.from_policy(model)
     torch.nn.init.normal_(critic_module.value_head.weight, std=0.1)  # non-zero values: GAE and clipping act
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
     comps, rewards = global_batch()
     groups = [list(range(3 * g, 3 * g + 3)) for g in range(4)]
     mine = [i for grp in shard_groups(groups, ctx) for i in grp]
@@ -53,7 +54,8 @@ def main(kind: str, out: str) -> None:
     # REINFORCE++ (global normalisation) and token-mean (global token count): both need the global batch.
     acfg = AlgorithmConfig(advantage="reinforce_pp", loss_agg="token-mean", kl_coef=0.1, critic_lr=1e-2,
                            gamma=0.9, lam=0.8, value_clip=0.05)
-    extra = {"zero_stage": int(sys.argv[3])} if len(sys.argv) > 3 else {}
+    # deepspeed: argv[3] is the ZeRO stage, argv[4] (optional) "offload" for ZeRO-Offload
+    extra = {"zero_stage": int(sys.argv[3]), "cpu_offload": sys.argv[4:] == ["offload"]} if len(sys.argv) > 3 else {}
     ref = build_backend(kind, LlamaForCausalLM(tiny_config(32, 2)).float(), ctx, None, **extra)
     actor_backend = build_backend(kind, model, ctx, OptimizerSpec(tcfg.lr, max_grad_norm=1.0), **extra)
     actor = Actor(actor_backend, tcfg, acfg, ctx, ref=ref)
@@ -70,7 +72,7 @@ def main(kind: str, out: str) -> None:
     gathered_gae = torch.cat([t.flatten() for t in ctx.all_gather(torch.nn.functional.pad(
         gae_adv, (0, 8 - gae_adv.shape[1])))])
     if ctx.is_main:
-        torch.save({"metrics": metrics, "critic_metrics": cmetrics, "actor": actor_params, "critic": critic_params,
+        torch.save({"initial": initial, "metrics": metrics, "critic_metrics": cmetrics, "actor": actor_params, "critic": critic_params,
                     "advantages": gathered_adv, "gae": gathered_gae}, out)
     shutdown_distributed()
 
