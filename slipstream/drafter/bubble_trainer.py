@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
+import os
 import statistics
 import threading
 import time
@@ -237,6 +239,18 @@ class RankBubble:
                  timeout_s: float = 1800.0):
         self.store, self.rank, self.world_size, self.group, self.prefix = store, rank, world_size, group, prefix
         self.timeout_s = timeout_s
+
+    @classmethod
+    def from_env(cls, group=None, prefix: str = "slipstream/drafter", timeout_s: float = 1800.0) -> "RankBubble":
+        """Under torchrun (an initialised process group, MASTER_ADDR and MASTER_PORT set): a client
+        of the job's TCP store, with this rank and the group's size."""
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing or not dist.is_initialized():
+            raise RuntimeError(f"RankBubble.from_env needs torchrun's environment and an initialised process "
+                               f"group (missing: {', '.join(missing) or 'init_process_group'})")
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(store, dist.get_rank(group), dist.get_world_size(group), group, prefix, timeout_s)
 
     def _key(self, step: int) -> str:
         return f"{self.prefix}/{step}/rollout_done"

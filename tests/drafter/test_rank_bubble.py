@@ -4,10 +4,12 @@ Rank 0 finishes its "rollout" at once and trains while rank 1 still generates (s
 finishes later and finds every rank done, so it does not train. Afterwards both hold the same
 weights: rank 0's trained ones (the update is weighted by optimizer steps, and rank 1 took none).
 Then both ranks move their weights by different amounts in different step counts, and the
-average is the step-weighted one.
+average is the step-weighted one. Last, the same processes join a TCP store as under torchrun
+(`RankBubble.from_env`).
 """
 
 import os
+import socket
 import time
 
 import torch
@@ -18,7 +20,28 @@ WORLD = 2
 GENERATE_S = 1.5  # rank 1's rollout
 
 
-def _worker(rank: int, tmp: str) -> None:
+def _env_part(rank: int, port: int, out: str) -> None:
+    """RankBubble.from_env: a client of the job's TCP store, as under torchrun."""
+    from slipstream.drafter import RankBubble
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=WORLD)
+    try:
+        bubble = RankBubble.from_env()
+        assert (bubble.rank, bubble.world_size) == (rank, WORLD)
+        if rank == 1:
+            time.sleep(1.0)
+        bubble.mark_done(step=7)
+        seen = bubble.done_count(7)
+        while bubble.done_count(7) < WORLD:
+            time.sleep(0.01)
+        dist.barrier()
+        torch.save({"seen": seen, "missing": bubble.missing_ranks(7)}, os.path.join(out, f"env{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, tmp: str, port: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     from slipstream.drafter import (BubbleTrainer, Drafter, DrafterConfig, DrafterSlot, FeatureBuffer, RankBubble,
@@ -73,10 +96,14 @@ def _worker(rank: int, tmp: str) -> None:
                     "weighted": drafter.state_dict()}, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    _env_part(rank, port, tmp)
 
 
 def test_ranks_done_early_train_and_end_with_equal_weights(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(str(tmp_path), port), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     assert r0["report"].steps > 0 and r0["report"].kind == "rank_idle"
     assert r0["report"].available_s >= GENERATE_S * 0.5
@@ -91,3 +118,6 @@ def test_ranks_done_early_train_and_end_with_equal_weights(tmp_path):
     for k in r0["after"]:  # (1 * 1 + 2 * 2) / (1 + 2)
         assert torch.allclose(r0["weighted"][k], r0["after"][k] + 5 / 3, atol=1e-5), k
         assert torch.equal(r0["weighted"][k], r1["weighted"][k]), k
+    e0, e1 = (torch.load(tmp_path / f"env{r}.pt") for r in range(WORLD))
+    assert e0["seen"] == 1 and e1["seen"] == 2  # from_env: rank 1 marked done after rank 0
+    assert e0["missing"] == e1["missing"] == []
