@@ -80,7 +80,7 @@ class _Pairs:
     target_rows: torch.Tensor  # [P] ring rows of h_{t+1}
     positions: torch.Tensor  # [P] t
     steps: torch.Tensor  # [P] RL step of the pair's data
-    run_end: torch.Tensor  # [P] index one past the last pair of the pair's run
+    run_end: list[int]  # [P] index one past the last pair of the pair's run (host list: read per piece)
 
 
 class FeatureBuffer:
@@ -173,7 +173,7 @@ class FeatureBuffer:
         self._written_since, self._free_at_index = 0, self.capacity - self._used
         if not self._chunks:
             empty = torch.zeros(0, dtype=torch.long)
-            self._pairs = _Pairs(empty, empty, empty, empty, empty, empty)
+            self._pairs = _Pairs(empty, empty, empty, empty, empty, [])
             return self._pairs
         # Every chunk's sequences get global ids; a row's id is its chunk's table at its owner.
         seq_ids: dict[tuple, int] = {}
@@ -214,13 +214,13 @@ class FeatureBuffer:
         feat_rows, next_tokens, target_rows, pair_runs = aligned_pairs(rows, tokens, run_ids)
         src = by_row[feat_rows]
         P = feat_rows.shape[0]
-        run_end = torch.zeros(P, dtype=torch.long)
+        run_end = torch.zeros(0, dtype=torch.long)
         if P:
             last = torch.ones(P, dtype=torch.bool)
             last[:-1] = pair_runs[1:] != pair_runs[:-1]
             ends = torch.nonzero(last).squeeze(-1) + 1
             run_end = torch.repeat_interleave(ends, torch.diff(ends, prepend=ends.new_zeros(1)))
-        self._pairs = _Pairs(feat_rows, next_tokens, target_rows, positions[src], steps[src], run_end)
+        self._pairs = _Pairs(feat_rows, next_tokens, target_rows, positions[src], steps[src], run_end.tolist())
         return self._pairs
 
     def num_pairs(self) -> int:
@@ -248,7 +248,7 @@ class FeatureBuffer:
             index = torch.full((B, L), -1, dtype=torch.long)
             segments = torch.full((B, L), -1, dtype=torch.long)
             starts = torch.randint(P, (B * L,), generator=generator).tolist()
-            run_end = pairs.run_end.tolist()
+            run_end = pairs.run_end
             draws = iter(starts)
             for b in range(B):
                 col, seg = 0, 0
