@@ -87,7 +87,8 @@ def context_pairs(features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.T
 
 @dataclass
 class DraftContext:
-    """The latest known pairs of each request, right-aligned in `window` columns.
+    """The latest known pairs of each request, right-aligned in W columns (W at most the window;
+    a longer context is fine, the drafter's attention only reads its own window of it).
 
     features [B, W, H]: h_t; next_tokens [B, W]: x_{t+1}; positions [B, W]: t; lengths [B]: how many
     of the last columns hold pairs (>= 1). The last column of request b holds (h_{n-1}, x_n), where
