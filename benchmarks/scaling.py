@@ -38,10 +38,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # name -> (recipe, extra overrides); `{model_dir}` is filled for models built by this script.
+# The KV cache holds a rank's whole batch (no preemption noise in the rollout time).
 MODELS = {
-    "smollm2": ("smollm2-gpu", ["rollout.max_tokens=256", "rollout.n=8"]),
+    "smollm2": ("smollm2-gpu", ["rollout.max_tokens=256", "rollout.n=8", "rollout.kv_cache_gb=8"]),
     "qwen1.5b": ("smollm2-gpu", ["model.name={model_dir}", "rollout.max_tokens=256", "rollout.n=8",
-                                 "trainer.micro_batch_size=16", "model.gradient_checkpointing=true"]),
+                                 "rollout.kv_cache_gb=8", "trainer.micro_batch_size=16",
+                                 "model.gradient_checkpointing=true"]),
     "tiny": ("smoke", ["rollout.max_tokens=16"]),
 }
 # Qwen2.5-1.5B: hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings

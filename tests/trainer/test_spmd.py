@@ -145,6 +145,17 @@ def test_killed_job_resumes_like_the_uninterrupted_one_and_exports(tmp_path, bac
             assert float((wa - w0).norm() / w0.norm()) > 0.01, name
 
 
+@pytest.mark.parametrize("backend", ["fsdp2", pytest.param("deepspeed", marks=needs_deepspeed)])
+def test_one_process_runs_a_sharded_backend_without_torchrun(tmp_path, backend):
+    p = _run([sys.executable, "-m", "slipstream.train", "recipe=smoke", f"trainer.backend={backend}",
+              f"trainer.run_dir={tmp_path}", "trainer.steps=1", "logger.wandb=false", "task.num_eval=2",
+              "rollout.max_tokens=8", "rollout.eval_max_tokens=8"])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    actor = tmp_path / "checkpoints" / "step_000001" / "actor"
+    expected = {"fsdp2": "dcp", "deepspeed": "deepspeed"}[backend]
+    assert json.loads((actor / "format.json").read_text())["format"] == expected
+
+
 @pytest.mark.parametrize("mode, says", [
     ("raise", "reward verifier crashed on rank one"),
     ("die", "Signal 9"),

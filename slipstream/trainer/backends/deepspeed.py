@@ -9,6 +9,7 @@ boundary where it reduces the gradients.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,9 @@ class DeepSpeedBackend(TrainBackend):
         if not ctx.active:
             raise BackendError("trainer.backend=deepspeed needs a process group (init_distributed was not called)")
         self.ds = _import_deepspeed()
+        # DeepSpeed reads its device from LOCAL_RANK, which only launchers set; a one-process run
+        # (`slipstream train trainer.backend=deepspeed`) has none.
+        os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
         self.ctx, self.zero_stage, self.cpu_offload = ctx, zero_stage, cpu_offload
         self.trainable = optim is not None
         module.to(ctx.device)
