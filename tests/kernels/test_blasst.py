@@ -141,7 +141,8 @@ def test_zero_skip_scale_is_the_dense_kernel_exactly(paged_batch, max_q_len):
     lens, q_lens = [120, 77], [max_q_len, 3]
     args, _ = _planted(paged_batch, lens, q_lens, 4, 2, 64, 16, torch.float32, seed=3)
     kernel = paged_decode_attention if max_q_len <= 16 else paged_prefill_attention
-    blocks = {"block_n": 16} if max_q_len <= 16 else {"block_m": 16, "block_n": 16}
+    # (decode: the split-K parts skip-softmax would use by default, so the tilings match)
+    blocks = {"block_n": 16, "min_tiles_per_split": 4} if max_q_len <= 16 else {"block_m": 16, "block_n": 16}
     dense = kernel(*args, 0.125, max_q_len=max_q_len, **blocks)
     counters = torch.zeros(2, dtype=torch.int32)
     assert torch.equal(kernel(*args, 0.125, max_q_len=max_q_len, skip_scale=0.0, counters=counters, **blocks),

@@ -55,13 +55,15 @@ def test_split_k_matches_reference(paged_batch, num_splits, dtype):
 
 
 def test_split_heuristic():
-    # Short contexts never split; few long sequences split to fill the GPU; a big batch needs none.
-    assert choose_num_splits(batch=1, kv_heads=8, max_context=200, block_n=64, num_sms=132) == 1
+    # One tile never splits; few sequences split to fill the GPU, down to one tile a part; a big batch needs none.
+    assert choose_num_splits(batch=1, kv_heads=8, max_context=64, block_n=64, num_sms=132) == 1
+    assert choose_num_splits(batch=1, kv_heads=2, max_context=448, block_n=64, num_sms=132) == 7
     assert choose_num_splits(batch=1, kv_heads=8, max_context=65536, block_n=64, num_sms=132) == 32
     assert choose_num_splits(batch=4, kv_heads=8, max_context=8192, block_n=64, num_sms=132) == 9
     assert choose_num_splits(batch=256, kv_heads=8, max_context=65536, block_n=64, num_sms=132) == 1
     # ... and never into parts shorter than min_tiles_per_split tiles.
-    assert choose_num_splits(batch=1, kv_heads=1, max_context=1024, block_n=64, num_sms=132) == 4
+    assert choose_num_splits(batch=1, kv_heads=1, max_context=1024, block_n=64, num_sms=132,
+                             min_tiles_per_split=4) == 4
 
 
 def test_heuristic_split_count_strided_queries_and_int64_metadata(paged_batch):

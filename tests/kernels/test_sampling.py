@@ -15,10 +15,10 @@ def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 def test_draws_follow_softmax_over_temperature():
-    # One program per draw, and the interpreter runs ~15 ms a program: 1,500 draws over 6 tokens
+    # One program per draw, and the interpreter runs ~15 ms a program: 1,200 draws over 6 tokens
     # (padded to an 8-lane block, whose padding must never be drawn).
     logits = torch.tensor([1.5, 0.0, -1.0, 0.8, -2.0, 0.3])
-    t, N = 0.6, 1500
+    t, N = 0.6, 1200
     tokens, logprobs = fused_sample(logits.expand(N, -1).contiguous(), torch.full((N,), t), seed=123)
     target = (logits / t).softmax(-1)
     counts = torch.bincount(tokens, minlength=6)
