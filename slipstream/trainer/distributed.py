@@ -61,6 +61,15 @@ class DistContext:
         dist.all_gather(parts, src)
         return [p.to(t.device) for p in parts]
 
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over ranks (every rank passes the same keys and holds as many
+        samples, so the mean of the ranks' means is the global mean)."""
+        if not metrics or not self.active or self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        summed = self.all_reduce_sum(torch.tensor([metrics[k] for k in keys], dtype=torch.float64))
+        return {k: float(v) / self.world_size for k, v in zip(keys, summed)}
+
     def broadcast_object(self, obj):
         """Rank 0's `obj` on every rank."""
         if not self.active or self.world_size == 1:

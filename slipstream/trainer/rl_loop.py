@@ -231,7 +231,8 @@ def train(cfg: SlipstreamConfig) -> dict:
             metrics.update(rollout_metrics)
             metrics.update({
                 "time/rollout": t_rollout, "time/reward": t_reward, "time/update": t_update, "time/sync": t_sync,
-                **reward_metrics, **{f"attention/sparsity_{phase}": v for phase, v in sparsity.items()}, **spec_metrics,
+                **ctx.mean_over_ranks(reward_metrics), **spec_metrics,
+                **{f"attention/sparsity_{phase}": v for phase, v in sparsity.items()},
             })
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 t0 = time.perf_counter()

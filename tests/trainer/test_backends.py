@@ -30,3 +30,15 @@ def test_engine_releases_and_restores_its_kv_cache(tiny_model):
     engine.restore_cache()
     assert len(engine.runner.kv_caches) == tiny_model[0].config.num_hidden_layers
     assert [c.tokens for c in engine.generate(request)] == [c.tokens for c in before]
+
+
+def test_every_rank_takes_an_equal_contiguous_share_of_whole_groups():
+    from slipstream.trainer.distributed import DistContext, DistributedSetupError, shard_groups
+
+    prompts = [f"p{i}" for i in range(6)]
+    shares = [shard_groups(prompts, DistContext(rank=r, world_size=3, local_rank=r, device=torch.device("cpu")))
+              for r in range(3)]
+    assert shares == [["p0", "p1"], ["p2", "p3"], ["p4", "p5"]]
+    with pytest.raises(DistributedSetupError, match=r"prompts_per_step=6 must be a multiple of the number of ranks "
+                                                    r"\(4\)"):
+        shard_groups(prompts, DistContext(rank=0, world_size=4, local_rank=0, device=torch.device("cpu")))
