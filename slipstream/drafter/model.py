@@ -199,10 +199,8 @@ class DrafterLayer(nn.Module):
         v = v.reshape(B, L, self.num_kv_heads, self.head_dim)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-        group = self.num_heads // self.num_kv_heads
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(group, dim=2).transpose(1, 2),
-                                             v.repeat_interleave(group, dim=2).transpose(1, 2),
-                                             attn_mask=mask[:, None])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask[:, None], enable_gqa=True)
         x = x + self.o_proj(out.transpose(1, 2).reshape(B, L, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_norm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up), (k, v)
