@@ -142,9 +142,10 @@ class Draft:
     version: int = 0
 
     def expected_accepted(self) -> torch.Tensor:
-        """[B] the drafter's own estimate of accepted tokens: sum over j of prod_{i<=j} q_i(d_i)."""
+        """[B, k] the drafter's own estimate of the accepted tokens if the draft is cut to j + 1
+        tokens: sum over i <= j of prod_{l <= i} q_l(d_l) (EAGLE-2's confidence as acceptance)."""
         q = self.probs.gather(-1, self.tokens[..., None]).squeeze(-1)
-        return q.cumprod(-1).sum(-1)
+        return q.cumprod(-1).cumsum(-1)
 
 
 class RMSNorm(nn.Module):

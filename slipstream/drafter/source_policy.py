@@ -138,8 +138,7 @@ def combine_drafts(source: str, budgets: Sequence[int], vocab_size: int,
     learned_scores = None
     if use_drafter:
         K_d = drafter.tokens.shape[1]
-        q = drafter.probs.gather(-1, drafter.tokens[..., None]).squeeze(-1).cumprod(-1)  # [B, K_d]
-        learned_scores = q.cumsum(-1).tolist()
+        learned_scores = drafter.expected_accepted().tolist()
     tokens = torch.zeros(B, K, dtype=torch.long, device=device)
     lens = torch.zeros(B, dtype=torch.long, device=device)
     probs = torch.zeros(B, K, vocab_size, device=device) if use_drafter else None
