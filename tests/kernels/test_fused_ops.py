@@ -71,3 +71,19 @@ def test_silu_mul_matches_torch(dtype):
 def test_torch_path_outside_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not fused_ops.use_triton(torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K,bias", [(1, 40, 70, True), (5, 300, 64, False), (16, 33, 300, True)])
+def test_small_m_linear_matches_torch(dtype, M, N, K, bias):
+    g = torch.Generator().manual_seed(M * N)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    y = fused_ops.linear(x, w, b)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    tol = dict(atol=2e-2, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(y.float(), ref, **tol)
+    assert y.dtype == dtype
+    # more rows than a decode step: torch's matmul
+    assert torch.equal(fused_ops.linear(x.repeat(20, 1), w, b)[:M], torch.nn.functional.linear(x.repeat(20, 1), w, b)[:M])
