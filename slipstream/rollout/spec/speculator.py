@@ -9,9 +9,10 @@ windows.
 
 The drafter is kept cheap where it cannot pay off: while the batch is large, or the bandit plays
 its no-speculation arm, no sequence drafts and the trees are left alone; they catch up the next
-time drafts are wanted (what a sequence has not yet handed over is its output past `_fed`). Catching up indexes a sequence's backlog in one pass (several times
-cheaper per token than growing it token by token) and only for groups with a live sequence: the
-outputs of groups that are done help no draft in this rollout. Moving a rollout's outputs into
+time drafts are wanted (what a sequence has not handed over yet is its output past `_fed`).
+Catching up indexes a sequence's backlog in one pass (several times cheaper per token than
+growing it token by token) and only for groups with a live sequence: the outputs of groups that
+are done help no draft in this rollout. Moving a rollout's outputs into
 the windows (`end`) runs in a background thread, overlapping whatever follows the rollout (the
 trainer's update); the next rollout and `state_dict` wait for it.
 """
