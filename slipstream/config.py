@@ -90,6 +90,7 @@ class RolloutConfig:
     max_num_seqs: int = 256  # sequences decoding together
     max_num_batched_tokens: int = 4096  # tokens per engine step (prefill chunks + decodes)
     max_model_len: int = 4096  # prompt + response cap
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU)
 
 
 @dataclass
