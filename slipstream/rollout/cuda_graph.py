@@ -107,14 +107,14 @@ class DecodeGraphs:
         h, bs, W = self.host_np, self.block_size, self.width
         n = len(seqs)
         t0 = 5 * B + 1
-        for i, seq in enumerate(seqs):
-            p = seq.num_tokens - 1  # the last token is fed back; its K/V goes to position p
-            table = seq.block_table
-            h[i] = seq.last_token
-            h[B + i] = p
-            h[2 * B + i] = p + 1
-            h[3 * B + i] = table[p // bs] * bs + p % bs
-            self.host_f64[4 * B + i] = seq.params.temperature
+        last = [seq.num_tokens - 1 for seq in seqs]  # the last token is fed back; its K/V goes there
+        tables = [seq.block_table for seq in seqs]
+        h[:n] = [seq.last_token for seq in seqs]
+        h[B:B + n] = last
+        h[2 * B:2 * B + n] = [p + 1 for p in last]
+        h[3 * B:3 * B + n] = [table[p // bs] * bs + p % bs for table, p in zip(tables, last)]
+        self.host_f64[4 * B:4 * B + n] = [seq.params.temperature for seq in seqs]
+        for i, table in enumerate(tables):
             h[t0 + i * W:t0 + i * W + len(table)] = table
         h[n:B] = 0
         h[B + n:2 * B] = 0
