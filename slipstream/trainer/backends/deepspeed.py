@@ -88,7 +88,6 @@ class DeepSpeedBackend(TrainBackend):
         # accumulation counters advance at each forward); the wrapped module keeps the parameter names.
         self.module, self.inner = self.engine, self.engine.module
 
-
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
