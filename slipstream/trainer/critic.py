@@ -102,7 +102,8 @@ class Critic:
                 self.backend.backward(loss * self.ctx.world_size, last=s == starts[-1])
                 w = float(mask.sum())
                 sums += torch.tensor([float(loss.detach()) / self.tcfg.mini_batches,
-                                      float(metrics["critic/vf_clip_frac"]) * w, float(metrics["critic/value_mean"]) * w,
+                                      float(metrics["critic/vf_clip_frac"]) * w,
+                                      float(metrics["critic/value_mean"]) * w,
                                       float(metrics["critic/return_mean"]) * w, w], dtype=torch.float64)
             norms.append(self.backend.step())
         total = self.ctx.all_reduce_sum(sums)

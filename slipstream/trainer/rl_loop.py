@@ -164,7 +164,8 @@ def train(cfg: SlipstreamConfig) -> dict:
             before["time/eval"] = time.perf_counter() - t0
             logger.log(0, before)
             if ctx.is_main:
-                print(f"held-out accuracy before training: {before['eval/accuracy']:.3f} ({len(eval_problems)} problems)")
+                print(f"held-out accuracy before training: {before['eval/accuracy']:.3f} "
+                      f"({len(eval_problems)} problems)")
         while state.step < tc.steps:
             step = state.step + 1
             t_step = time.perf_counter()

@@ -176,8 +176,9 @@ def test_a_failing_rank_ends_the_job_naming_the_rank_and_error(mode, says):
 
 
 def test_a_batch_that_cannot_be_split_over_the_ranks_is_named_by_every_rank(tmp_path):
-    p = _run(_torchrun(["-m", "slipstream.train", "recipe=smoke", "trainer.backend=fsdp2", f"trainer.run_dir={tmp_path}",
-                        "trainer.prompts_per_step=3", "logger.wandb=false", "task.num_eval=2"]), timeout=120)
+    p = _run(_torchrun(["-m", "slipstream.train", "recipe=smoke", "trainer.backend=fsdp2",
+                        f"trainer.run_dir={tmp_path}", "trainer.prompts_per_step=3", "logger.wandb=false",
+                        "task.num_eval=2"]), timeout=120)
     assert p.returncode != 0
     for rank in (0, 1):
         assert (f"slipstream [rank {rank}]: error: trainer.prompts_per_step=3 must be a multiple of the number of "

@@ -72,7 +72,8 @@ def main(kind: str, out: str) -> None:
     gathered_gae = torch.cat([t.flatten() for t in ctx.all_gather(torch.nn.functional.pad(
         gae_adv, (0, 8 - gae_adv.shape[1])))])
     if ctx.is_main:
-        torch.save({"initial": initial, "metrics": metrics, "critic_metrics": cmetrics, "actor": actor_params, "critic": critic_params,
+        torch.save({"initial": initial, "metrics": metrics, "critic_metrics": cmetrics, "actor": actor_params,
+                    "critic": critic_params,
                     "advantages": gathered_adv, "gae": gathered_gae}, out)
     shutdown_distributed()
 
