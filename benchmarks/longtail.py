@@ -121,6 +121,7 @@ def run_round(engine, requests, device) -> dict:
                                  if k.startswith("spec/accept_len/bs")},
         "speculative_steps": metrics["spec/steps_spec"],
         "speculative_seconds": metrics["spec/time_spec_steps"],
+        "drafting_s": metrics.get("spec/draft_seconds", 0.0),  # host time indexing and proposing, in the makespan
         "window_update_s": window_update,
         "by_live_batch": bucket_throughput(engine.timeline.steps, edges),
     }
