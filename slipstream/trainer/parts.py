@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -26,13 +27,22 @@ class TrainParts:
             out["critic"] = self.critic.backend
         return out
 
-    def offload_optimizers(self) -> None:
+    @contextlib.contextmanager
+    def generating(self, engine, colocate: bool):
+        """While the engine generates, the optimizer state is off the GPU and the KV cache is
+        allocated; afterwards the cache is freed and the optimizer state returns (`colocate`)."""
+        if not colocate:
+            yield
+            return
         for backend in self.checkpointed.values():
             backend.offload_optimizer()
-
-    def reload_optimizers(self) -> None:
-        for backend in self.checkpointed.values():
-            backend.reload_optimizer()
+        engine.restore_cache()
+        try:
+            yield
+        finally:
+            engine.release_cache()
+            for backend in self.checkpointed.values():
+                backend.reload_optimizer()
 
 
 def build_parts(cfg: SlipstreamConfig, model, ctx: DistContext) -> TrainParts:

@@ -160,7 +160,8 @@ def train(cfg: SlipstreamConfig) -> dict:
     with logger:
         if state.step == 0:
             t0 = time.perf_counter()
-            before = evaluate(engine, tokenizer, task, eval_problems, cfg, show, ctx)
+            with parts.generating(engine, colocate):
+                before = evaluate(engine, tokenizer, task, eval_problems, cfg, show, ctx)
             before["time/eval"] = time.perf_counter() - t0
             logger.log(0, before)
             if ctx.is_main:
@@ -181,15 +182,10 @@ def train(cfg: SlipstreamConfig) -> dict:
                 requests.append(Request(prompt_cache[p.uid], params, p.uid, f"{step}-{p.uid}"))
             # 2. rollout
             t0 = time.perf_counter()
-            if colocate:  # the optimizer state leaves the GPU while the KV cache is in use
-                parts.offload_optimizers()
-                engine.restore_cache()
-            bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
-            completions = engine.generate(requests, progress=bar.update)
-            bar.close()
-            if colocate:
-                engine.release_cache()
-                parts.reload_optimizers()
+            with parts.generating(engine, colocate):  # optimizer state off the GPU while the KV cache is in use
+                bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
+                completions = engine.generate(requests, progress=bar.update)
+                bar.close()
             t_rollout = time.perf_counter() - t0
             native = isinstance(engine, Engine)
             spec_metrics, timeline = (engine.rollout_metrics(), engine.timeline.to_columns()) if native else ({}, None)
@@ -238,11 +234,13 @@ def train(cfg: SlipstreamConfig) -> dict:
             })
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 t0 = time.perf_counter()
-                metrics.update(evaluate(engine, tokenizer, task, eval_problems, cfg, show, ctx))
+                with parts.generating(engine, colocate):
+                    metrics.update(evaluate(engine, tokenizer, task, eval_problems, cfg, show, ctx))
                 metrics["time/eval"] = time.perf_counter() - t0
             if step == tc.steps:
                 t0 = time.perf_counter()
-                after = evaluate(engine, tokenizer, task, eval_problems, cfg, show, ctx)
+                with parts.generating(engine, colocate):
+                    after = evaluate(engine, tokenizer, task, eval_problems, cfg, show, ctx)
                 metrics.update(after)
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step

@@ -42,3 +42,26 @@ def test_every_rank_takes_an_equal_contiguous_share_of_whole_groups():
     with pytest.raises(DistributedSetupError, match=r"prompts_per_step=6 must be a multiple of the number of ranks "
                                                     r"\(4\)"):
         shard_groups(prompts, DistContext(rank=0, world_size=4, local_rank=0, device=torch.device("cpu")))
+
+
+def test_the_generation_window_swaps_optimizer_state_and_kv_cache_even_on_error():
+    from types import SimpleNamespace
+
+    from slipstream.trainer.parts import TrainParts
+
+    events = []
+    backend = SimpleNamespace(offload_optimizer=lambda: events.append("offload optimizer"),
+                              reload_optimizer=lambda: events.append("reload optimizer"))
+    engine = SimpleNamespace(restore_cache=lambda: events.append("allocate kv"),
+                             release_cache=lambda: events.append("free kv"))
+    parts = TrainParts(actor=SimpleNamespace(backend=backend), critic=SimpleNamespace(backend=backend))
+    with pytest.raises(RuntimeError, match="engine failed"):
+        with parts.generating(engine, colocate=True):
+            events.append("generate")
+            raise RuntimeError("engine failed")
+    assert events == ["offload optimizer", "offload optimizer", "allocate kv", "generate", "free kv",
+                      "reload optimizer", "reload optimizer"]
+    events.clear()
+    with parts.generating(engine, colocate=False):  # CPU, or colocation off: nothing moves
+        events.append("generate")
+    assert events == ["generate"]
