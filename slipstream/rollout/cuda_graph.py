@@ -64,7 +64,8 @@ class DecodeGraphs:
         self.host_np = self.host.numpy()
         self.host_f64 = self.host_np.view(np.float64)
         self.cu_seqlens = torch.arange(self.max_batch + 1, dtype=torch.int32, device=self.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor, dict[int, torch.Tensor]]] = {}
+        # (bucket, steps) -> (graph, logits, captured hidden states, draws)
+        self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None
         self.last_bucket = 1
 
@@ -84,23 +85,44 @@ class DecodeGraphs:
     def _size(self, B: int) -> int:
         return B * (5 + self.width) + 1
 
-    def _forward(self, B: int) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
+    def _forward(self, B: int, steps: int = 1
+                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
+        """`steps` > 1: that many decode steps, each feeding its draws to the next on the device
+        (positions, lengths and slots advance by one; the block tables must already hold the
+        blocks); returns the last step's logits and the draws of all steps [steps, 2, B]."""
         ids, pos, lens, slots, temps, seed, tables = self._views(B)
-        attn = AttentionMetadata(self.cu_seqlens[:B + 1], lens.to(torch.int32), tables.to(torch.int32), slots,
-                                 max_q_len=1, skip_scale=self.skip_scale,
-                                 counters=self.counters if self.skip_scale > 0 else None)
-        if self.capture_layers:
-            hidden, captured = self.decoder(ids, pos, attn, self.kv_caches, capture_layers=self.capture_layers)
-        else:
-            hidden, captured = self.decoder(ids, pos, attn, self.kv_caches), {}
-        logits = self.decoder.compute_logits(hidden)
-        sampled = None
+        tables32 = tables.to(torch.int32)
+        draws = []
+        for k in range(steps):
+            attn = AttentionMetadata(self.cu_seqlens[:B + 1], lens.to(torch.int32), tables32, slots,
+                                     max_q_len=1, skip_scale=self.skip_scale,
+                                     counters=self.counters if self.skip_scale > 0 else None)
+            if self.capture_layers:
+                hidden, captured = self.decoder(ids, pos, attn, self.kv_caches, capture_layers=self.capture_layers)
+            else:
+                hidden, captured = self.decoder(ids, pos, attn, self.kv_caches), {}
+            logits = self.decoder.compute_logits(hidden)
+            if not self.capture_enabled and steps == 1:
+                return logits, captured, None  # the caller samples (the CPU engine's torch sampler)
+            tokens, logprobs = self._draw(logits, temps, seed + k if k else seed)
+            draws.append(torch.stack([tokens.double(), logprobs.double()]))
+            if k + 1 < steps:
+                ids, pos, lens = tokens, pos + 1, lens + 1
+                block = tables.gather(1, (pos // self.block_size)[:, None]).squeeze(1)
+                slots = block * self.block_size + pos % self.block_size
+        sampled = draws[0] if steps == 1 else torch.stack(draws)
+        return logits, captured, sampled
+
+    def _draw(self, logits: torch.Tensor, temps: torch.Tensor, seed: torch.Tensor):
         if self.capture_enabled:
             from slipstream.kernels.sampling import fused_sample
 
-            tokens, logprobs = fused_sample(logits, temps, seed)
-            sampled = torch.stack([tokens.double(), logprobs.double()])
-        return logits, captured, sampled
+            return fused_sample(logits, temps, seed)
+        # the eager static path on CPU (tests): the torch sampler, seeded from the same seed
+        from slipstream.rollout.sampler import sample
+
+        gen = torch.Generator(logits.device).manual_seed(int(seed))
+        return sample(logits, temps.float(), None, None, gen, truncate=False)
 
     def _fill(self, seqs: Seq[Sequence], B: int, seed: int = 0) -> None:
         """Write the step's inputs for `seqs` (padded to B rows) into the pinned host buffer."""
@@ -124,45 +146,67 @@ class DecodeGraphs:
         h[5 * B] = seed
         h[t0 + n * W:t0 + B * W:W] = self.scratch_block
 
-    def _capture(self, B: int) -> None:
+    def _capture(self, B: int, steps: int = 1) -> None:
         self.host_np[:] = 0
         self._fill([], B)
         self.staging.copy_(self.host)
         if not self.capture_enabled:
-            self.graphs[B] = (None, None, {}, None)
+            self.graphs[B, steps] = (None, None, {}, None)
             return
         torch.cuda.synchronize(self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up: compile the kernels outside the capture
-            self._forward(B)
+            self._forward(B, steps)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits, captured, sampled = self._forward(B)
+            logits, captured, sampled = self._forward(B, steps)
         self.pool = graph.pool()
-        self.graphs[B] = (graph, logits, captured, sampled)
+        self.graphs[B, steps] = (graph, logits, captured, sampled)
 
     def replay(self, seqs: Seq[Sequence], seed: int = 0
                ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
         """One decode step of `seqs`: logits [n, vocab], captured hidden states, and (GPU) the fused
         sampler's draw at each row's temperature, seeded by `seed`: float64 [2, n] (tokens; log-probs)."""
         n = len(seqs)
-        B = self.bucket_for(n)
-        if B is None or n == 0:
-            raise ValueError(f"decode graphs hold 1..{self.max_batch} sequences, got {n}")
-        if B not in self.graphs:
-            self._capture(B)
-        self._fill(seqs, B, seed)
-        size = self._size(B)
-        self.staging[:size].copy_(self.host[:size], non_blocking=True)
-        self.last_bucket = B
-        graph, logits, captured, sampled = self.graphs[B]
+        B = self._prepare(seqs, seed)
+        graph, logits, captured, sampled = self.graphs[B, 1]
         if graph is None:
             logits, captured, sampled = self._forward(B)
         else:
             graph.replay()
         return logits[:n], {k: v[:n] for k, v in captured.items()}, None if sampled is None else sampled[:, :n]
+
+    def replay_steps(self, seqs: Seq[Sequence], steps: int, seed: int = 0) -> torch.Tensor:
+        """`steps` decode steps of `seqs` in one replay: float64 [steps, 2, n] (tokens; log-probs).
+
+        Every sequence's block table must already cover its next `steps` tokens, and `steps` must
+        not exceed the block size (padding rows stay in the scratch block).
+        """
+        if not 1 < steps <= self.block_size:
+            raise ValueError(f"steps must be in 2..{self.block_size} (the block size), got {steps}")
+        B = self._prepare(seqs, seed, steps)
+        graph, _, _, sampled = self.graphs[B, steps]
+        if graph is None:
+            _, _, sampled = self._forward(B, steps)
+        else:
+            graph.replay()
+        return sampled[:, :, :len(seqs)]
+
+    def _prepare(self, seqs: Seq[Sequence], seed: int, steps: int = 1) -> int:
+        """Capture the bucket's graph if needed and move the step's inputs in; returns the bucket."""
+        n = len(seqs)
+        B = self.bucket_for(n)
+        if B is None or n == 0:
+            raise ValueError(f"decode graphs hold 1..{self.max_batch} sequences, got {n}")
+        if (B, steps) not in self.graphs:
+            self._capture(B, steps)
+        self._fill(seqs, B, seed)
+        size = self._size(B)
+        self.staging[:size].copy_(self.host[:size], non_blocking=True)
+        self.last_bucket = B
+        return B
 
     def last_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, positions) of the first `n` rows of the last replay (views of the static buffers)."""

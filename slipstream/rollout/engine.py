@@ -34,6 +34,10 @@ class EngineConfig:
     decode_skip_scale: float = 0.0  # and in decode / verify steps
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
     max_graph_batch: int = 256  # largest decode batch a graph is captured for; larger ones run eagerly
+    # Decode steps per graph replay while no sequence waits (GPU): each replay feeds its draws to
+    # the next step on the device, so the host's per-step work is paid once per `decode_steps`.
+    # Tokens drawn after a sequence finishes are discarded (at most decode_steps - 1 per sequence).
+    decode_steps: int = 4
 
 
 def kv_blocks_for(decoder: Decoder, cfg: EngineConfig) -> int:
@@ -116,6 +120,8 @@ class Engine:
         t0 = time.perf_counter()
         live = self.scheduler.num_running + self.scheduler.num_waiting
         drafts = self.speculator.propose(self.scheduler) if self.speculator is not None else None
+        if not drafts and self._can_decode_steps():
+            return self._decode_steps(t0)
         batch = self.scheduler.schedule(drafts)
         if batch.num_draft_tokens:  # verify the drafts: each sequence emits 1 + accepted tokens
             tokens, logprobs = self.spec_runner.run(batch)
@@ -130,6 +136,49 @@ class Engine:
         self.timeline.record(t0, t1, live, batch.num_emitted, batch.num_draft_tokens, batch.num_accepted,
                              batch.num_drafting_seqs)
         self.stats["steps"] += 1
+        return finished
+
+    def _can_decode_steps(self) -> bool:
+        """Several decode steps per replay: only GPU decoding with nothing waiting, no top-k/top-p,
+        room in the graphs' block tables and free blocks for every sequence's next tokens."""
+        K, sch, runner = self.cfg.decode_steps, self.scheduler, self.runner
+        if K <= 1 or sch.num_waiting or not sch.running or not runner.can_decode_steps:
+            return False
+        graphs, bm = runner.graphs, self.block_manager
+        if len(sch.running) > graphs.max_batch or K > bm.block_size:
+            return False
+        limit = graphs.width * bm.block_size
+        need = 0
+        for seq in sch.running:
+            p = seq.params
+            if seq.is_prefilling or p.top_p < 1.0 or p.top_k > 0 or seq.num_tokens + K - 1 > limit:
+                return False
+            need += bm.blocks_to_grow(seq, K - 1)
+        return need <= bm.num_free_blocks
+
+    def _decode_steps(self, t0: float) -> list[Sequence]:
+        """`decode_steps` decode steps in one replay, then each applied as its own scheduled step."""
+        K, sch = self.cfg.decode_steps, self.scheduler
+        running = list(sch.running)
+        for seq in running:
+            self.block_manager.may_append(seq, K - 1)  # slots for the K tokens the replay computes
+        tokens, logprobs = self.runner.decode_steps(running, K)
+        row = {seq.seq_id: i for i, seq in enumerate(running)}
+        finished: list[Sequence] = []
+        t_prev, dt = t0, (time.perf_counter() - t0) / K
+        for k in range(K):
+            if not sch.running:
+                break  # every sequence finished: the remaining draws are discarded
+            live = sch.num_running
+            batch = sch.schedule()
+            rows = [row[e.seq.seq_id] for e in batch.sampling]
+            finished += sch.postprocess(batch, [tokens[k][i] for i in rows], [logprobs[k][i] for i in rows])
+            t1 = t_prev + dt
+            if self.speculator is not None:
+                self.speculator.observe(batch, live, dt)
+            self.timeline.record(t_prev, t1, live, batch.num_emitted, 0, 0, 0)
+            self.stats["steps"] += 1
+            t_prev = t1
         return finished
 
     def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,

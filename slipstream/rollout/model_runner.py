@@ -94,6 +94,18 @@ class ModelRunner:
                 c.zero_()
         return out
 
+    @property
+    def can_decode_steps(self) -> bool:
+        """Whether `decode_steps` is available (decode graphs, no feature capture)."""
+        return self.graphs is not None and not self.capture_layers
+
+    @torch.inference_mode()
+    def decode_steps(self, seqs: list, steps: int) -> tuple[list[list[int]], list[list[float]]]:
+        """`steps` decode steps of `seqs` in one graph replay and one host read: tokens[k][i] and
+        logprobs[k][i] of step k for seqs[i]. Their block tables must cover the `steps` new tokens."""
+        draws = self.graphs.replay_steps(seqs, steps, self.seeds.getrandbits(31)).cpu()
+        return draws[:, 0].long().tolist(), draws[:, 1].tolist()
+
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
         self.seeds.seed(seed)

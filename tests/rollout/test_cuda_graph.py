@@ -37,7 +37,7 @@ def test_padded_static_decode_equals_the_eager_engine(tiny_model):
     # 4 prompts x n=3: 12 decoding sequences, padded to bucket 16; finishing ones shrink the bucket.
     for params in (SamplingParams(n=3, temperature=0.0, max_tokens=30),
                    SamplingParams(n=3, temperature=0.9, max_tokens=30, seed=5)):
-        kw = dict(block_size=4, num_blocks=200, max_model_len=128)
+        kw = dict(block_size=4, num_blocks=200, max_model_len=128, decode_steps=1)
         static_engine = _engine(model, tok, True, **kw)
         static = static_engine.generate(_requests(tok, params))
         eager = _engine(model, tok, False, **kw).generate(_requests(tok, params))
@@ -72,3 +72,39 @@ def test_features_through_the_static_path_equal_eager_ones(tiny_model):
     for key, (token, h) in got[False].items():
         assert got[True][key][0] == token
         torch.testing.assert_close(got[True][key][1], h, atol=1e-5, rtol=1e-5)
+
+
+def test_several_decode_steps_per_replay_equal_single_steps(tiny_model):
+    model, tok = tiny_model
+    # max_tokens 10 is not a multiple of 4 steps: the draws past it are discarded; n=3 x 4 prompts
+    # finish at different steps (stop tokens included), and a 4-token block size makes the
+    # replays cross block boundaries with slots taken ahead.
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=10)
+    kw = dict(block_size=4, num_blocks=120, max_model_len=96)
+    multi = _engine(model, tok, True, **kw, decode_steps=4)
+    single = _engine(model, tok, False, **kw, decode_steps=1)
+    calls = []
+    original = multi.runner.decode_steps
+    multi.runner.decode_steps = lambda seqs, k: calls.append(k) or original(seqs, k)
+    a = multi.generate(_requests(tok, params))
+    b = single.generate(_requests(tok, params))
+    assert calls and set(calls) == {4}  # the decode phase did run several steps per replay
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    assert [c.finish_reason for c in a] == [c.finish_reason for c in b]
+    assert all(len(c.tokens) <= 10 for c in a)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+    assert multi.block_manager.num_free_blocks == 120  # slots taken ahead were all given back
+    assert multi.stats["steps"] == single.stats["steps"]
+
+
+def test_several_decode_steps_wait_for_waiting_sequences(tiny_model):
+    model, tok = tiny_model
+    # room for 2 sequences at a time: the others wait, so steps stay single until the queue drains
+    engine = _engine(model, tok, True, block_size=4, num_blocks=200, max_model_len=96, max_num_seqs=2,
+                     decode_steps=4)
+    seen = []
+    original = engine.runner.decode_steps
+    engine.runner.decode_steps = lambda seqs, k: seen.append(engine.scheduler.num_waiting) or original(seqs, k)
+    engine.generate(_requests(tok, SamplingParams(n=1, temperature=0.0, max_tokens=12)))
+    assert seen and all(w == 0 for w in seen)
