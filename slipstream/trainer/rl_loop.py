@@ -79,7 +79,7 @@ def build_rollout(cfg: SlipstreamConfig, model, tokenizer, device: torch.device)
     dense = cfg.attention.kind == "dense"
     ecfg = EngineConfig(block_size=rc.block_size, kv_cache_gb=rc.kv_cache_gb, max_num_seqs=rc.max_num_seqs,
                         max_num_batched_tokens=rc.max_num_batched_tokens, max_model_len=rc.max_model_len,
-                        cuda_graphs=rc.cuda_graphs,
+                        cuda_graphs=rc.cuda_graphs, decode_steps=rc.decode_steps,
                         prefill_skip_scale=0.0 if dense else cfg.attention.prefill_scale,
                         decode_skip_scale=0.0 if dense else cfg.attention.decode_scale)
     return Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=cfg.trainer.seed,
@@ -213,7 +213,7 @@ def train(cfg: SlipstreamConfig) -> dict:
                     metrics.update(critic.update(batch, old_values, returns))
             except FloatingPointError as e:
                 newest = latest_checkpoint(ckpt_root)
-                raise TrainingError(f"{e}; that optimizer step was not applied. Newest checkpoint: "
+                raise TrainingError(f"{e}; the run stops without checkpointing that step. Newest checkpoint: "
                                     f"{newest or 'none yet'} (resume with trainer.resume=auto and, e.g., a lower "
                                     f"trainer.lr)") from None
             finally:
