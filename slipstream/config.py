@@ -91,6 +91,7 @@ class RolloutConfig:
     max_num_batched_tokens: int = 4096  # tokens per engine step (prefill chunks + decodes)
     max_model_len: int = 4096  # prompt + response cap
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU)
+    decode_steps: int = 4  # decode steps per graph replay while no sequence waits (GPU)
 
 
 @dataclass
@@ -273,7 +274,7 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     _choice("logger.wandb_mode", cfg.logger.wandb_mode, ["offline", "online", "disabled"])
     for key in ("rollout.n", "rollout.max_tokens", "rollout.batch_size", "rollout.eval_max_tokens",
                 "rollout.block_size", "rollout.kv_cache_gb", "rollout.max_num_seqs", "rollout.max_num_batched_tokens",
-                "rollout.max_model_len",
+                "rollout.max_model_len", "rollout.decode_steps",
                 "trainer.prompts_per_step", "trainer.micro_batch_size", "trainer.mini_batches", "trainer.lr", "task.num_train",
                 "task.min_steps", "task.max_operand", "algorithm.critic_lr", "trainer.dist_timeout_s",
                 "reward.batch_size"):
