@@ -1,6 +1,8 @@
 """The long-tail rollout workload: speculation off vs suffix-tree speculation on the same engine.
 
     python benchmarks/longtail.py --model PATH_TO_SMOLLM2_135M_INSTRUCT --commit SHA       # GPU
+    python benchmarks/longtail.py --model PATH --spec-set min_batch_for_off=128 \
+        'bucket_edges=[1,2,4,8,16,32,64,128]'                                               # policy variants
     python benchmarks/longtail.py --device cpu --model tiny-random --prompts 4 --samples 2 \\
         --max-tokens 32 --rounds 2 --out /tmp/longtail.json                                   # CPU check
 
@@ -49,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--kv-cache-gb", type=float, default=20.0, help="KV cache of each of the two engines")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--spec-config", default="suffix", help="option of conf/spec/ for the speculative engine")
+    p.add_argument("--spec-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of the spec option's keys, e.g. min_batch_for_off=128 "
+                        "'bucket_edges=[1,2,4,8,16,32,64,128]'")
     p.add_argument("--commit", default=None,
                    help="commit to record (default: $SLIPSTREAM_COMMIT, else git rev-parse of this checkout)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longtail.json"))
@@ -129,7 +134,8 @@ def run_round(engine, requests, device) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from slipstream.config import ModelConfig, SpeculationConfig, TaskConfig, conf_dir, engine_spec_config
+    from slipstream.config import (ConfigError, ModelConfig, SpeculationConfig, TaskConfig, conf_dir,
+                                   engine_spec_config)
     from slipstream.models import load_model_and_tokenizer
     from slipstream.models.weights import decoder_from_hf_module
     from slipstream.rollout.engine import Engine, EngineConfig
@@ -151,8 +157,11 @@ def main(argv=None) -> dict:
     if not spec_file.is_file():
         raise SystemExit(f"--spec-config {args.spec_config!r}: no {spec_file}")
     spec_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SpeculationConfig),
-                                                   OmegaConf.load(spec_file)))
-    spec = engine_spec_config(spec_cfg)
+                                                   OmegaConf.load(spec_file), OmegaConf.from_dotlist(args.spec_set)))
+    try:
+        spec = engine_spec_config(spec_cfg)
+    except ConfigError as e:
+        raise SystemExit(f"--spec-config {args.spec_config} --spec-set {' '.join(args.spec_set)}: {e}") from None
     if spec is None:
         raise SystemExit(f"--spec-config {args.spec_config!r} turns speculation off")
 
