@@ -176,7 +176,7 @@ class TrainerConfig:
     cpu_offload: bool = False  # deepspeed: optimizer state and step on the CPU (ZeRO-Offload)
     # Colocation on CUDA: optimizer state moves to the CPU while the engine generates, and the
     # engine's KV cache is freed while the trainer updates.
-    offload_during_rollout: bool = True
+    offload_during_rollout: bool = False
     dist_timeout_s: float = 600.0  # a collective waiting longer than this ends the job with an error
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
