@@ -245,9 +245,11 @@ class Scheduler:
                 i += 1
                 continue
             draft = drafts.get(seq.seq_id, ()) if drafts else ()
-            k = self._draft_room(seq, draft, budget) if draft else 0
-            # The draft's blocks must leave one for each later running sequence's own next token.
-            if k and bm.blocks_to_grow(seq, k) + len(running) - i - 1 <= bm.num_free_blocks:
+            later = len(running) - i - 1
+            # A draft leaves each later running sequence a token of the budget and a block for its own
+            # next token.
+            k = self._draft_room(seq, draft, budget - later) if draft else 0
+            if k and bm.blocks_to_grow(seq, k) + later <= bm.num_free_blocks:
                 bm.may_append(seq, k)
                 entries.append(ScheduledSeq(seq, seq.num_cached_tokens, 1 + k, True, tuple(draft[:k])))
                 batch.num_draft_tokens += k

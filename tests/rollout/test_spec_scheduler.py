@@ -77,9 +77,12 @@ def run(requests, *, num_blocks, speculate, seed=0, block_size=4, max_num_batche
     while sched.has_work():
         drafts = {s.seq_id: draft_for(s, rng, s.sample_index) for s in sched.running
                   if not s.is_prefilling} if speculate else None
+        decoding = [s for s in sched.running if not s.is_prefilling]
         batch = sched.schedule(drafts)
         inp = batch.build_inputs()
         assert batch.num_tokens <= max_num_batched_tokens
+        scheduled = {id(e.seq) for e in batch.entries} | {id(s) for s in batch.preempted}
+        assert all(id(s) in scheduled for s in decoding)  # drafts never crowd out a decode
         for slot, tok in zip(inp.slot_mapping.tolist(), inp.input_ids.tolist()):
             tok_cache[slot] = tok
         check_prefix_map(bm, tok_cache)
