@@ -25,9 +25,9 @@ step (the n samples of a group admitted together prefill their prompt once).
 
 Speculative steps: `schedule(drafts)` gives a decoding sequence with a draft of k tokens a query
 of 1 + k tokens (its last sampled token, then the draft), within the token budget, the decode
-kernel's query limit, and the room left by max_tokens and max_model_len; a draft is dropped
-rather than preempting anyone for it: it only takes free blocks beyond one for each running
-sequence still to be scheduled. After the
+kernel's query limit, and the room left by max_tokens and max_model_len; a draft never costs
+another sequence its step: it leaves each running sequence still to be scheduled a token of the
+budget and a free block, and is dropped rather than preempting anyone. After the
 verification, `postprocess_verified()` appends each sequence's emitted tokens (its accepted
 drafts, then the replacement or bonus token) up to a finish, and rolls the rejected positions
 back: `num_cached_tokens` becomes the accepted context, blocks taken only for rejected slots are
