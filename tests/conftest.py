@@ -2,6 +2,21 @@ import os
 
 import pytest
 
+# Triton decides at decoration time whether a kernel runs in its interpreter, and the kernels are
+# decorated when a module importing them is first imported, during collection, by whichever test
+# module comes first. So the interpreter is on for the whole collection; afterwards the variable is
+# put back, so that the suite keeps the torch paths on CPU, and tests/kernels turns it on again
+# around each kernel test.
+_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_finish(session):
+    if _SAVED_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

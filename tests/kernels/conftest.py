@@ -1,35 +1,22 @@
-"""Kernel tests run the Triton kernels on CPU through Triton's interpreter.
-
-TRITON_INTERPRET must be set before the kernels are decorated (when the test modules import them at
-collection). Once collection is over the variable is put back, so that the rest of the suite keeps
-the torch path of `paged_attention` on CPU, and the fixture below sets it again for each kernel test.
-"""
+"""Kernel tests run the Triton kernels on CPU through Triton's interpreter (see tests/conftest.py
+for how the kernels get decorated in interpreter mode); the fixture below turns the interpreter on
+around each kernel test, so the dispatchers take the Triton path."""
 
 import os
 
 import pytest
 import torch
 
-_SAVED = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-
-def _restore():
-    if _SAVED is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED
-
-
-def pytest_collection_finish(session):
-    _restore()
-
 
 @pytest.fixture(autouse=True)
 def _triton_interpreter():
+    saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     yield
-    _restore()
+    if saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = saved
 
 
 def _build(lens, q_lens, heads, kv_heads, head_dim, page, dtype=torch.float32, seed=0, spare_blocks=7,
