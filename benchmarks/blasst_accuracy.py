@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.7],
                    help="tile sparsities to calibrate a setting for")
     p.add_argument("--scales", nargs="*", default=[], help="fixed settings: S (both phases) or PREFILL:DECODE")
-    p.add_argument("--calibrate-decode-tokens", type=int, default=8,
+    p.add_argument("--calibrate-decode-tokens", type=int, default=16,
                    help="greedy tokens decoded after each context to calibrate the decode scale")
     p.add_argument("--eval-problems", type=int, default=512, help="held-out arithmetic problems")
     p.add_argument("--eval-context", type=int, default=None,
@@ -78,13 +78,16 @@ def parse_args(argv=None):
                         "0: plain prompts only)")
     p.add_argument("--kv-cache-gb", type=float, default=8.0, help="most KV cache an evaluation engine takes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: a tiny CPU check gains nothing from more, and on shared "
+                        "cores the threads' waits on each other cost far more)")
     p.add_argument("--commit", default=None,
                    help="commit to record (default: $SLIPSTREAM_COMMIT, else git rev-parse of this checkout)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blasst_accuracy.json"))
     args = p.parse_args(argv)
     if any(n < 2 for n in args.contexts):
         p.error("--contexts must be >= 2 tokens")
-    for name in ("num_contexts", "eval_problems", "calibrate_decode_tokens"):
+    for name in ("num_contexts", "eval_problems", "calibrate_decode_tokens", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(not 0.0 < t < 1.0 for t in args.targets):
@@ -312,6 +315,7 @@ def main(argv=None) -> dict:
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     decoder, config = load_decoder(args.model, dtype=dtype, device=device)
