@@ -77,20 +77,6 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="the deepspeed extra is not installed (pip install '.[deepspeed]')")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _deepspeed_ops_built():
-    """DeepSpeed compiles its CPU shared-memory communication op the first time a process group
-    starts; compile it once here, so that the ranks of a fresh machine's first DeepSpeed job never
-    compile it at the same time."""
-    if importlib.util.find_spec("deepspeed") is None:
-        return
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        builder.load()
-
-
 @needs_deepspeed
 @pytest.mark.parametrize("zero", [["1"], ["2"], ["3"], ["2", "offload"]], ids=["zero1", "zero2", "zero3",
                                                                            "zero2-cpu-offload"])

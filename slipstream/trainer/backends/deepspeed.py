@@ -45,6 +45,13 @@ class DeepSpeedBackend(TrainBackend):
         if not ctx.active:
             raise BackendError("trainer.backend=deepspeed needs a process group (init_distributed was not called)")
         self.ds = _import_deepspeed()
+        if ctx.device.type == "cpu":
+            # DeepSpeed's shared-memory CPU all-reduce (an optimisation for CPU inference) now and
+            # then aborts a rank at exit ("terminate called without an active exception"); gloo's
+            # collectives serve CPU runs.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # DeepSpeed reads its device from LOCAL_RANK, which only launchers set; a one-process run
         # (`slipstream train trainer.backend=deepspeed`) has none.
         os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
