@@ -34,6 +34,22 @@ from slipstream.models.decoder import AttentionMetadata, Decoder
 from slipstream.rollout.sequence import Sequence
 
 
+def capture_graph(fn, device: torch.device, pool=None):
+    """(graph, fn's outputs) of `fn` captured in a CUDA graph: one eager warm-up run on a side
+    stream first (it compiles the Triton kernels outside the capture); `pool` shares memory
+    between the graphs of one engine."""
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn()
+    return graph, outputs
+
+
 def default_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then steps of 8 to 64, of 16 to 128, of 32 beyond; the last one >= max_batch."""
     out, b = [], 1
@@ -153,15 +169,8 @@ class DecodeGraphs:
         if not self.capture_enabled:
             self.graphs[B, steps] = (None, None, {}, None)
             return
-        torch.cuda.synchronize(self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up: compile the kernels outside the capture
-            self._forward(B, steps)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits, captured, sampled = self._forward(B, steps)
+        graph, (logits, captured, sampled) = capture_graph(lambda: self._forward(B, steps), self.device,
+                                                           self.pool)
         self.pool = graph.pool()
         self.graphs[B, steps] = (graph, logits, captured, sampled)
 

@@ -30,7 +30,7 @@ import torch
 
 from slipstream.kernels.attention import MAX_DECODE_Q_LEN
 from slipstream.models.decoder import AttentionMetadata, Decoder
-from slipstream.rollout.cuda_graph import default_buckets
+from slipstream.rollout.cuda_graph import capture_graph, default_buckets
 from slipstream.rollout.scheduler import ScheduledSeq
 
 QUERY_WIDTHS = (2, 4, 8, 16)
@@ -111,15 +111,7 @@ class VerifyGraphs:
         if not self.capture_enabled:
             self.graphs[(B, Q)] = (None, None)
             return
-        torch.cuda.synchronize(self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up: compile the kernels outside the capture
-            self._forward(B, Q)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(B, Q)
+        graph, logits = capture_graph(lambda: self._forward(B, Q), self.device, self.pool)
         self.pool = graph.pool()
         self.graphs[(B, Q)] = (graph, logits)
 
