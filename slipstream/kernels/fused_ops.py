@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slipstream.kernels.attention import triton_interpret
 from slipstream.kernels.reference import store_kv
 
 try:
@@ -29,8 +30,6 @@ except ImportError:  # CPU-only installs run the torch path
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the Triton kernels serve `x`: CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
-    from slipstream.kernels.attention import triton_interpret
-
     if triton is None:
         return False
     return x.device.type == "cuda" or (x.device.type == "cpu" and triton_interpret())

@@ -150,8 +150,7 @@ class Engine:
         limit = graphs.width * bm.block_size
         need = 0
         for seq in sch.running:
-            p = seq.params
-            if seq.is_prefilling or p.top_p < 1.0 or p.top_k > 0 or seq.num_tokens + K - 1 > limit:
+            if seq.is_prefilling or seq.params.truncates or seq.num_tokens + K - 1 > limit:
                 return False
             need += bm.blocks_to_grow(seq, K - 1)
         return need <= bm.num_free_blocks

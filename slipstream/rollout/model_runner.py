@@ -121,7 +121,7 @@ class ModelRunner:
                 self.feature_sink(StepFeatures([(e.seq.request_id, e.seq.sample_index) for e in entries],
                                                torch.arange(len(entries), device=self.device), positions, ids,
                                                {k: v.clone() for k, v in captured.items()}))
-            if sampled is not None and not any(e.seq.params.top_p < 1.0 or e.seq.params.top_k > 0 for e in entries):
+            if sampled is not None and not any(e.seq.params.truncates for e in entries):
                 tokens, logprobs = sampled.cpu().tolist()  # the step's one host synchronisation
                 return [int(t) for t in tokens], logprobs
             return self._sample(logits, entries)
@@ -152,7 +152,7 @@ class ModelRunner:
         params = [e.seq.params for e in sampling]
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(self.device,
                                                                                               non_blocking=True)
-        truncate = any(p.top_p < 1.0 or p.top_k > 0 for p in params)
+        truncate = any(p.truncates for p in params)
         if truncate:
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(self.device, non_blocking=True)
             top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(self.device, non_blocking=True)

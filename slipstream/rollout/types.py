@@ -35,6 +35,11 @@ class SamplingParams:
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
 
+    @property
+    def truncates(self) -> bool:
+        """Whether top-k or top-p cuts the distribution (the fused sampler and graphs cannot)."""
+        return self.top_p < 1.0 or self.top_k > 0
+
 
 @dataclass
 class Request:

@@ -115,7 +115,7 @@ class SpecRunner:
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device, non_blocking=True)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(device, non_blocking=True)
-        truncate = any(p.top_p < 1.0 or p.top_k > 0 for p in params)
+        truncate = any(p.truncates for p in params)
         result = verify_drafts(logits, draft_tokens, draft_lens, temperature, top_p, top_k,
                                generator=r.generator, truncate=truncate)
         # One host read: token ids are exact in float32 below 2**24.

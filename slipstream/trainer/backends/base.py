@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 FORMAT_FILE = "format.json"
 
@@ -107,6 +108,31 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device)
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.device != device and key != "step":
                 state[key] = value.to(device, non_blocking=True)
+
+
+def build_adamw(module: torch.nn.Module, optim: OptimizerSpec) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=optim.lr,
+                             betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def clipped_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+    """`TrainBackend.step` for a torch optimizer over `module`'s (possibly sharded) gradients."""
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+    if isinstance(norm, DTensor):  # sharded gradients: the norm over every rank's shards
+        norm = norm.full_tensor()
+    try:
+        value = check_finite_norm(norm)
+    except FloatingPointError:
+        optimizer.zero_grad(set_to_none=True)
+        raise
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def check_finite_norm(norm: torch.Tensor) -> float:

@@ -19,7 +19,9 @@ from slipstream.trainer.backends.base import (
     BackendError,
     OptimizerSpec,
     TrainBackend,
+    build_adamw,
     check_finite_norm,
+    set_lr,
     write_format,
 )
 
@@ -82,14 +84,14 @@ class DeepSpeedBackend(TrainBackend):
             self.engine = self.ds.initialize(model=module, config=config)[0]
             self.optimizer, self.module, self.inner = None, self.engine, self.engine.module
             return
-        params = [p for p in module.parameters() if p.requires_grad]
         if cpu_offload and cuda:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            params = [p for p in module.parameters() if p.requires_grad]
             opt = DeepSpeedCPUAdam(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
                                    adamw_mode=True)
         else:
-            opt = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+            opt = build_adamw(module, optim)
         self.engine, self.optimizer, _, _ = self.ds.initialize(model=module, optimizer=opt, config=config)
         # Forward passes go through the engine: it keeps ZeRO's per-micro-batch bookkeeping (the
         # accumulation counters advance at each forward); the wrapped module keeps the parameter names.
@@ -109,8 +111,7 @@ class DeepSpeedBackend(TrainBackend):
             raise FloatingPointError(f"{e}; DeepSpeed has already applied that step") from None
 
     def set_lr(self, lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.engine.optimizer, lr)
 
     def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         with torch.no_grad():

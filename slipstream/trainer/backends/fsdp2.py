@@ -21,8 +21,10 @@ from slipstream.trainer.backends.base import (
     BackendError,
     OptimizerSpec,
     TrainBackend,
-    check_finite_norm,
+    build_adamw,
+    clipped_step,
     move_optimizer_state,
+    set_lr,
     write_format,
 )
 
@@ -54,29 +56,17 @@ class FSDP2Backend(TrainBackend):
         self.optimizer = None
         self.max_grad_norm = optim.max_grad_norm if optim is not None else 0.0
         if optim is not None:
-            self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=optim.lr,
-                                               betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+            self.optimizer = build_adamw(module, optim)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         # Gradients are reduce-scattered after every backward; FSDP2 accumulates into the shards.
         loss.backward()
 
     def step(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        try:
-            value = check_finite_norm(norm)
-        except FloatingPointError:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return value
+        return clipped_step(self.module, self.optimizer, self.max_grad_norm)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         # One all-gather per parameter: the full model never has to fit next to the shards.

@@ -11,9 +11,11 @@ from slipstream.trainer.backends.base import (
     BackendError,
     OptimizerSpec,
     TrainBackend,
-    check_finite_norm,
+    build_adamw,
+    clipped_step,
     fsync_tree,
     move_optimizer_state,
+    set_lr,
     write_format,
 )
 
@@ -31,8 +33,7 @@ class LocalBackend(TrainBackend):
         self.optimizer = None
         self.max_grad_norm = optim.max_grad_norm if optim is not None else 0.0
         if optim is not None:
-            self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=optim.lr,
-                                               betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+            self.optimizer = build_adamw(module, optim)
         else:
             module.requires_grad_(False).eval()
 
@@ -40,19 +41,10 @@ class LocalBackend(TrainBackend):
         loss.backward()
 
     def step(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
-        try:
-            value = check_finite_norm(norm)
-        except FloatingPointError:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return value
+        return clipped_step(self.module, self.optimizer, self.max_grad_norm)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.module.named_parameters()
