@@ -107,9 +107,14 @@ class AttentionConfig:
 
 @dataclass
 class SpeculationConfig:
-    # off, or suffix: lossless speculative decoding in the native engine with suffix-tree drafts
-    # from recent rollouts of the same prompt, its group's live outputs and its own text.
+    # off, or lossless speculative decoding in the native engine with drafts from: suffix: a suffix
+    # tree over recent rollouts of the same prompt, its group's live outputs and its own text;
+    # drafter: the learned drafter (drafter=frozen|online); both: either, chosen per step and
+    # request (the draft expected to be accepted longer).
     kind: str = "off"
+    # drafter/both: the draft sources a bandit per live-batch bucket picks from by measured
+    # tokens/s, "none" first (empty: [none, drafter] for drafter, [none, suffix, drafter, both] for both).
+    sources: list[str] = field(default_factory=list)
     # The drafter: a prompt's window of the last `window_steps` rollouts (RL steps), suffixes up
     # to `max_depth` tokens; a draft is at most min(cap, alpha * match length) tokens and stops
     # before its probability under the trees' counts falls below `min_token_prob`.
@@ -138,6 +143,11 @@ class LearnedDrafterConfig:
     # RL step's bubbles (ranks done early, reward computation, a gated side stream).
     kind: str = "off"
     warm_start: str | None = None  # a file of `slipstream drafter warmup`; null: start untrained
+    # online: optimizer steps taken after each rollout whatever the bubbles gave (time the step
+    # pays for; 0: the bubbles only), and the side-stream training of the small-batch tail (one
+    # GPU, one process; gated by the measured slowdown).
+    train_steps_after_rollout: int = 0
+    side_stream: bool = True
     # The rest is `slipstream.drafter.DrafterConfig` (see its docstring and docs/config.md).
     capture_layer: int = -1
     window: int = 64
@@ -286,7 +296,7 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
                 "reward.rule_weight", "reward.model_weight"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name), allow_zero=True)
-    _choice("spec.kind", cfg.spec.kind, ["off", "suffix"])
+    _choice("spec.kind", cfg.spec.kind, SPEC_KINDS)
     if cfg.spec.kind != "off" and cfg.rollout.backend != "native":
         raise ConfigError(f"spec={cfg.spec.kind} needs rollout=native (the HF backend does not speculate)")
     engine_spec_config(cfg.spec, cfg.trainer.seed)
@@ -297,6 +307,7 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
         raise ConfigError(f"drafter.warm_start={cfg.drafter.warm_start!r} is not a file (write one with "
                           f"`slipstream drafter warmup`)")
     drafter_config(cfg.drafter, cfg.trainer.seed)
+    _check_drafting(cfg)
     if cfg.task.max_steps < cfg.task.min_steps:
         raise ConfigError(f"task.max_steps={cfg.task.max_steps} must be >= task.min_steps={cfg.task.min_steps}")
     if not 0.0 < cfg.task.step_p <= 1.0:
@@ -312,6 +323,51 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     if not set(cfg.task.operations) <= set("+-*") or not cfg.task.operations:
         raise ConfigError(f"task.operations={cfg.task.operations!r} must be a non-empty subset of '+-*'")
     return cfg
+
+
+SPEC_KINDS = ["off", "suffix", "drafter", "both"]
+LEARNED_SPEC_KINDS = ("drafter", "both")
+
+
+def _check_drafting(cfg: SlipstreamConfig) -> None:
+    """The combinations of spec and drafter that cannot run."""
+    spec, drafter = cfg.spec, cfg.drafter
+    if spec.kind in LEARNED_SPEC_KINDS and drafter.kind == "off":
+        raise ConfigError(f"spec={spec.kind} drafts with the learned drafter, but drafter=off: choose drafter=online "
+                          f"(trained during the run) or drafter=frozen with drafter.warm_start=FILE")
+    if drafter.kind == "frozen" and drafter.warm_start is None:
+        raise ConfigError("drafter=frozen never trains: it needs drafter.warm_start=FILE (write one with "
+                          "`slipstream drafter warmup`)")
+    if drafter.train_steps_after_rollout < 0:
+        raise ConfigError(f"drafter.train_steps_after_rollout must be >= 0, got {drafter.train_steps_after_rollout}")
+    if spec.sources and spec.kind not in LEARNED_SPEC_KINDS:
+        raise ConfigError(f"spec.sources picks between draft sources of spec=drafter or spec=both, not spec={spec.kind}")
+    source_policy_config(spec, cfg.trainer.seed)
+
+
+def draft_sources(spec: SpeculationConfig) -> tuple[str, ...]:
+    """The draft sources of spec=drafter|both (see `SpeculationConfig.sources`)."""
+    if spec.sources:
+        return tuple(spec.sources)
+    return ("none", "drafter") if spec.kind == "drafter" else ("none", "suffix", "drafter", "both")
+
+
+def source_policy_config(spec: SpeculationConfig, seed: int = 0):
+    """The learned drafter's source policy (`slipstream.drafter.SourcePolicyConfig`) for
+    spec=drafter|both, None otherwise; ConfigError names a bad key."""
+    from slipstream.drafter.source_policy import SourcePolicyConfig
+
+    if spec.kind not in LEARNED_SPEC_KINDS:
+        return None
+    sources = draft_sources(spec)
+    if spec.kind == "drafter" and any(s in ("suffix", "both") for s in sources):
+        raise ConfigError(f"spec.sources={list(sources)}: spec=drafter has no suffix drafts; use spec=both")
+    try:
+        return SourcePolicyConfig(sources=sources, min_batch_for_off=spec.min_batch_for_off,
+                                  bucket_edges=tuple(spec.bucket_edges), epsilon=spec.epsilon,
+                                  guard_margin=spec.guard_margin, seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"spec.sources: {e}") from None
 
 
 def drafter_config(drafter: LearnedDrafterConfig, seed: int = 0):

@@ -4,14 +4,16 @@ from slipstream.drafter.bubble_trainer import (BubbleTimeout, BubbleTrainer, Ran
                                                SlowdownGate, average_drafter, broadcast_drafter, drafter_loss)
 from slipstream.drafter.config import DrafterConfig
 from slipstream.drafter.context import ContextWindows
+from slipstream.drafter.engine_drafting import DraftingSpeculator
 from slipstream.drafter.feature_buffer import DrafterBatch, FeatureBuffer, aligned_pairs
 from slipstream.drafter.metrics import BubbleReport, DrafterMetrics
 from slipstream.drafter.model import Draft, DraftContext, Drafter, TargetHead
+from slipstream.drafter.run_drafter import RunDrafter
 from slipstream.drafter.source_policy import (SOURCES, CombinedDraft, SourcePolicy, SourcePolicyConfig,
                                               combine_drafts)
 from slipstream.drafter.swap import DrafterSlot
 
 __all__ = ["SOURCES", "BubbleReport", "BubbleTimeout", "BubbleTrainer", "CombinedDraft", "ContextWindows", "Draft",
-           "DraftContext", "Drafter", "DrafterBatch", "DrafterConfig", "DrafterMetrics", "DrafterSlot", "FeatureBuffer",
-           "RankBubble", "SideStreamTrainer", "SlowdownGate", "SourcePolicy", "SourcePolicyConfig", "TargetHead",
+           "DraftContext", "Drafter", "DrafterBatch", "DraftingSpeculator", "DrafterConfig", "DrafterMetrics", "DrafterSlot", "FeatureBuffer",
+           "RankBubble", "RunDrafter", "SideStreamTrainer", "SlowdownGate", "SourcePolicy", "SourcePolicyConfig", "TargetHead",
            "aligned_pairs", "average_drafter", "broadcast_drafter", "combine_drafts", "drafter_loss"]

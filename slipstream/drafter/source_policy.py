@@ -98,14 +98,17 @@ class CombinedDraft:
     """One step's drafts for B requests, ready for `verify_drafts`.
 
     tokens [B, K] long, lens [B] long (0: no draft), probs [B, K, V] or None: the learned drafter's
-    q for its rows and one-hot rows for suffix drafts (a deterministic draft is q = one-hot), None
-    when no row came from the learned drafter. sources: per request "suffix", "drafter" or None.
+    q for its rows and one-hot rows for suffix drafts (a deterministic draft is q = one-hot), zero
+    past each row's length, None when no row came from the learned drafter. sources: per request
+    "suffix", "drafter" or None. drafts: the same tokens as host lists, cut to their lengths (what a
+    scheduler takes).
     """
 
     tokens: torch.Tensor
     lens: torch.Tensor
     probs: torch.Tensor | None
     sources: list[str | None]
+    drafts: list[list[int]]
 
 
 def _suffix_score(d: SuffixDraft, n: int) -> float:
@@ -123,6 +126,8 @@ def combine_drafts(source: str, budgets: Sequence[int], vocab_size: int,
 
     suffix: one SuffixDraft (or None) per request; drafter: a Draft of the B requests with at
     least max(budgets) tokens, or None. A source whose drafts are missing drafts nothing.
+    The learned draft's tokens and scores are read back to the host once; the rest is built on
+    the host and copied, and q is assembled with a few device ops whatever B.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; sources are {', '.join(SOURCES)}")
@@ -135,37 +140,42 @@ def combine_drafts(source: str, budgets: Sequence[int], vocab_size: int,
     K = max(max(budgets, default=0), 1)
     use_suffix = source in ("suffix", "both") and suffix is not None
     use_drafter = source in ("drafter", "both") and drafter is not None
-    learned_scores = None
+    learned_tokens = learned_scores = None
+    K_d = 0
     if use_drafter:
         K_d = drafter.tokens.shape[1]
-        learned_scores = drafter.expected_accepted().tolist()
-    tokens = torch.zeros(B, K, dtype=torch.long, device=device)
-    lens = torch.zeros(B, dtype=torch.long, device=device)
-    probs = torch.zeros(B, K, vocab_size, device=device) if use_drafter else None
+        both = torch.cat([drafter.tokens.double(), drafter.expected_accepted().double()], dim=1).cpu()
+        learned_tokens, learned_scores = both[:, :K_d].long().tolist(), both[:, K_d:].tolist()
+    drafts: list[list[int]] = []
     picked: list[str | None] = []
     for b, budget in enumerate(budgets):
-        choice, n_s, n_d = None, 0, 0
-        best = 0.0
+        choice, n_s, n_d, best = None, 0, 0, 0.0
         if use_suffix and suffix[b] is not None and budget > 0:
             n_s = min(budget, len(suffix[b]))
             if n_s:
                 choice, best = "suffix", _suffix_score(suffix[b], n_s)
         if use_drafter and budget > 0:
             n_d = min(budget, K_d)
-            if choice is None or learned_scores[b][n_d - 1] > best:
+            if n_d and (choice is None or learned_scores[b][n_d - 1] > best):
                 choice = "drafter"
         picked.append(choice)
         if choice == "suffix":
-            toks = torch.tensor(suffix[b].tokens[:n_s], dtype=torch.long, device=device)
-            tokens[b, :n_s] = toks
-            lens[b] = n_s
-            if probs is not None:
-                probs[b, torch.arange(n_s, device=device), toks] = 1.0
+            drafts.append([int(t) for t in suffix[b].tokens[:n_s]])
         elif choice == "drafter":
-            tokens[b, :n_d] = drafter.tokens[b, :n_d]
-            lens[b] = n_d
-            probs[b, :n_d] = drafter.probs[b, :n_d]
-    if probs is not None and "drafter" not in picked:
-        probs = None
-    return CombinedDraft(tokens, lens, probs, picked)
-
+            drafts.append(learned_tokens[b][:n_d])
+        else:
+            drafts.append([])
+    tokens = torch.tensor([d + [0] * (K - len(d)) for d in drafts], dtype=torch.long).reshape(B, K).to(device)
+    lens = torch.tensor([len(d) for d in drafts], dtype=torch.long).to(device)
+    probs = None
+    if "drafter" in picked:
+        inside = torch.arange(K, device=device)[None, :] < lens[:, None]  # [B, K]
+        learned_rows = torch.tensor([c == "drafter" for c in picked]).to(device)
+        suffix_rows = torch.tensor([c == "suffix" for c in picked]).to(device)
+        probs = torch.zeros(B, K, vocab_size, device=device)
+        Kc = min(K, K_d)
+        keep = (inside[:, :Kc] & learned_rows[:, None]).float()[..., None]
+        probs[:, :Kc] = drafter.probs[:, :Kc].float() * keep
+        one_hot = (inside & suffix_rows[:, None]).float()[..., None]
+        probs.scatter_add_(-1, tokens[..., None], one_hot)
+    return CombinedDraft(tokens, lens, probs, picked, drafts)

@@ -51,9 +51,11 @@ def kv_blocks_for(decoder: Decoder, cfg: EngineConfig) -> int:
 class Engine:
     def __init__(self, decoder: Decoder, eos_token_ids: Iterable[int], cfg: EngineConfig | None = None, seed: int = 0,
                  capture_layers: tuple[int, ...] = (-1,), feature_sink: Callable[[StepFeatures], None] | None = None,
-                 spec: SpecConfig | None = None):
+                 spec: SpecConfig | None = None, speculator: Speculator | None = None):
         """`feature_sink`, when given, receives the hidden states (`capture_layers`) of every step.
-        `spec` turns on speculative decoding (suffix-tree drafts, lossless verification)."""
+        `spec` turns on speculative decoding (suffix-tree drafts, lossless verification);
+        `speculator` replaces the one `spec` would build (e.g. one that also drafts with a learned
+        drafter), its config standing for `spec`."""
         self.cfg = cfg = cfg or EngineConfig()
         self.decoder = decoder.eval()
         num_blocks = kv_blocks_for(decoder, cfg)
@@ -66,7 +68,11 @@ class Engine:
                                   cfg.prefill_skip_scale, cfg.decode_skip_scale, cfg.cuda_graphs, max_model_len,
                                   min(cfg.max_graph_batch, cfg.max_num_seqs))
         self.stats = {"steps": 0, "preemptions": 0}
-        self.speculator = Speculator(spec) if spec is not None else None
+        if speculator is not None:
+            spec = speculator.config
+        elif spec is not None:
+            speculator = Speculator(spec)
+        self.speculator = speculator
         # Verification graphs only for the batch sizes that speculate.
         self.spec_runner = SpecRunner(self.runner, min(cfg.max_graph_batch, spec.policy.min_batch_for_off)) \
             if spec is not None else None
@@ -114,7 +120,7 @@ class Engine:
         if self.speculator is None:
             return self.timeline.metrics(PolicyConfig().bucket_edges, small_batch)
         return {**self.timeline.metrics(self.speculator.policy.config.bucket_edges, small_batch),
-                "spec/draft_seconds": self.speculator.draft_seconds}
+                **self.speculator.metrics()}
 
     def step(self) -> list[Sequence]:
         t0 = time.perf_counter()
@@ -124,7 +130,7 @@ class Engine:
             return self._decode_steps(t0)
         batch = self.scheduler.schedule(drafts)
         if batch.num_draft_tokens:  # verify the drafts: each sequence emits 1 + accepted tokens
-            tokens, logprobs = self.spec_runner.run(batch)
+            tokens, logprobs = self.spec_runner.run(batch, self.speculator.draft_probs(batch))
             finished = self.scheduler.postprocess_verified(batch, tokens, logprobs)
             self.spec_runner.emit_features(batch)  # of the kept positions only
         else:
@@ -132,7 +138,7 @@ class Engine:
             finished = self.scheduler.postprocess(batch, tokens, logprobs)
         t1 = time.perf_counter()
         if self.speculator is not None:
-            self.speculator.observe(batch, live, t1 - t0)
+            self.speculator.observe(batch, live, t1 - t0, tokens if batch.num_draft_tokens else None)
         self.timeline.record(t0, t1, live, batch.num_emitted, batch.num_draft_tokens, batch.num_accepted,
                              batch.num_drafting_seqs)
         self.stats["steps"] += 1
@@ -196,7 +202,7 @@ class Engine:
         self.scheduler.add(seqs)
         self.timeline.begin()
         if self.speculator is not None:
-            self.speculator.begin(seqs)
+            self.speculator.begin(seqs, record=history)
         while self.scheduler.has_work():
             finished = self.step()
             if progress is not None and finished:

@@ -93,6 +93,28 @@ def load_rollout_state(path: Path, rank: int) -> dict | None:
         raise CheckpointError(f"cannot load the rollout state of rank {rank} from {path}: {e}") from e
 
 
+def _drafter_state_file(directory: Path, rank: int) -> Path:
+    return directory / f"drafter_rank{rank}.pt"
+
+
+def save_drafter_state(directory: Path, rank: int, state: dict) -> None:
+    """The learned drafter of one rank (trainable weights, optimizer state, counters), fsynced;
+    part of the checkpoint written in `directory`."""
+    _save(state, _drafter_state_file(directory, rank))
+
+
+def load_drafter_state(path: Path, rank: int) -> dict | None:
+    """What `save_drafter_state` wrote for `rank` in checkpoint `path`; None if it holds none
+    (a run without a learned drafter)."""
+    file = _drafter_state_file(path, rank)
+    if not file.is_file():
+        return None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"cannot load the drafter state of rank {rank} from {path}: {e}") from e
+
+
 def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []

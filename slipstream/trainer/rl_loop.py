@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from slipstream.config import SlipstreamConfig, engine_spec_config
+from slipstream.config import (LEARNED_SPEC_KINDS, ConfigError, SlipstreamConfig, drafter_config, engine_spec_config,
+                               source_policy_config)
 from slipstream.models import load_model_and_tokenizer
 from slipstream.models.loading import resolve_model
 from slipstream.models.weights import decoder_from_hf_module
@@ -22,7 +23,7 @@ from slipstream.rollout.types import Request, SamplingParams
 from slipstream.tasks import Problem, build_task
 from slipstream.telemetry import MetricsLogger, progress_bar, write_report
 from slipstream.trainer.batch import build_batch
-from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_rollout_state
+from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_drafter_state, load_rollout_state
 from slipstream.trainer.distributed import (
     DistContext,
     global_metrics,
@@ -70,9 +71,14 @@ class PromptStream:
 
 
 def build_rollout(cfg: SlipstreamConfig, model, tokenizer, device: torch.device):
+    return build_rollout_and_drafter(cfg, model, tokenizer, device)[0]
+
+
+def build_rollout_and_drafter(cfg: SlipstreamConfig, model, tokenizer, device: torch.device, world_size: int = 1):
+    """The rollout backend, and the learned drafter it drafts with (None without one)."""
     rc = cfg.rollout
     if rc.backend == "hf":
-        return HFRolloutBackend(model, tokenizer, batch_size=rc.batch_size)
+        return HFRolloutBackend(model, tokenizer, batch_size=rc.batch_size), None
     # The engine keeps its own copy of the weights (bf16 on GPU) and receives the trainer's after every update.
     decoder = decoder_from_hf_module(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                      device=device)
@@ -82,8 +88,23 @@ def build_rollout(cfg: SlipstreamConfig, model, tokenizer, device: torch.device)
                         cuda_graphs=rc.cuda_graphs, decode_steps=rc.decode_steps,
                         prefill_skip_scale=0.0 if dense else cfg.attention.prefill_scale,
                         decode_skip_scale=0.0 if dense else cfg.attention.decode_scale)
-    return Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=cfg.trainer.seed,
-                  spec=engine_spec_config(cfg.spec, cfg.trainer.seed))
+    spec = engine_spec_config(cfg.spec, cfg.trainer.seed)
+    if cfg.spec.kind not in LEARNED_SPEC_KINDS:
+        if cfg.drafter.kind != "off":
+            raise ConfigError(f"drafter={cfg.drafter.kind} with spec={cfg.spec.kind}: the engine would never draft with "
+                              f"the learned drafter; use spec=drafter or spec=both (or drafter=off)")
+        return Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=cfg.trainer.seed, spec=spec), None
+    from slipstream.drafter import RankBubble, RunDrafter
+
+    dc = cfg.drafter
+    online = dc.kind == "online"
+    drafter = RunDrafter(decoder, drafter_config(dc, cfg.trainer.seed), online, dc.warm_start,
+                         side_stream=dc.side_stream and world_size == 1,
+                         rank_bubble=RankBubble.from_env() if online and world_size > 1 else None,
+                         max_seqs=rc.max_num_seqs)
+    engine = drafter.build_engine(decoder, [tokenizer.eos_token_id], ecfg, cfg.trainer.seed, spec,
+                                  source_policy_config(cfg.spec, cfg.trainer.seed))
+    return engine, drafter
 
 
 def encode_prompt(tokenizer, problem: Problem, system_prompt: str | None) -> list[int]:
@@ -131,7 +152,8 @@ def train(cfg: SlipstreamConfig) -> dict:
         resolve_model(model_cfg.name, tiny_hidden_size=model_cfg.tiny_hidden_size, tiny_layers=model_cfg.tiny_layers)
     ctx.barrier()
     model, tokenizer = load_model_and_tokenizer(model_cfg, device)
-    engine = build_rollout(cfg, model, tokenizer, device)  # from the full weights, before they are sharded
+    # from the full weights, before they are sharded
+    engine, drafter = build_rollout_and_drafter(cfg, model, tokenizer, device, ctx.world_size)
     parts = build_parts(cfg, model, ctx)
     actor, critic = parts.actor, parts.critic
     scorer = RewardScorer(task, cfg.reward, device)
@@ -144,6 +166,9 @@ def train(cfg: SlipstreamConfig) -> dict:
         if isinstance(engine, Engine):  # the engine generates with the restored weights
             engine.load_weights(actor.backend.named_full_parameters())
             engine.load_history_state(load_rollout_state(resume_from, ctx.rank))  # speculation trees
+        drafter_state = load_drafter_state(resume_from, ctx.rank) if drafter is not None else None
+        if drafter_state is not None:
+            drafter.load_state_dict(drafter_state)
         if ctx.is_main:
             print(f"resumed from {resume_from} (step {state.step})")
     stream = PromptStream(train_problems, tc.seed, state.epoch, state.position)
@@ -180,7 +205,9 @@ def train(cfg: SlipstreamConfig) -> dict:
                 if p.uid not in prompt_cache:
                     prompt_cache[p.uid] = encode_prompt(tokenizer, p, cfg.task.system_prompt)
                 requests.append(Request(prompt_cache[p.uid], params, p.uid, f"{step}-{p.uid}"))
-            # 2. rollout
+            # 2. rollout (its features are the learned drafter's data of this step)
+            if drafter is not None:
+                drafter.start_step(step)
             t0 = time.perf_counter()
             with parts.generating(engine, colocate):  # optimizer state off the GPU while the KV cache is in use
                 bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
@@ -190,14 +217,24 @@ def train(cfg: SlipstreamConfig) -> dict:
             native = isinstance(engine, Engine)
             spec_metrics, timeline = (engine.rollout_metrics(), engine.timeline.to_columns()) if native else ({}, None)
             sparsity = engine.sparsity() if cfg.attention.kind == "blasst" else {}
-            # 3. rewards
+            if drafter is not None:  # bubble: ranks done early train until every rank is
+                drafter.rank_idle(step)
+            # 3. rewards (the learned drafter trains meanwhile)
             t0 = time.perf_counter()
             by_uid = {p.uid: p for p in problems}
             texts = tokenizer.batch_decode([c.tokens for c in completions], skip_special_tokens=True)
             prompt_texts = {p.uid: tokenizer.decode(prompt_cache[p.uid]) for p in problems}
-            rewards, reward_metrics = scorer([by_uid[c.group_id] for c in completions],
-                                             [prompt_texts[c.group_id] for c in completions], texts)
+
+            def score():
+                return scorer([by_uid[c.group_id] for c in completions], [prompt_texts[c.group_id] for c in completions],
+                              texts)
+            rewards, reward_metrics = drafter.train_while(score) if drafter is not None else score()
             t_reward = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if drafter is not None:  # then its steps of this RL step, and the new weights swap in
+                drafter.train_after_rollout(cfg.drafter.train_steps_after_rollout)
+                drafter.publish()
+            t_drafter = time.perf_counter() - t0
             # 4. advantages: per sequence from the rewards, or per token from PPO's critic
             batch = build_batch(completions, rewards, tokenizer.pad_token_id)
             if critic is not None:
@@ -229,9 +266,12 @@ def train(cfg: SlipstreamConfig) -> dict:
             metrics.update(rollout_metrics)
             metrics.update({
                 "time/rollout": t_rollout, "time/reward": t_reward, "time/update": t_update, "time/sync": t_sync,
+                "time/drafter": t_drafter,
                 **ctx.mean_over_ranks(reward_metrics), **spec_metrics,
                 **{f"attention/sparsity_{phase}": v for phase, v in sparsity.items()},
             })
+            if drafter is not None:
+                metrics.update(drafter.log(step))
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 t0 = time.perf_counter()
                 with parts.generating(engine, colocate):
@@ -248,7 +288,8 @@ def train(cfg: SlipstreamConfig) -> dict:
             logger.log_rollouts(step, all_lengths, all_rewards, timeline=timeline)
             if (tc.save_every and step % tc.save_every == 0) or step == tc.steps:
                 save_train_checkpoint(ckpt_root, state, parts.checkpointed, ctx, keep=tc.keep_checkpoints,
-                                      rollout_state=engine.history_state() if native else None)
+                                      rollout_state=engine.history_state() if native else None,
+                                      drafter_state=drafter.state_dict() if drafter is not None else None)
             summary = metrics
     shutdown_distributed()
     if not ctx.is_main:

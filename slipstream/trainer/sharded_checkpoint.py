@@ -2,7 +2,8 @@
 
 Layout of `checkpoints/step_N/`: one directory per trained part (`actor/`, `critic/`) in its
 backend's format (`format.json` says which: torch, dcp or deepspeed), `rng_rank{R}.pt` per rank,
-`rollout_rank{R}.json` per rank when the engine keeps a history (speculation),
+`rollout_rank{R}.json` per rank when the engine keeps a history (speculation), `drafter_rank{R}.pt`
+per rank with a learned drafter,
 `trainer_state.json`, and the `COMPLETE` marker. The protocol is the one of `checkpoint.py`:
 every rank writes its shards into the same hidden temporary directory and fsyncs them; after a
 barrier rank 0 writes the state and the marker and renames the directory in one `os.replace`.
@@ -28,6 +29,7 @@ from slipstream.trainer.checkpoint import (
     _save,
     latest_checkpoint,
     rng_state,
+    save_drafter_state,
     save_rollout_state,
     set_rng_state,
 )
@@ -35,9 +37,10 @@ from slipstream.trainer.distributed import DistContext
 
 
 def save_train_checkpoint(root: Path, state: TrainState, parts: dict[str, TrainBackend], ctx: DistContext,
-                          keep: int = 2, rollout_state: dict | None = None) -> Path:
+                          keep: int = 2, rollout_state: dict | None = None, drafter_state: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the final directory. `rollout_state`: this rank's
-    engine history (`Engine.history_state`), saved as `rollout_rank{R}.json`."""
+    engine history (`Engine.history_state`), saved as `rollout_rank{R}.json`; `drafter_state`: its
+    learned drafter's, as `drafter_rank{R}.pt`."""
     final = root / f"step_{state.step:06d}"
     tmp = root / f".step_{state.step:06d}.tmp-{ctx.broadcast_object(os.getpid())}"
     if ctx.is_main:
@@ -51,6 +54,8 @@ def save_train_checkpoint(root: Path, state: TrainState, parts: dict[str, TrainB
     _save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     if rollout_state is not None:
         save_rollout_state(tmp, ctx.rank, rollout_state)
+    if drafter_state is not None:
+        save_drafter_state(tmp, ctx.rank, drafter_state)
     ctx.barrier()  # every shard is on disk (each rank fsynced its own)
     if ctx.is_main:
         with open(tmp / "trainer_state.json", "w") as f:

@@ -97,9 +97,12 @@ class SpecRunner:
         return r.decoder.compute_logits(hidden[row_index.reshape(-1)]).view(len(rows), K + 1, -1)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[list[int]], list[list[float]]]:
+    def run(self, batch: ScheduledBatch, draft_probs: torch.Tensor | None = None
+            ) -> tuple[list[list[int]], list[list[float]]]:
         """The emitted tokens (accepted drafts, then the replacement or bonus token) and their
-        target log-probabilities, per sampling entry of `batch`, for `postprocess_verified`."""
+        target log-probabilities, per sampling entry of `batch`, for `postprocess_verified`.
+        draft_probs [sampling entries, K, V]: the distributions a drafter drew the drafts from
+        (None: deterministic drafts)."""
         r = self.runner
         device = r.device
         sampling = batch.sampling
@@ -117,7 +120,7 @@ class SpecRunner:
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(device, non_blocking=True)
         truncate = any(p.truncates for p in params)
         result = verify_drafts(logits, draft_tokens, draft_lens, temperature, top_p, top_k,
-                               generator=r.generator, truncate=truncate)
+                               draft_probs=draft_probs, generator=r.generator, truncate=truncate)
         # One host read: token ids are exact in float32 below 2**24.
         packed = torch.cat([result.accepted_lens[:, None].float(), result.output_tokens.float(),
                             result.output_logprobs.float()], dim=1).tolist()

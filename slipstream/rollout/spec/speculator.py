@@ -25,11 +25,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from slipstream.kernels.attention import MAX_DECODE_Q_LEN
 from slipstream.rollout.scheduler import ScheduledBatch, Scheduler
 from slipstream.rollout.sequence import Sequence
 from slipstream.rollout.spec.policy import PolicyConfig, SpecPolicy
-from slipstream.rollout.spec.suffix_tree import SuffixConfig, SuffixDrafter
+from slipstream.rollout.spec.suffix_tree import SuffixConfig, SuffixDraft, SuffixDrafter
 
 # A verification query is the last sampled token plus the draft: at most the decode kernel's width.
 MAX_DRAFT_LEN = MAX_DECODE_Q_LEN - 1
@@ -66,7 +68,8 @@ class Speculator:
             self._worker.join()
             self._worker = None
 
-    def begin(self, seqs: Iterable[Sequence]) -> None:
+    def begin(self, seqs: Iterable[Sequence], record: bool = True) -> None:
+        """A rollout of `seqs` starts; `record`: whether it will feed the history (see `end`)."""
         self.wait()
         self._seqs = {s.seq_id: s for s in seqs}
         self._groups = {}
@@ -121,19 +124,24 @@ class Speculator:
                     d.finish_request(sid)
                     self._closed.add(sid)
 
-    def propose(self, scheduler: Scheduler) -> dict[int, list[int]]:
-        """Drafts for this step's decoding sequences, by seq_id (empty while the batch is large)."""
+    def plan(self, scheduler: Scheduler) -> tuple[list[Sequence], dict[int, int], int]:
+        """This step's decoding sequences, their draft budgets by seq_id (capped at MAX_DRAFT_LEN)
+        and the live batch; no sequence (and no arm) while the batch is large."""
         live = scheduler.num_running + scheduler.num_waiting
         self._arm = None
         if live >= self.policy.config.min_batch_for_off:
-            return {}
+            return [], {}, live
         decoding = [s for s in scheduler.running if not s.is_prefilling]
         if not decoding:
-            return {}
+            return [], {}, live
         budgets = self.policy.plan([(s.seq_id, s.group_id) for s in decoding], live)
         self._arm = self.policy.arm_for(live)
-        if not any(budgets.values()):
-            return {}
+        return decoding, {sid: min(n, MAX_DRAFT_LEN) for sid, n in budgets.items()}, live
+
+    def suffix_drafts(self, scheduler: Scheduler, decoding: list[Sequence], budgets: dict[int, int]
+                      ) -> dict[int, SuffixDraft]:
+        """The suffix drafter's proposals within the budgets, by seq_id (sequences it has none for
+        are left out)."""
         t0 = time.perf_counter()
         live_groups = {s.group_id for s in scheduler.running}
         live_groups.update(s.group_id for s in scheduler.waiting)
@@ -141,20 +149,38 @@ class Speculator:
         depth = self.drafter.config.max_depth
         drafts = {}
         for s in decoding:
-            budget = min(budgets[s.seq_id], MAX_DRAFT_LEN)
+            budget = budgets[s.seq_id]
             if budget <= 0:
                 continue
             n = s.num_tokens
             draft = self.drafter.propose(s.seq_id, s.group_id, s.token_slice(max(n - depth, 0), n), budget)
             if draft.tokens:
-                drafts[s.seq_id] = draft.tokens
+                drafts[s.seq_id] = draft
         self.draft_seconds += time.perf_counter() - t0
         return drafts
 
-    def observe(self, batch: ScheduledBatch, live: int, seconds: float) -> None:
-        """After a step: give the bandit the step's throughput under the arm it chose."""
+    def propose(self, scheduler: Scheduler) -> dict[int, list[int]]:
+        """Drafts for this step's decoding sequences, by seq_id (empty while the batch is large)."""
+        decoding, budgets, _ = self.plan(scheduler)
+        if not any(budgets.values()):
+            return {}
+        return {sid: d.tokens for sid, d in self.suffix_drafts(scheduler, decoding, budgets).items()}
+
+    def draft_probs(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """The distributions q the scheduled drafts were drawn from, [sampling entries, K, V] with
+        K the longest scheduled draft, for lossless verification; None: deterministic drafts."""
+        return None
+
+    def observe(self, batch: ScheduledBatch, live: int, seconds: float,
+                emitted: list[list[int]] | None = None) -> None:
+        """After a step: give the bandit the step's throughput under the arm it chose. `emitted`:
+        a verification step's tokens per sampling entry (accepted drafts, then one more)."""
         if self._arm is not None and seconds > 0:
             self.policy.record(live, self._arm, batch.num_emitted, seconds)
+
+    def metrics(self) -> dict[str, float]:
+        """What the speculator itself measured in the last rollout."""
+        return {"spec/draft_seconds": self.draft_seconds}
 
     # ---------------------------------------------------------------- state
 

@@ -1,0 +1,137 @@
+"""The learned drafter of an RL run: what the RL loop calls, in the order it calls it.
+
+`RunDrafter` holds the drafter's weights in a `DrafterSlot` the engine drafts from, the context
+windows and training buffer the engine's feature capture fills (through `DraftingSpeculator`),
+and, when it trains online, the bubble trainer:
+
+    engine = run_drafter.build_engine(decoder, eos, engine_config, seed, spec, sources)
+    per RL step:  start_step(step) -> rollout -> [rank_idle(step)] -> train_while(rewards)
+                  -> train_after_rollout() -> publish() -> update -> log(step)
+    checkpoints:  state_dict() / load_state_dict()
+
+A frozen drafter (the warm start, never trained) only drafts; its state is its weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from slipstream.drafter.bubble_trainer import BubbleTrainer, RankBubble, SideStreamTrainer
+from slipstream.drafter.config import DrafterConfig
+from slipstream.drafter.context import ContextWindows
+from slipstream.drafter.engine_drafting import DraftingSpeculator
+from slipstream.drafter.feature_buffer import FeatureBuffer
+from slipstream.drafter.metrics import DrafterMetrics
+from slipstream.drafter.model import Drafter, TargetHead
+from slipstream.drafter.source_policy import SourcePolicyConfig
+from slipstream.drafter.swap import DrafterSlot
+from slipstream.drafter.warmup import load_drafter
+
+__all__ = ["RunDrafter"]
+
+T = TypeVar("T")
+
+
+class RunDrafter:
+    """See the module docstring. `decoder`: the engine's target (the drafter reads out through its
+    embedding, norm and head, so weight syncs reach the drafter too); `online`: train in bubbles;
+    `warm_start`: a drafter file (its model-shaping settings win over `config`); `side_stream`:
+    train during the small-batch tail (on CUDA only); `rank_bubble`: train while other ranks
+    still generate, weights averaged (under torchrun)."""
+
+    def __init__(self, decoder, config: DrafterConfig, online: bool, warm_start: str | Path | None = None,
+                 side_stream: bool = True, rank_bubble: RankBubble | None = None, max_seqs: int = 256):
+        device = decoder.embed.weight.device
+        if warm_start is not None:
+            drafter = load_drafter(warm_start, decoder, config, device=device)
+        else:
+            drafter = Drafter(decoder.config, TargetHead.from_decoder(decoder), config, device=device)
+        self.config = config = drafter.config
+        self.online = online
+        self.drafter = drafter
+        self.slot = DrafterSlot(drafter)
+        H = decoder.config.hidden_size
+        self.windows = ContextWindows(config.window, H, config.capture_layer, max_seqs=max_seqs, device=device)
+        self.buffer = FeatureBuffer(config, H, decoder.embed.weight.dtype, device) if online else None
+        self.trainer = BubbleTrainer(drafter, self.buffer, self.slot) if online else None
+        self.metrics = self.trainer.metrics if online else DrafterMetrics()
+        self.side_stream = SideStreamTrainer(self.trainer) if online and side_stream and device.type == "cuda" \
+            else None
+        self.rank_bubble = rank_bubble if online else None
+        self.vocab_size = decoder.config.vocab_size
+
+    # ---------------------------------------------------------------- the engine
+
+    def speculator(self, spec, sources: SourcePolicyConfig) -> DraftingSpeculator:
+        """The engine's speculator (and feature sink) over this drafter; `spec`: a `SpecConfig`."""
+        return DraftingSpeculator(spec, sources, self.slot, self.windows, self.vocab_size, self.config.max_draft_len,
+                                  buffer=self.buffer, side_stream=self.side_stream)
+
+    def build_engine(self, decoder, eos_token_ids, engine_config, seed: int, spec, sources: SourcePolicyConfig):
+        """A native engine that captures the drafter's feature layer and drafts with it."""
+        from slipstream.rollout.engine import Engine
+
+        speculator = self.speculator(spec, sources)
+        engine = Engine(decoder, eos_token_ids, engine_config, seed=seed, capture_layers=(self.config.capture_layer,),
+                        feature_sink=speculator, speculator=speculator)
+        speculator.generator = engine.runner.generator  # seeded rollouts draft reproducibly
+        return engine
+
+    # ---------------------------------------------------------------- one RL step
+
+    def start_step(self, step: int) -> None:
+        """Before the rollout of RL step `step`: its features are that step's data."""
+        if self.buffer is not None:
+            self.buffer.set_step(step)
+
+    def rank_idle(self, step: int) -> None:
+        """Bubble (a), under torchrun: train until every rank's rollout is done, then average."""
+        if self.rank_bubble is not None:
+            self.rank_bubble.run(self.trainer, step)
+
+    def train_while(self, work: Callable[[], T]) -> T:
+        """Bubble (b): run `work` (the reward computation) while the drafter trains."""
+        if self.trainer is None:
+            return work()
+        result, _ = self.trainer.train_while(work, kind="reward")
+        return result
+
+    def train_after_rollout(self, steps: int) -> None:
+        """`steps` more optimizer steps between the rollout and the update (counted as a bubble
+        of kind "after_rollout": the step pays for this time)."""
+        if self.trainer is not None and steps > 0:
+            self.trainer.train_until(max_steps=steps, kind="after_rollout")
+
+    def publish(self) -> None:
+        """Swap the trained weights into the slot the engine drafts from (between two rollouts)."""
+        if self.trainer is not None and self.trainer.steps:
+            self.trainer.publish()
+
+    def log(self, step: int) -> dict[str, float]:
+        """The step's drafter metrics: loss, bubbles available and used, staleness, weight version."""
+        if self.trainer is not None:
+            return self.trainer.log(step)
+        return self.metrics.as_dict(step, None, self.slot.version)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trainable weights (and, online, the optimizer, counters and batch RNG)."""
+        if self.trainer is not None:
+            return {"online": True, "trainer": self.trainer.state_dict()}
+        return {"online": False, "drafter": self.slot.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if bool(state["online"]) != self.online:
+            raise ValueError(f"the checkpoint holds a{'n online' if state['online'] else ' frozen'} drafter, this run's "
+                             f"is {'online' if self.online else 'frozen'}")
+        if self.trainer is not None:
+            self.trainer.load_state_dict(state["trainer"])  # publishes into the slot
+        else:
+            with torch.no_grad():
+                self.drafter.load_state_dict(state["drafter"])
+            self.slot.publish(state["drafter"])
