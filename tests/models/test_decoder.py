@@ -200,8 +200,13 @@ def test_unsupported_models_raise_naming_the_supported_ones():
 # Tiny random models
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_packed_prefill_and_decode_match_hf(family):
+def test_packed_prefill_and_decode_match_hf(family, kernels, monkeypatch):
+    """`triton`: the GPU path's kernels (in Triton's interpreter): fused norm + projection prologues
+    in the 3-row decode steps, the paged attention kernels, the fused RoPE + K/V store."""
+    if kernels == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     hf = _tiny_hf(family)
     decoder = decoder_from_hf_module(hf)
     run = PagedRun(decoder, seed=1)
