@@ -228,67 +228,35 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Small-batch linear: decode steps multiply a handful of rows by each weight matrix. The matrix
-# read is the whole cost; cuBLAS's kernels for M <= 16 reach a fraction of the bandwidth on the
-# small matrices of small models (an H200: 4.3 us for a 1.6 MB o_proj), so a plain tiled kernel
-# that streams W once with many programs in flight does better. At these sizes a launch costs as
-# much as a small matrix read, so the op before a projection runs in the kernel's prologue:
-# (residual add +) RMSNorm before qkv and gate_up, SiLU(gate) * up before down. The prologue
-# recomputes the normed rows in every program (they are a few KB, read from L2).
+# Small-batch linear: decode steps multiply a handful of rows by each weight matrix, and the
+# matrix read is the whole cost. Which kernel streams a given matrix faster depends on its shape
+# and the card: on an H200 at one row, a plain tiled Triton kernel with many programs in flight
+# beats cuBLAS on the small square projections of small models (3.4 vs 4.3 us for a 896x896
+# o_proj) and on wide ones (7B gate_up 63 vs 69 us), and loses on tall ones (down_proj, 10 vs
+# 6.6 us at 0.5B; benchmarks/linear_variants.py). So each (rows, shape) is timed once, both ways,
+# on its first call outside a graph capture (a graph's warm-up run), and the faster one serves it.
+# Fusing the norm or SiLU into the kernel's prologue measured slower than separate launches.
 
 SMALL_M = 16
-NORM_PROLOGUE_MAX_M = 8  # above this the second pass over x (for the row norms) costs more than a launch
-
-_PLAIN, _NORM, _SILU = 0, 1, 2
+_faster: dict[tuple, bool] = {}  # (M, N, K, dtype, bias, out dtype, device) -> the Triton kernel is faster
 
 if triton is not None:
 
     @triton.jit
-    def _linear_small_m_kernel(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_rm,
-                               stride_rom, stride_wn, stride_ym, eps,
-                               PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, 16)
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((16, BLOCK_N), tl.float32)
         n_mask = rn < N
-        m_mask = rm < M
-        if PROLOGUE == 1:  # the row norms of x (+ residual), rounded as the torch path rounds
-            ss = tl.zeros((16,), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + rk
-                xm = m_mask[:, None] & (kk < K)[None, :]
-                v = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=xm, other=0.0)
-                if HAS_RES:
-                    v = (v.to(tl.float32) + tl.load(r_ptr + rm[:, None] * stride_rm + kk[None, :], mask=xm,
-                                                    other=0.0).to(tl.float32)).to(v.dtype)
-                vf = v.to(tl.float32)
-                ss += tl.sum(vf * vf, 1)
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_mask = kk < K
-            xm = m_mask[:, None] & k_mask[None, :]
-            if PROLOGUE == 0:
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=xm, other=0.0)
-            elif PROLOGUE == 1:
-                v = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=xm, other=0.0)
-                if HAS_RES:
-                    v = (v.to(tl.float32) + tl.load(r_ptr + rm[:, None] * stride_rm + kk[None, :], mask=xm,
-                                                    other=0.0).to(tl.float32)).to(v.dtype)
-                    m_store = tl.where(pid == 0, M, 0)  # one program writes the new residual stream
-                    tl.store(ro_ptr + rm[:, None] * stride_rom + kk[None, :], v,
-                             mask=(rm < m_store)[:, None] & k_mask[None, :])
-                nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-                x = ((v.to(tl.float32) * rstd[:, None]).to(v.dtype).to(tl.float32) * nw[None, :]).to(v.dtype)
-            else:  # SiLU(gate) * up of the gate_up rows [M, 2K]
-                g = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=xm, other=0.0)
-                u = tl.load(x_ptr + rm[:, None] * stride_xm + K + kk[None, :], mask=xm, other=0.0)
-                gf = g.to(tl.float32)
-                act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-                x = (act * u.to(tl.float32)).to(g.dtype)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & k_mask[None, :],
+                        other=0.0)
             w = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + kk[:, None],
                         mask=n_mask[None, :] & k_mask[:, None], other=0.0)  # [BLOCK_K, BLOCK_N] = W^T tile
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
@@ -296,60 +264,61 @@ if triton is not None:
             acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         # rounded to the weights' dtype first, as F.linear's output is, whatever y's dtype
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(w_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+                 mask=(rm[:, None] < M) & n_mask[None, :])
 
 
-def _small_m_ok(x: torch.Tensor, weight: torch.Tensor, max_m: int = SMALL_M) -> bool:
-    return (use_triton(x) and x.dim() == 2 and 0 < x.shape[0] <= max_m and x.stride(-1) == 1
-            and weight.stride(-1) == 1 and x.dtype == weight.dtype)
-
-
-def _launch_small_m(prologue: int, x, weight, bias, out_dtype, K, residual=None, norm_weight=None, eps=0.0,
-                    res_out=None) -> torch.Tensor:
-    M, N = x.shape[0], weight.shape[0]
+def _linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.Tensor:
+    M, (N, K) = x.shape[0], weight.shape
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
     block_n = 32 if N >= 4096 else 16
     block_k = 256 if x.element_size() == 2 else 64
-    r = residual if residual is not None else x
-    ro = res_out if res_out is not None else x
     _linear_small_m_kernel[(triton.cdiv(N, block_n),)](
-        x, r, norm_weight if norm_weight is not None else weight, ro, weight, bias if bias is not None else weight,
-        y, M, N, K, x.stride(0), r.stride(0), ro.stride(0), weight.stride(0), y.stride(0), float(eps),
-        PROLOGUE=prologue, HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=4)
+        x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
     return y
+
+
+def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _time_us(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
+
+
+def _triton_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> bool:
+    if x.device.type != "cuda":
+        return True  # the interpreter: tests exercise the kernel
+    key = (x.shape[0], *weight.shape, x.dtype, bias is not None, out_dtype, x.device.index)
+    if key not in _faster:
+        if torch.cuda.is_current_stream_capturing():
+            return True  # cannot time inside a capture; graphs run an eager warm-up first, which decides
+        ours = min(_time_us(lambda: _linear_small_m(x, weight, bias, out_dtype)) for _ in range(2))
+        theirs = min(_time_us(lambda: _linear_torch(x, weight, bias, out_dtype)) for _ in range(2))
+        _faster[key] = ours <= theirs
+    return _faster[key]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T (+ bias): the Triton kernel when M <= 16 on GPU, F.linear otherwise.
-
-    `out_dtype` (e.g. float32 logits) casts the result, rounded to the weights' dtype first, in
-    the same kernel.
-    """
-    if not _small_m_ok(x, weight):
-        y = F.linear(x, weight, bias)
-        return y if out_dtype is None else y.to(out_dtype)
-    return _launch_small_m(_PLAIN, x, weight, bias, out_dtype or x.dtype, weight.shape[1])
-
-
-def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None,
-                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(linear(RMSNorm(x + residual)), x + residual), or without `residual` (linear(RMSNorm(x)), None).
-
-    One kernel for up to NORM_PROLOGUE_MAX_M rows on GPU; otherwise `rms_norm` then `linear`.
-    """
-    if not _small_m_ok(x, weight, NORM_PROLOGUE_MAX_M) or (residual is not None and residual.stride(-1) != 1):
-        h, residual = rms_norm(x, norm_weight, eps, residual)
-        return linear(h, weight, bias), residual
-    res_out = torch.empty_like(x) if residual is not None else None
-    y = _launch_small_m(_NORM, x, weight, bias, x.dtype, x.shape[1], residual, norm_weight, eps, res_out)
-    return y, res_out
-
-
-def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear(SiLU(gate) * up) of gate_up [M, 2I] (gate first): one kernel for up to 16 rows on GPU."""
-    if not _small_m_ok(gate_up, weight):
-        return linear(silu_mul(gate_up), weight, bias)
-    return _launch_small_m(_SILU, gate_up, weight, bias, gate_up.dtype, weight.shape[1])
+    """x [M, K] @ weight[N, K]^T (+ bias), optionally cast to `out_dtype` (rounded to the weights'
+    dtype first, as F.linear(...).to(out_dtype) is). Up to 16 rows on GPU, the Triton kernel
+    serves the shapes where it measured faster than cuBLAS; F.linear serves the rest."""
+    M = x.shape[0]
+    if (not use_triton(x) or x.dim() != 2 or M > SMALL_M or M == 0 or x.stride(-1) != 1 or weight.stride(-1) != 1
+            or x.dtype != weight.dtype):
+        return _linear_torch(x, weight, bias, out_dtype)
+    out_dtype = out_dtype or x.dtype
+    if not _triton_is_faster(x, weight, bias, out_dtype):
+        return _linear_torch(x, weight, bias, out_dtype)
+    return _linear_small_m(x, weight, bias, out_dtype)

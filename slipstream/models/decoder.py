@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from slipstream.kernels.fused_ops import linear, rms_norm, rms_norm_linear, rope_store_kv, silu_mul_linear
+from slipstream.kernels.fused_ops import linear, rms_norm, rope_store_kv, silu_mul
 from slipstream.kernels.reference import paged_attention_ref
 from slipstream.models.registry import ModelLoadError
 
@@ -320,12 +320,12 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, qkv, cos, sin, attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
-        """o_proj(attention) of the tokens whose fused q/k/v projection is `qkv` [T, q + 2 kv]."""
-        T = qkv.shape[0]
+    def forward(self, x, cos, sin, attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
+        T = x.shape[0]
         k_cache, v_cache = kv_cache
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None)
-        q = rope_store_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads, k_cache, v_cache, attn.slot_mapping, *norms)
+        q = rope_store_kv(_linear(self.qkv_proj, x), cos, sin, self.num_heads, self.num_kv_heads, k_cache, v_cache,
+                          attn.slot_mapping, *norms)
         out = attention_fn(q, k_cache, v_cache, attn, self.scale)
         return _linear(self.o_proj, out.reshape(T, self.q_size))
 
@@ -337,9 +337,8 @@ class MLP(nn.Module):
         self.gate_up_proj = skip_init(nn.Linear, c.hidden_size, 2 * c.intermediate_size, **kw)
         self.down_proj = skip_init(nn.Linear, c.intermediate_size, c.hidden_size, **kw)
 
-    def forward(self, gate_up):
-        """down_proj(SiLU(gate) * up) of the fused gate/up projection's output."""
-        return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+    def forward(self, x):
+        return _linear(self.down_proj, silu_mul(_linear(self.gate_up_proj, x)))
 
 
 class Layer(nn.Module):
@@ -353,18 +352,15 @@ class Layer(nn.Module):
     def forward(self, x, residual, cos, sin, attn, kv_cache):
         """(this layer's MLP output, the residual stream before it); the next norm adds the two.
 
-        Deferring the residual add into the next RMSNorm, and each norm into the projection after
-        it, saves kernels on GPU (`rms_norm_linear`); `residual` is None at the first layer, whose
-        `x` is the embeddings.
+        Deferring the residual add into the next RMSNorm saves a kernel per add on GPU; `residual`
+        is None at the first layer, whose `x` is the embeddings.
         """
-        a, m = self.attention, self.mlp
-        qkv, new_residual = rms_norm_linear(x, self.input_norm.weight, self.input_norm.eps, a.qkv_proj.weight,
-                                            a.qkv_proj.bias, residual)
-        residual = x if residual is None else new_residual
-        gate_up, residual = rms_norm_linear(a(qkv, cos, sin, attn, kv_cache), self.post_attention_norm.weight,
-                                            self.post_attention_norm.eps, m.gate_up_proj.weight,
-                                            m.gate_up_proj.bias, residual)
-        return m(gate_up), residual
+        if residual is None:
+            h, residual = self.input_norm(x), x
+        else:
+            h, residual = self.input_norm.add_forward(x, residual)
+        h, residual = self.post_attention_norm.add_forward(self.attention(h, cos, sin, attn, kv_cache), residual)
+        return self.mlp(h), residual
 
 
 class Decoder(nn.Module):

@@ -1,0 +1,95 @@
+"""GPU time of the small-M projection kernels, with and without their fused prologues.
+
+    python benchmarks/linear_variants.py [--model qwen2.5-0.5b] [--m 1]
+
+For each projection of the model's shape at M rows (decode), times in a CUDA graph of 200
+back-to-back launches (so launch gaps count as they do in the engine's graphs): cuBLAS
+F.linear, the small-M Triton kernel at several pipeline depths, the norm and SiLU kernels around
+them, and what `fused_ops.linear` picks. Prints us per call and the bandwidth of the weight read.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.engine_decode import QWEN_SHAPES
+
+
+def graph_time(fn, reps: int = 200) -> float:
+    """Microseconds per call of `fn`, captured `reps` times in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        best = min(best, a.elapsed_time(b) * 1000 / reps)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b", choices=sorted(QWEN_SHAPES))
+    ap.add_argument("--m", type=int, default=1)
+    args = ap.parse_args()
+
+    import triton
+
+    from slipstream.kernels import fused_ops as fo
+
+    H, _, heads, kv_heads, I, V, _ = QWEN_SHAPES[args.model]
+    qkv_n = H + 2 * kv_heads * (H // heads)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    M = args.m
+    x = torch.randn(M, H, device=dev, dtype=dt)
+    res = torch.randn(M, H, device=dev, dtype=dt)
+    nw = torch.ones(H, device=dev, dtype=dt)
+    gu = torch.randn(M, 2 * I, device=dev, dtype=dt)
+
+    def launch(xin, w, stages, out_dtype=None):
+        N, K = w.shape
+        y = torch.empty(M, N, device=dev, dtype=out_dtype or dt)
+        block_n = 32 if N >= 4096 else 16
+        grid = (triton.cdiv(N, block_n),)
+        return lambda: fo._linear_small_m_kernel[grid](
+            xin, w, w, y, M, N, K, xin.stride(0), w.stride(0), y.stride(0), HAS_BIAS=False, BLOCK_N=block_n,
+            BLOCK_K=256, PRECISION="tf32", num_warps=4, num_stages=stages)
+
+    print(f"{args.model}, {M} row(s), bf16, {torch.cuda.get_device_name()}")
+    for name, K, N in [("qkv", H, qkv_n), ("o", H, H), ("gate_up", H, 2 * I), ("down", I, H), ("lm_head", H, V)]:
+        w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
+        xin = torch.randn(M, K, device=dev, dtype=dt)
+        t = {"cublas": graph_time(lambda: F.linear(xin, w))}
+        for st in (2, 3, 4):
+            t[f"triton stages={st}"] = graph_time(launch(xin, w, st))
+        if name in ("qkv", "gate_up"):
+            t["rms_norm kernel"] = graph_time(lambda: fo.rms_norm(x, nw, 1e-6, res))
+        if name == "down":
+            t["silu_mul kernel"] = graph_time(lambda: fo.silu_mul(gu))
+        if name == "lm_head":
+            t["cublas + float()"] = graph_time(lambda: F.linear(xin, w).float())
+            t["triton fp32 out"] = graph_time(launch(xin, w, 3, out_dtype=torch.float32))
+        fo.linear(xin, w)
+        t["linear() picks"] = graph_time(lambda: fo.linear(xin, w))
+        mb = N * K * 2 / 1e6
+        for k, us in t.items():
+            print(f"{name:8s} {N:6d}x{K:<5d} {k:20s} {us:8.2f} us  {mb / us:6.2f} TB/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
