@@ -1,37 +1,40 @@
-"""Does a drafter trained online keep up with a drifting policy? A replay of an RL run's checkpoints.
+"""Rollout makespan during real GRPO: no speculation, the suffix tree, the learned drafter frozen
+and online, and both composed, on the long-tail workload.
 
-    slipstream train recipe=... trainer.save_every=1 trainer.keep_checkpoints=100   # the run
-    python benchmarks/drafter_online.py --run-dir runs/NAME --commit SHA                # GPU
-    python benchmarks/drafter_online.py --run-dir /tmp/smoke --device cpu --prompts 2 --samples 2 \\
-        --max-tokens 16 --kv-cache-gb 0.1 --warmup-steps 20 --bubble-steps 10 --out /tmp/drafter_online.json
+    python benchmarks/drafter_online.py --model /tmp/smollm2-hf --commit SHA                 # GPU (H200: ~8 min)
+    python benchmarks/drafter_online.py --model /tmp/smollm2-hf --quick --commit SHA         # GPU, shorter
+    python benchmarks/drafter_online.py --device cpu --model tiny-random --steps 2 --prompts 2 --samples 2 \\
+        --max-tokens 24 --kv-cache-gb 0.05 --warmup-steps 10 --drafter-steps 5 --out /tmp/drafter_online.json
 
-For the run's initial policy and then every kept checkpoint (one per RL step), in order: the
-policy samples `--samples` completions of each of `--prompts` task prompts (the engine's feature
-capture feeding the drafter's buffer, as in training); two drafters draft at `--cuts` random
-cut points of every completion and the target verifies (`verify_drafts` with the drafter's q, at
-the rollout temperature; the target's logits come from the policy's own forward):
+GRPO on SmolLM2-135M-Instruct over the long-tail workload of benchmarks/longtail.py (its
+arithmetic prompts, the same ones every step, temperature 1.0, long max_tokens), `--steps` RL
+steps so the policy drifts. Five engines share the policy's weights (one decoder, weights synced
+after every update), each with its own KV cache and its own speculation state:
 
-* frozen: warmed up once on the initial policy's rollouts (`--warmup-steps`), then never trained;
-* online: the same warm start, then `--bubble-steps` training steps after each rollout, on the
-  buffer of the last `buffer_max_age` steps: what the bubbles of that step give it.
+* off: no speculation;  suffix: spec=suffix (the suffix tree over its own earlier rollouts);
+* drafter-frozen: spec=drafter with the warm-start drafter, never trained;
+* drafter-online: spec=drafter with the drafter trained online;
+* both: spec=both, the suffix tree and the online drafter composed (the source policy picks
+  none / suffix / drafter / both per live-batch bucket, "both" the better draft per request).
 
-Each policy version is measured before the online drafter trains on its rollouts, as in a run
-(step t drafts with a drafter that has seen data up to step t-1). Per version: acceptance length
-(accepted drafts per verification of `--draft-len` drafts) and rate for both drafters, and the
-online drafter's loss. Writes benchmarks/results/drafter_online.json.
-
-What this does not measure yet: rollout makespan with the learned drafter speculating inside the
-engine (modes drafter-frozen, drafter-online and both against spec=off and suffix), which needs
-the engine's speculative step to draft with `DrafterSlot`.
+Warm start, before step 1: the initial policy samples the prompts once (feature capture into
+the drafter's buffer), then the drafter trains `--warmup-steps` steps; frozen and online start
+from those weights. Each step, before the update, every mode rolls out the same prompts with the
+same sampling seed, in an order rotated every step; the timed rollouts are the makespans
+compared (the wall clock of `Engine.generate`, as in longtail.py). The training rollout is the
+`--train-on` mode's (both by default): its completions make the GRPO batch and its features feed
+the online drafter's buffer. Between the rollouts and the update the online drafter trains
+`--drafter-steps` steps (the step's bubbles; their time is reported apart, not in any makespan)
+and its new weights swap in for the next step. Per step and mode: makespan, tokens, tokens/s,
+acceptance length overall and per draft source, time with fewer than 16 live sequences; per step:
+reward, the drafter's loss and training time. Writes benchmarks/results/drafter_online.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,200 +45,252 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.longtail import SMALL_BATCH, commit_of, spec_option, sync, timed_rollout, workload  # noqa: E402
+
+MODES = ("off", "suffix", "drafter-frozen", "drafter-online", "both")
+QUICK = {"steps": 10, "prompts": 16, "samples": 8, "max_tokens": 512, "warmup_steps": 200, "drafter_steps": 60}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True, help="an RL run directory with one checkpoint per step")
+    p.add_argument("--model", required=True, help="local HF directory (SmolLM2-135M-Instruct) or a registered name")
     p.add_argument("--device", default="cuda", help="cuda or cpu")
+    p.add_argument("--steps", type=int, default=10, help="GRPO steps")
     p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--cuts", type=int, default=4, help="cut points measured per completion")
-    p.add_argument("--draft-len", type=int, default=6)
-    p.add_argument("--warmup-steps", type=int, default=300)
-    p.add_argument("--bubble-steps", type=int, default=100, help="online training steps after each rollout")
-    p.add_argument("--kv-cache-gb", type=float, default=8.0)
+    p.add_argument("--samples", type=int, default=8, help="samples per prompt (the GRPO group)")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-5, help="the policy's learning rate")
+    p.add_argument("--warmup-steps", type=int, default=400, help="drafter training steps of the warm start")
+    p.add_argument("--drafter-steps", type=int, default=100, help="online drafter training steps per RL step")
+    p.add_argument("--drafter-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of the drafter's keys (drafter.* of the config), e.g. lr=1e-3 window=32")
+    p.add_argument("--spec-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of the spec options' keys (all modes), e.g. min_batch_for_off=64")
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    p.add_argument("--train-on", default="both", choices=MODES, help="the mode whose rollout trains the policy")
+    p.add_argument("--kv-cache-gb", type=float, default=6.0, help="KV cache of each engine")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--quick", action="store_true",
+                   help=f"a shorter run: {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in QUICK.items())}")
     p.add_argument("--commit", default=None,
                    help="commit to record (default: $SLIPSTREAM_COMMIT, else git rev-parse of this checkout)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "drafter_online.json"))
     args = p.parse_args(argv)
-    for name in ("prompts", "samples", "max_tokens", "cuts", "draft_len", "warmup_steps"):
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    for name in ("steps", "prompts", "samples", "max_tokens", "warmup_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.samples < 2:
+        p.error("--samples must be >= 2 (GRPO normalises advantages within a group)")
+    if args.train_on not in args.modes:
+        p.error(f"--train-on {args.train_on} is not among --modes {args.modes}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available (use --device cpu for a small check)")
     return args
 
 
-def commit_of(arg: str | None) -> str | None:
-    # The GPU machine gets a copy of the tree without .git: --commit or SLIPSTREAM_COMMIT names it.
-    if arg or os.environ.get("SLIPSTREAM_COMMIT"):
-        return arg or os.environ["SLIPSTREAM_COMMIT"]
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return out.stdout.strip() or None
+def drafter_settings(overrides: list[str]):
+    """`DrafterConfig` from the config's drafter defaults and KEY=VALUE overrides."""
+    from omegaconf import OmegaConf
+
+    from slipstream.config import LearnedDrafterConfig, drafter_config
+
+    merged = OmegaConf.merge(OmegaConf.structured(LearnedDrafterConfig), OmegaConf.from_dotlist(overrides))
+    return drafter_config(OmegaConf.to_object(merged))
 
 
-class Recorder:
-    """Feature sink: every captured row of the step's sequences, by sequence and position (host)."""
-
-    def __init__(self, layer: int):
-        self.layer = layer
-        self.rows: dict[tuple, dict[int, tuple[torch.Tensor, int]]] = {}
-
-    def __call__(self, sf) -> None:
-        h = sf.hidden[self.layer].float().cpu()
-        owner, pos, tok = sf.owner.tolist(), sf.positions.tolist(), sf.token_ids.tolist()
-        for r in range(h.shape[0]):
-            self.rows.setdefault(sf.seq_keys[owner[r]], {})[pos[r]] = (h[r], tok[r])
-
-
-def measure(drafters: dict, model, recorder: Recorder, completions, keys, args, temperature: float, seed: int):
-    """Acceptance of each drafter at random cut points of the completions (see the module docstring)."""
-    from slipstream.drafter import DraftContext
-    from slipstream.rollout.spec.verify import verify_drafts
-
-    gen = torch.Generator().manual_seed(seed)
-    contexts, chains_prefix = [], []
-    for key, c in zip(keys, completions):
-        rows = recorder.rows.get(key, {})
-        ids = c.prompt_ids + c.tokens
-        P = len(c.prompt_ids)
-        if len(c.tokens) < 2 or not rows:
-            continue
-        first = min(rows)
-        for n in torch.randint(max(P, first + 1), len(ids), (args.cuts,), generator=gen).tolist():
-            # features h_first..h_{n-1}, tokens x_first..x_n
-            feats = torch.stack([rows[p][0] for p in range(first, n)])
-            contexts.append((feats, torch.tensor(ids[first:n + 1]), first))
-            chains_prefix.append(ids[:n + 1])
-    if not contexts:
-        return {}
-    device = next(model.parameters()).device
+def source_metrics(metrics: dict) -> dict:
+    """Acceptance per draft source and the source policy's choices, from `Engine.rollout_metrics`."""
+    keys = ("acceptance_len", "acceptance_rate", "drafted_tokens")
     out = {}
-    for name, drafter in drafters.items():
-        ctx = DraftContext.from_sequences([(f.to(device), t.to(device), a) for f, t, a in contexts],
-                                          drafter.config.window)
-        B, k = len(contexts), args.draft_len
-        temp = torch.full((B,), temperature, device=device)
-        draft = drafter.draft(ctx, k, temp, generator=torch.Generator(device).manual_seed(seed))
-        logits = []
-        with torch.no_grad():
-            for b, prefix in enumerate(chains_prefix):  # the target at x_n, d_1 .. d_k
-                ids = torch.tensor([prefix + draft.tokens[b].tolist()], device=device)
-                logits.append(model(ids).logits[0, len(prefix) - 1:].float())
-        res = verify_drafts(torch.stack(logits), draft.tokens, torch.full((B,), k, device=device), temp,
-                            torch.ones(B, device=device), torch.zeros(B, dtype=torch.long, device=device),
-                            draft_probs=draft.probs, generator=torch.Generator(device).manual_seed(seed + 1))
-        accepted = res.accepted_lens.float()
-        out[name] = {"acceptance_len": float(accepted.mean()), "acceptance_rate": float(accepted.mean() / k),
-                     "verifications": B}
+    for k, v in metrics.items():
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == "spec" and parts[2] in keys:
+            out.setdefault(parts[1], {})[parts[2]] = v
+        elif k.startswith("spec/source_steps/"):
+            out.setdefault("source_steps", {})[parts[2]] = v
+    return out
+
+
+def build_engines(args, decoder, tokenizer, dcfg, device):
+    """The engines of the modes, and the frozen and online drafters."""
+    from slipstream.config import engine_spec_config, source_policy_config
+    from slipstream.drafter import RunDrafter
+    from slipstream.rollout.engine import Engine, EngineConfig
+
+    ecfg = EngineConfig(block_size=16, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.prompts * args.samples,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=args.longest_prompt + args.max_tokens + 1)
+    eos = [tokenizer.eos_token_id]
+    online = RunDrafter(decoder, dcfg, online=True, side_stream=False, max_seqs=args.prompts * args.samples)
+    frozen = RunDrafter(decoder, dcfg, online=False, max_seqs=args.prompts * args.samples)
+    specs = {kind: spec_option(kind, args.spec_set) for kind in ("suffix", "drafter", "both")}
+    builders = {
+        "off": lambda: Engine(decoder, eos, ecfg, seed=0),
+        "suffix": lambda: Engine(decoder, eos, ecfg, seed=0, spec=engine_spec_config(specs["suffix"])),
+        "drafter-frozen": lambda: frozen.build_engine(decoder, eos, ecfg, 0, engine_spec_config(specs["drafter"]),
+                                                      source_policy_config(specs["drafter"]), trains=False),
+        "drafter-online": lambda: online.build_engine(decoder, eos, ecfg, 0, engine_spec_config(specs["drafter"]),
+                                                      source_policy_config(specs["drafter"]),
+                                                      trains=args.train_on == "drafter-online"),
+        "both": lambda: online.build_engine(decoder, eos, ecfg, 0, engine_spec_config(specs["both"]),
+                                            source_policy_config(specs["both"]), trains=args.train_on == "both"),
+    }
+    return {m: builders[m]() for m in args.modes}, frozen, online, ecfg, specs
+
+
+def warm_start(online, frozen, decoder, tokenizer, ecfg, requests, steps: int, device) -> dict:
+    """The initial policy's samples captured into the online drafter's buffer, `steps` training
+    steps, and the frozen drafter given the same weights."""
+    from slipstream.rollout.engine import Engine
+
+    engine = Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=0, capture_layers=(online.config.capture_layer,),
+                    feature_sink=online.buffer)
+    online.start_step(0)
+    t0 = time.perf_counter()
+    completions = engine.generate(requests)
+    sync(device)
+    generate_s = time.perf_counter() - t0
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    report = online.trainer.train_until(max_steps=steps, kind="warmup")
+    online.publish()
+    frozen.load_state_dict({"online": False, "drafter": online.drafter.state_dict()})
+    return {"generate_s": generate_s, "train_s": time.perf_counter() - t0, "train_steps": report.steps,
+            "tokens": sum(len(c.tokens) for c in completions), "pairs": online.buffer.num_pairs(),
+            "loss": float(online.trainer.last_stats["loss"]) if online.trainer.last_stats else None}
+
+
+def summarize(steps: list[dict], modes: list[str]) -> dict:
+    """Mean makespan and speedup over off per mode; the online and frozen drafters' acceptance over the run."""
+    out: dict = {"makespan_mean_s": {}, "speedup_vs_off_mean": {}, "acceptance_len": {}}
+    for m in modes:
+        spans = [s["modes"][m]["makespan_s"] for s in steps]
+        out["makespan_mean_s"][m] = statistics.mean(spans)
+        if "off" in modes:
+            out["speedup_vs_off_mean"][m] = statistics.mean(s["modes"]["off"]["makespan_s"] / s["modes"][m]["makespan_s"]
+                                                            for s in steps)
+        lens = [s["modes"][m]["sources"].get("drafter", {}).get("acceptance_len") for s in steps]
+        if any(v is not None for v in lens):
+            out["acceptance_len"][m] = lens
+    # the targets: the online drafter within 10% of its best step, the frozen one decaying
+    online = [v for v in out["acceptance_len"].get("drafter-online", []) if v is not None]
+    if online and max(online) > 0:
+        out["online_last_over_best"] = online[-1] / max(online)
+    frozen = [v for v in out["acceptance_len"].get("drafter-frozen", []) if v is not None]
+    if frozen and frozen[0] > 0:
+        out["frozen_last_over_first"] = frozen[-1] / frozen[0]
+    if {"off", "both"} <= set(modes):
+        last = steps[-1]["modes"]
+        out["both_speedup_last_step"] = last["off"]["makespan_s"] / last["both"]["makespan_s"]
+        out["both_beats_each_drafter_alone"] = all(
+            out["makespan_mean_s"]["both"] < out["makespan_mean_s"][m]
+            for m in ("suffix", "drafter-online") if m in modes)
     return out
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from slipstream.config import compose
+    from slipstream.models.weights import decoder_from_hf_module
+    from slipstream.rollout.types import Request, SamplingParams
+    from slipstream.trainer.batch import build_batch
+    from slipstream.trainer.distributed import init_distributed
+    from slipstream.trainer.parts import build_parts
+    from slipstream.models import load_model_and_tokenizer
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = compose([f"model.name={args.model}", "model.dtype=float32", f"trainer.device={device.type}",
+                   f"rollout.n={args.samples}", f"rollout.temperature={args.temperature}",
+                   f"rollout.max_tokens={args.max_tokens}", f"trainer.lr={args.lr}", "trainer.micro_batch_size=64",
+                   "logger.wandb=false", "logger.progress=false"])
+    ctx = init_distributed(device.type, 1800.0, need_group=False)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device)
+    decoder = decoder_from_hf_module(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                     device=device)
+    actor = build_parts(cfg, model, ctx).actor
+    task, problems, prompts = workload(tokenizer, args.prompts)
+    by_uid = {p.uid: p for p in problems}
+    args.longest_prompt = max(len(ids) for ids in prompts.values())
+    dcfg = drafter_settings(args.drafter_set)
+    engines, frozen, online, ecfg, specs = build_engines(args, decoder, tokenizer, dcfg, device)
+
+    warm = [Request(next(iter(prompts.values())), SamplingParams(n=2, max_tokens=8, seed=0), "warm", "warm")]
+    for engine in engines.values():  # kernels compiled and graphs captured before any timed rollout
+        engine.generate(warm, history=False)
+    params0 = SamplingParams(n=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
+    warmup = warm_start(online, frozen, decoder, tokenizer, ecfg,
+                        [Request(ids, params0, uid, f"0-{uid}") for uid, ids in prompts.items()],
+                        args.warmup_steps, device)
+    print(f"warm start: {warmup['tokens']} tokens, {warmup['pairs']} pairs, {warmup['train_steps']} steps "
+          f"in {warmup['train_s']:.1f} s, loss {warmup['loss']}", flush=True)
+
+    modes = list(engines)
+    steps = []
+    for step in range(1, args.steps + 1):
+        params = SamplingParams(n=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, seed=step)
+        requests = [Request(ids, params, uid, f"{step}-{uid}") for uid, ids in prompts.items()]
+        online.start_step(step)
+        order = modes[step % len(modes):] + modes[:step % len(modes)]
+        row = {"step": step, "order": order, "modes": {}}
+        for mode in order:
+            completions, measured = timed_rollout(engines[mode], requests, device)
+            measured["sources"] = source_metrics(engines[mode].rollout_metrics(SMALL_BATCH))
+            row["modes"][mode] = measured
+            if mode == args.train_on:
+                training = completions
+        # rewards, the drafter's bubble, the update, the weights into every engine
+        texts = tokenizer.batch_decode([c.tokens for c in training], skip_special_tokens=True)
+        rewards = [task.reward(by_uid[c.group_id], t) for c, t in zip(training, texts)]
+        t0 = time.perf_counter()
+        online.train_after_rollout(args.drafter_steps)
+        online.publish()
+        sync(device)
+        row["drafter_train_s"] = time.perf_counter() - t0
+        row["drafter"] = online.log(step)
+        batch = build_batch(training, rewards, tokenizer.pad_token_id)
+        t0 = time.perf_counter()
+        update = actor.update(batch, actor.advantages(batch), step - 1, args.max_tokens)
+        weights = list(actor.backend.named_full_parameters())
+        for engine in engines.values():
+            engine.load_weights(weights)
+        row["update_s"] = time.perf_counter() - t0
+        row["reward_mean"] = sum(rewards) / len(rewards)
+        row["loss"] = update.get("loss")
+        steps.append(row)
+        spans = "  ".join(f"{m} {row['modes'][m]['makespan_s']:.2f}s"
+                          f"/{row['modes'][m]['sources'].get('drafter', {}).get('acceptance_len', float('nan')):.2f}"
+                          for m in modes)
+        print(f"step {step:2d} reward {row['reward_mean']:.3f}  makespan/drafter accept_len: {spans}  "
+              f"drafter loss {row['drafter'].get('drafter/loss', float('nan')):.3f}", flush=True)
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     import dataclasses
 
-    from omegaconf import OmegaConf
+    import transformers
 
-    from slipstream.config import LearnedDrafterConfig, ModelConfig, TaskConfig, drafter_config
-    from slipstream.drafter import BubbleTrainer, Drafter, FeatureBuffer, TargetHead
-    from slipstream.models import load_model_and_tokenizer
-    from slipstream.models.weights import decoder_from_hf_module
-    from slipstream.rollout.engine import Engine, EngineConfig
-    from slipstream.rollout.types import Request, SamplingParams
-    from slipstream.tasks import build_task
-    from slipstream.trainer.checkpoint import MARKER
-    from slipstream.trainer.export import actor_state_dict
-    from slipstream.trainer.rl_loop import encode_prompt
-
-    run_dir = Path(args.run_dir)
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    model_cfg = ModelConfig(**OmegaConf.to_container(run_cfg.model))
-    model_cfg = dataclasses.replace(model_cfg, dtype="float32")
-    task_cfg = TaskConfig(**OmegaConf.to_container(run_cfg.task))
-    dcfg = drafter_config(LearnedDrafterConfig(**OmegaConf.to_container(run_cfg.get("drafter", {}))))
-    temperature = float(run_cfg.rollout.temperature)
-    checkpoints = sorted((int(p.name.split("_")[1]), p) for p in (run_dir / "checkpoints").glob("step_*")
-                         if (p / MARKER).is_file())
-    if not checkpoints:
-        raise SystemExit(f"{run_dir} has no complete checkpoint: train with trainer.save_every=1 and "
-                         f"trainer.keep_checkpoints >= the number of steps")
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = load_model_and_tokenizer(model_cfg, device)
-    model.eval()
-    problems = build_task(task_cfg).train_problems()[:args.prompts]
-    prompts = {p.uid: encode_prompt(tokenizer, p, task_cfg.system_prompt) for p in problems}
-
-    versions = [(0, None)] + checkpoints
-    buffer = frozen = online = trainer = None
-    steps = []
-    for step, ckpt in versions:
-        if ckpt is not None:
-            model.load_state_dict(actor_state_dict(ckpt / "actor", model), strict=False)
-        decoder = decoder_from_hf_module(model, dtype=dtype, device=device)
-        if buffer is None:
-            buffer = FeatureBuffer(dcfg, decoder.config.hidden_size, dtype, device)
-        buffer.set_step(step)
-        recorder = Recorder(dcfg.capture_layer)
-
-        def sink(sf, recorder=recorder):
-            buffer(sf)
-            recorder(sf)
-
-        ecfg = EngineConfig(block_size=16, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.prompts * args.samples,
-                            max_model_len=max(len(p) for p in prompts.values()) + args.max_tokens + 1)
-        engine = Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=step, capture_layers=(dcfg.capture_layer,),
-                        feature_sink=sink)
-        params = SamplingParams(n=args.samples, temperature=temperature, max_tokens=args.max_tokens, seed=step)
-        requests = [Request(ids, params, uid, f"{step}-{uid}") for uid, ids in prompts.items()]
-        t0 = time.perf_counter()
-        completions = engine.generate(requests)
-        rollout_s = time.perf_counter() - t0
-        keys = [(c.request_id, i % args.samples) for i, c in enumerate(completions)]
-
-        head = TargetHead.from_decoder(decoder)
-        if trainer is None:  # warm start on the initial policy
-            online = Drafter(decoder.config, head, dcfg, device=device)
-            trainer = BubbleTrainer(online, buffer)
-            trainer.train_until(max_steps=args.warmup_steps, kind="warmup")
-            frozen = online.replica()
-        # Both drafters read out through this policy's head (the embedding and head drift too).
-        online.head = frozen.head = head
-        row = {"step": step, "rollout_s": rollout_s, "tokens": sum(len(c.tokens) for c in completions)}
-        row.update(measure({"frozen": frozen, "online": online}, model, recorder, completions, keys, args,
-                           temperature, seed=step))
-        if step > 0:  # the bubbles after this step's rollout
-            trainer.train_until(max_steps=args.bubble_steps, kind="rank_idle")
-        row["drafter"] = trainer.log(step)
-        steps.append(row)
-        print(f"step {step:3d}: frozen accept_len {row.get('frozen', {}).get('acceptance_len', 0):.2f}  "
-              f"online {row.get('online', {}).get('acceptance_len', 0):.2f}  "
-              f"loss {row['drafter'].get('drafter/loss', float('nan')):.4f}", flush=True)
-
-    online_lens = [r["online"]["acceptance_len"] for r in steps if "online" in r]
-    frozen_lens = [r["frozen"]["acceptance_len"] for r in steps if "frozen" in r]
-    result = {
-        "benchmark": "drafter_online",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "commit": commit_of(args.commit),
-        "run_dir": str(run_dir),
-        "model": model_cfg.name,
-        "args": vars(args),
-        "drafter_config": dataclasses.asdict(dcfg),
-        "steps": steps,
-        "summary": {
-            # the targets: online within 10% of its best step; frozen decays
-            "online_last_over_best": online_lens[-1] / max(online_lens) if online_lens and max(online_lens) else None,
-            "frozen_last_over_first": frozen_lens[-1] / frozen_lens[0] if frozen_lens and frozen_lens[0] else None,
-        },
-    }
+    meta = {"benchmark": "drafter_online",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
+            "commit": commit_of(args.commit), "model": args.model,
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "commit")},
+            "drafter_config": dataclasses.asdict(dcfg), "spec": {k: v.__dict__ for k, v in specs.items()}}
+    result = {"meta": meta, "summary": summarize(steps, modes), "warm_start": warmup, "steps": steps}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out.write_text(json.dumps(result, indent=2, default=list) + "\n")
+    print(json.dumps(result["summary"], indent=2, default=list))
     print(f"wrote {out}")
     return result
 

@@ -4,7 +4,7 @@
     python benchmarks/longtail.py --model PATH --spec-set min_batch_for_off=128 \
         'bucket_edges=[1,2,4,8,16,32,64,128]'                                               # policy variants
     python benchmarks/longtail.py --device cpu --model tiny-random --prompts 4 --samples 2 \\
-        --max-tokens 32 --rounds 2 --out /tmp/longtail.json                                   # CPU check
+        --max-tokens 32 --rounds 2 --kv-cache-gb 0.05 --out /tmp/longtail.json               # CPU check
 
 Arithmetic prompts (the task's training problems, in order) x samples each, temperature 1.0, up
 to max_tokens new tokens, for several consecutive rounds over the same prompts (round r is seeded
@@ -93,7 +93,36 @@ def bucket_throughput(steps, edges: tuple[int, ...]) -> dict[str, dict[str, floa
             for e, (t, sec, spec) in sorted(acc.items())}
 
 
+def workload(tokenizer, num_prompts: int):
+    """The task's first `num_prompts` training problems and their encoded prompts, by uid."""
+    from slipstream.config import TaskConfig
+    from slipstream.tasks import build_task
+    from slipstream.trainer.rl_loop import encode_prompt
+
+    task = build_task(TaskConfig(num_train=max(num_prompts, 64)))
+    problems = task.train_problems()[:num_prompts]
+    return task, problems, {p.uid: encode_prompt(tokenizer, p, None) for p in problems}
+
+
+def spec_option(name: str, overrides: list[str]):
+    """The `SpeculationConfig` of option `name` of conf/spec/ with KEY=VALUE overrides."""
+    from omegaconf import OmegaConf
+
+    from slipstream.config import SpeculationConfig, conf_dir
+
+    spec_file = conf_dir() / "spec" / f"{name}.yaml"
+    if not spec_file.is_file():
+        raise SystemExit(f"spec option {name!r}: no {spec_file}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SpeculationConfig), OmegaConf.load(spec_file),
+                                               OmegaConf.from_dotlist(overrides)))
+
+
 def run_round(engine, requests, device) -> dict:
+    return timed_rollout(engine, requests, device)[1]
+
+
+def timed_rollout(engine, requests, device) -> tuple[list, dict]:
+    """The completions of one `generate` and its measurements (see the module docstring)."""
     sync(device)
     t0 = time.perf_counter()
     completions = engine.generate(requests)
@@ -108,7 +137,7 @@ def run_round(engine, requests, device) -> dict:
     metrics = engine.rollout_metrics(SMALL_BATCH)
     edges = tuple(sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024}))
     lengths = sorted(len(c.tokens) for c in completions)
-    return {
+    return completions, {
         "makespan_s": makespan,
         "tokens": tokens,
         "tokens_per_s": tokens / makespan,
@@ -134,16 +163,11 @@ def run_round(engine, requests, device) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from slipstream.config import (ConfigError, ModelConfig, SpeculationConfig, TaskConfig, conf_dir,
-                                   engine_spec_config)
+    from slipstream.config import ConfigError, ModelConfig, engine_spec_config
     from slipstream.models import load_model_and_tokenizer
     from slipstream.models.weights import decoder_from_hf_module
     from slipstream.rollout.engine import Engine, EngineConfig
     from slipstream.rollout.types import Request, SamplingParams
-    from slipstream.tasks import build_task
-    from slipstream.trainer.rl_loop import encode_prompt
-
-    from omegaconf import OmegaConf
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -151,13 +175,8 @@ def main(argv=None) -> dict:
     decoder = decoder_from_hf_module(model, dtype=dtype, device=device)
     del model
 
-    problems = build_task(TaskConfig(num_train=max(args.prompts, 64))).train_problems()[:args.prompts]
-    prompts = {p.uid: encode_prompt(tokenizer, p, None) for p in problems}
-    spec_file = conf_dir() / "spec" / f"{args.spec_config}.yaml"
-    if not spec_file.is_file():
-        raise SystemExit(f"--spec-config {args.spec_config!r}: no {spec_file}")
-    spec_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SpeculationConfig),
-                                                   OmegaConf.load(spec_file), OmegaConf.from_dotlist(args.spec_set)))
+    _, _, prompts = workload(tokenizer, args.prompts)
+    spec_cfg = spec_option(args.spec_config, args.spec_set)
     try:
         spec = engine_spec_config(spec_cfg)
     except ConfigError as e:

@@ -1,8 +1,8 @@
 """The learned drafter of an RL run: what the RL loop calls, in the order it calls it.
 
-`RunDrafter` holds the drafter's weights in a `DrafterSlot` the engine drafts from, the context
-windows and training buffer the engine's feature capture fills (through `DraftingSpeculator`),
-and, when it trains online, the bubble trainer:
+`RunDrafter` holds the drafter's weights in a `DrafterSlot` the engine drafts from, the training
+buffer the engine's feature capture fills (through `DraftingSpeculator`, which also keeps the
+drafting context), and, when it trains online, the bubble trainer:
 
     engine = run_drafter.build_engine(decoder, eos, engine_config, seed, spec, sources)
     per RL step:  start_step(step) -> rollout -> [rank_idle(step)] -> train_while(rewards)
@@ -54,8 +54,8 @@ class RunDrafter:
         self.online = online
         self.drafter = drafter
         self.slot = DrafterSlot(drafter)
-        H = decoder.config.hidden_size
-        self.windows = ContextWindows(config.window, H, config.capture_layer, max_seqs=max_seqs, device=device)
+        H = self.hidden_size = decoder.config.hidden_size
+        self.device, self.max_seqs = device, max_seqs
         self.buffer = FeatureBuffer(config, H, decoder.embed.weight.dtype, device) if online else None
         self.trainer = BubbleTrainer(drafter, self.buffer, self.slot) if online else None
         self.metrics = self.trainer.metrics if online else DrafterMetrics()
@@ -66,16 +66,22 @@ class RunDrafter:
 
     # ---------------------------------------------------------------- the engine
 
-    def speculator(self, spec, sources: SourcePolicyConfig) -> DraftingSpeculator:
-        """The engine's speculator (and feature sink) over this drafter; `spec`: a `SpecConfig`."""
-        return DraftingSpeculator(spec, sources, self.slot, self.windows, self.vocab_size, self.config.max_draft_len,
-                                  buffer=self.buffer, side_stream=self.side_stream)
+    def speculator(self, spec, sources: SourcePolicyConfig, trains: bool = True) -> DraftingSpeculator:
+        """An engine's speculator (and feature sink) over this drafter, with its own context
+        windows; `spec`: a `SpecConfig`. `trains`: its rollouts feed the training buffer and the
+        side stream (one engine per drafter should)."""
+        c = self.config
+        windows = ContextWindows(c.window, self.hidden_size, c.capture_layer, max_seqs=self.max_seqs, device=self.device)
+        return DraftingSpeculator(spec, sources, self.slot, windows, self.vocab_size, c.max_draft_len,
+                                  buffer=self.buffer if trains else None,
+                                  side_stream=self.side_stream if trains else None)
 
-    def build_engine(self, decoder, eos_token_ids, engine_config, seed: int, spec, sources: SourcePolicyConfig):
+    def build_engine(self, decoder, eos_token_ids, engine_config, seed: int, spec, sources: SourcePolicyConfig,
+                     trains: bool = True):
         """A native engine that captures the drafter's feature layer and drafts with it."""
         from slipstream.rollout.engine import Engine
 
-        speculator = self.speculator(spec, sources)
+        speculator = self.speculator(spec, sources, trains)
         engine = Engine(decoder, eos_token_ids, engine_config, seed=seed, capture_layers=(self.config.capture_layer,),
                         feature_sink=speculator, speculator=speculator)
         speculator.generator = engine.runner.generator  # seeded rollouts draft reproducibly

@@ -57,5 +57,5 @@ def test_spec_config_group_choices_and_mistakes():
         compose(["recipe=smoke", "spec=suffix", "rollout=hf"])
     with pytest.raises(ConfigError, match="epsilon must be in"):
         compose(["recipe=smoke", "spec=suffix", "spec.epsilon=2"])
-    with pytest.raises(ConfigError, match="unknown spec 'medusa'; available: off, suffix"):
+    with pytest.raises(ConfigError, match="unknown spec 'medusa'; available: both, drafter, off, suffix"):
         compose(["recipe=smoke", "spec=medusa"])

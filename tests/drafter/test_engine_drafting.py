@@ -1,0 +1,175 @@
+"""The learned drafter speculating inside the engine (spec=drafter and spec=both) is lossless:
+greedy outputs equal spec=off token for token, sampled sequences follow the target's
+distribution (chi-square, the drafter's q in the verification), and the drafts come from the
+engine's own feature capture after prefill and plain decode steps."""
+
+import pytest
+import torch
+
+from slipstream.drafter import DrafterConfig, RunDrafter, SourcePolicyConfig, TargetHead
+from slipstream.models.decoder import Decoder, DecoderConfig
+from slipstream.models.weights import decoder_from_hf_module
+from slipstream.rollout.engine import Engine, EngineConfig
+from slipstream.rollout.sampler import shape_logits
+from slipstream.rollout.spec.policy import PolicyConfig
+from slipstream.rollout.spec.speculator import SpecConfig
+from slipstream.rollout.types import Request, SamplingParams
+
+# Drafts at any batch size; arms (draft lengths, sources) drawn at random, seeded, not by timing.
+ALWAYS_EXPLORE = PolicyConfig(min_batch_for_off=10**6, draft_lens=(2, 4, 6), epsilon=1.0,
+                              max_step_draft_tokens=10**6)
+SOURCES = {"drafter": ("none", "drafter"), "both": ("none", "suffix", "drafter", "both")}
+
+PROMPTS = ["Start with 7. Add 5.", "What is 3 + 4?", "x", "A much longer prompt that spans several cache blocks."]
+
+
+def _sources(kind: str) -> SourcePolicyConfig:
+    return SourcePolicyConfig(sources=SOURCES[kind], min_batch_for_off=10**6, epsilon=1.0)
+
+
+def _requests(tok, params, prompts=PROMPTS):
+    return [Request(tok(p, add_special_tokens=False)["input_ids"], params, f"g{i}", f"r{i}")
+            for i, p in enumerate(prompts)]
+
+
+def _drafting_engine(decoder, eos, cfg, kind, online=True, drafter_config=None):
+    run = RunDrafter(decoder, drafter_config or DrafterConfig(window=16, batch_tokens=256, seq_len=64, lr=1e-2),
+                     online=online)
+    engine = run.build_engine(decoder, eos, cfg, 0, SpecConfig(policy=ALWAYS_EXPLORE), _sources(kind))
+    return engine, run
+
+
+@pytest.mark.parametrize("kind", ["drafter", "both"])
+def test_greedy_outputs_are_identical_to_plain_decoding(tiny_model, kind):
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=40)
+    cfg = EngineConfig(block_size=4, num_blocks=256)
+    plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(_requests(tok, params))
+    engine, run = _drafting_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, kind)
+    per_source = []
+    for r in range(3):
+        comps = engine.generate(_requests(tok, params))
+        assert [c.tokens for c in comps] == [c.tokens for c in plain]
+        assert [c.finish_reason for c in comps] == [c.finish_reason for c in plain]
+        for a, b in zip(comps, plain):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        assert engine.block_manager.num_free_blocks == 256
+        m = engine.rollout_metrics()
+        per_source.append(m)
+        # the drafter learns the (repeated) greedy outputs between rollouts; the new weights swap in
+        run.train_after_rollout(100)
+        run.publish()
+    last = per_source[-1]
+    assert last["spec/drafter/drafted_tokens"] > 0
+    assert last["spec/drafter/version"] == 2.0  # drafted with the weights published after the second rollout
+    # untrained, the drafter's greedy guesses are all wrong; trained on two rollouts, a fair share is right
+    assert per_source[0]["spec/drafter/acceptance_rate"] < 0.05 < 0.15 < last["spec/drafter/acceptance_rate"]
+    assert last["spec/drafter/acceptance_len"] > 0.5
+    if kind == "both":  # each source won drafts; "both" steps ran (suffix rows verified as one-hot q)
+        assert sum(m.get("spec/suffix/drafted_tokens", 0) for m in per_source) > 0
+        assert sum(m.get("spec/source_steps/both", 0) for m in per_source) > 0
+    assert run.buffer.num_pairs() > 0
+
+
+def test_drafting_starts_after_prefill_and_plain_steps_from_captured_features(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=30)
+    engine, run = _drafting_engine(decoder_from_hf_module(model), [tok.eos_token_id],
+                                   EngineConfig(block_size=4, num_blocks=256), "drafter")
+    sources = []
+    original = engine.speculator.propose
+
+    def propose(scheduler):
+        drafts = original(scheduler)
+        sources.append(engine.speculator._source)
+        return drafts
+    engine.speculator.propose = propose
+    engine.generate(_requests(tok, params))
+    assert sources[0] is None  # the prefill: no sequence decodes yet
+    sources = sources[1:]
+    # the source policy tries plain steps first, then the drafter; then plain steps and drafts alternate
+    assert sources[0] == "none" and sources[1] == "drafter"
+    switches = sum(a == "none" and b == "drafter" for a, b in zip(sources, sources[1:]))
+    assert switches >= 3
+    assert engine.rollout_metrics()["spec/drafter/drafted_tokens"] > 0
+
+
+# ------------------------------------------------------------------ distribution (chi-square)
+
+V, H, LENGTH = 6, 16, 3
+PROMPT = [2, 4]
+
+
+def _markov_target() -> Decoder:
+    """A decoder whose layer adds nothing (o_proj, down_proj zero): the next token's distribution
+    depends on the current token only, so the distribution of whole continuations is exact."""
+    c = DecoderConfig(model_type="llama", vocab_size=V, hidden_size=H, num_layers=1, num_heads=2, num_kv_heads=2,
+                      head_dim=H // 2, intermediate_size=H, rms_norm_eps=1e-6)
+    decoder = Decoder(c)
+    g = torch.Generator().manual_seed(11)
+    basis, _ = torch.linalg.qr(torch.randn(H, H, generator=g))
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.zero_()
+        decoder.embed.weight.copy_(basis[:V] * H**0.5)
+        for name, p in decoder.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+        decoder.lm_head.weight.copy_(torch.randn(V, H, generator=g) * 0.6)
+    return decoder
+
+
+def _continuation_probs(decoder: Decoder, params: SamplingParams) -> torch.Tensor:
+    """Probability of every LENGTH-token continuation of PROMPT, indexed by its base-V code."""
+    logits = TargetHead.from_decoder(decoder).logits(decoder.embed.weight)  # the feature of token a is embed(a)
+    table = shape_logits(logits, torch.full((V,), params.temperature), torch.full((V,), params.top_p),
+                         torch.full((V,), params.top_k)).softmax(-1).double()
+    probs = table[PROMPT[-1]]
+    for _ in range(LENGTH - 1):
+        probs = (probs[:, None] * table[torch.arange(probs.shape[0]) % V]).reshape(-1)
+    return probs
+
+
+def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square p-value, cells expected below 5 counts pooled."""
+    counts = counts.double()
+    if counts[probs == 0].sum() > 0:
+        return 0.0
+    expected = probs * counts.sum()
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = expected > 0
+    stat = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(n=600, temperature=1.0, max_tokens=LENGTH),
+                                    SamplingParams(n=600, temperature=0.7, top_p=0.9, max_tokens=LENGTH)])
+def test_sampled_sequences_follow_the_target_with_the_drafters_q(params):
+    decoder = _markov_target()
+    with torch.inference_mode():
+        exact = _continuation_probs(decoder, params)
+    # An untrained drafter: q differs from p, so min(1, p/q) and the residual max(0, p - q) matter.
+    engine, run = _drafting_engine(decoder, [], EngineConfig(block_size=2, num_blocks=8192, max_num_seqs=4096),
+                                   "drafter", online=False, drafter_config=DrafterConfig(window=8))
+    counts = torch.zeros(V**LENGTH)
+    accepted = drafted = 0
+    for r in range(8):
+        comps = engine.generate([Request(PROMPT, SamplingParams(**{**params.__dict__, "seed": 100 + r}), "g", f"r{r}")])
+        for c in comps:
+            assert len(c.tokens) == LENGTH
+            code = 0
+            for t in c.tokens:
+                code = code * V + t
+            counts[code] += 1
+        m = engine.rollout_metrics()
+        accepted += m.get("spec/accepted_tokens", 0)
+        drafted += m.get("spec/drafter/drafted_tokens", 0)
+    assert drafted > 1000 and 0.1 * drafted < accepted < 0.9 * drafted  # real accepts and real rejections
+    assert _chi_square_p(counts, exact) > 1e-3
+    # The test has power: a slightly different temperature is rejected.
+    with torch.inference_mode():
+        other = _continuation_probs(decoder, SamplingParams(temperature=params.temperature * 1.25, top_p=params.top_p))
+    assert _chi_square_p(counts, other) < 1e-4
