@@ -39,13 +39,16 @@ def _drafting_engine(decoder, eos, cfg, kind, online=True, drafter_config=None):
     return engine, run
 
 
-@pytest.mark.parametrize("kind", ["drafter", "both"])
-def test_greedy_outputs_are_identical_to_plain_decoding(tiny_model, kind):
+@pytest.mark.parametrize("kind,static", [("drafter", False), ("both", True)],
+                         ids=["drafter-eager", "both-static-graph-layout"])
+def test_greedy_outputs_are_identical_to_plain_decoding(tiny_model, kind, static):
     model, tok = tiny_model
     params = SamplingParams(n=2, temperature=0.0, max_tokens=40)
     cfg = EngineConfig(block_size=4, num_blocks=256)
     plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(_requests(tok, params))
     engine, run = _drafting_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, kind)
+    if static:  # verification (and its feature capture) through the graphs' padded static buffers
+        engine.spec_runner.use_static_verify()
     per_source = []
     for r in range(3):
         comps = engine.generate(_requests(tok, params))
@@ -69,6 +72,8 @@ def test_greedy_outputs_are_identical_to_plain_decoding(tiny_model, kind):
         assert sum(m.get("spec/suffix/drafted_tokens", 0) for m in per_source) > 0
         assert sum(m.get("spec/source_steps/both", 0) for m in per_source) > 0
     assert run.buffer.num_pairs() > 0
+    if static:
+        assert engine.spec_runner.graphs.graphs
 
 
 def test_drafting_starts_after_prefill_and_plain_steps_from_captured_features(tiny_model):

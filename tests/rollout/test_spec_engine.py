@@ -326,7 +326,8 @@ def test_no_drafts_while_the_batch_is_large(tiny_model):
     assert engine.rollout_metrics()["spec/draft_seconds"] > 0
 
 
-def test_feature_capture_with_speculation_hands_only_accepted_positions(tiny_model):
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-graph-layout"])
+def test_feature_capture_with_speculation_hands_only_accepted_positions(tiny_model, static):
     model, tok = tiny_model
     params = SamplingParams(n=2, temperature=0.0, max_tokens=16)
     reqs = _requests(tok, params, PROMPTS[:2])
@@ -347,10 +348,14 @@ def test_feature_capture_with_speculation_hands_only_accepted_positions(tiny_mod
                 right = out[done:done + rng.randint(0, 4)]
                 return right + [(out[done + len(right)] + 1) % 259] if done + len(right) < len(out) else right
             engine.speculator = ScriptedSpeculator(draft)
+            if static:  # verification graphs' layout, their outputs including the captured layer
+                engine.spec_runner.use_static_verify()
         comps = engine.generate(reqs)
         if truth:
             m = engine.rollout_metrics()
             assert m["spec/drafted_tokens"] > m["spec/accepted_tokens"] > 0
+            if static:  # the verification steps did go through the graphs' layout
+                assert engine.spec_runner.graphs is not None and engine.spec_runner.graphs.graphs
         for f in steps:
             for r in range(f.token_ids.shape[0]):
                 key = (f.seq_keys[int(f.owner[r])], int(f.positions[r]))

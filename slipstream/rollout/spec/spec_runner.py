@@ -9,10 +9,13 @@ log-probability. Like the plain step, the only host synchronisation is one read 
 
 Captured hidden states (for a learned drafter) are handed to the feature sink after the step is
 postprocessed (`emit_features`), and only for positions the sequences kept: a rejected draft, or
-a draft token after a stop, never reaches the consumer, exactly as in plain decoding.
+a draft token after a stop, never reaches the consumer, exactly as in plain decoding. Capturing
+steps replay the verification graphs too (the graphs then also output the captured layers).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -29,7 +32,7 @@ class SpecRunner:
 
     Steps of decoding sequences only (no prefill chunk), within `max_graph_batch` sequences,
     replay verification graphs (`verify_graphs.py`) where the runner replays decode graphs;
-    other steps, and steps that capture features, run eagerly.
+    other steps run eagerly.
     """
 
     def __init__(self, runner: ModelRunner, max_graph_batch: int = 32):
@@ -37,7 +40,8 @@ class SpecRunner:
         self.max_graph_batch = max_graph_batch
         self.graphs: VerifyGraphs | None = None
         self._static = False
-        self._features: tuple | None = None  # (batch, inputs, captured) until `emit_features`
+        # (batch, first row of each entry, input ids, positions, captured) until `emit_features`
+        self._features: tuple | None = None
 
     def use_static_verify(self) -> None:
         """Run verification through the graphs' padded static buffers without capturing them: the
@@ -56,19 +60,24 @@ class SpecRunner:
             self.graphs = VerifyGraphs(r.decoder, r.kv_caches, r.block_size, r.max_model_len,
                                        scratch_block=r.num_blocks, max_batch=self.max_graph_batch,
                                        capture=r.use_graphs, skip_scale=r.decode_skip_scale,
-                                       counters=r.tile_counters["decode"])
+                                       counters=r.tile_counters["decode"], capture_layers=r.capture_layers)
         return self.graphs
 
     def _graph_logits(self, batch: ScheduledBatch, K: int) -> torch.Tensor | None:
         """Target logits [S, K + 1, V] from a verification graph, None if the step runs eagerly."""
         entries = batch.entries
-        if self.runner.capture_layers or any(not e.samples or e.num_new != 1 + len(e.draft) for e in entries):
+        if any(not e.samples or e.num_new != 1 + len(e.draft) for e in entries):
             return None
         graphs = self._verify_graphs()
         shape = graphs.shape_for(len(entries), K) if graphs is not None else None
         if shape is None:
             return None
-        return graphs.replay(entries, *shape)[:len(entries), :K + 1]
+        logits = graphs.replay(entries, *shape)[:len(entries), :K + 1]
+        if self.runner.capture_layers:
+            Q = shape[1]
+            ids, positions = graphs.last_inputs()
+            self._features = (batch, [i * Q for i in range(len(entries))], ids, positions, graphs.captured)
+        return logits
 
     def _eager_logits(self, batch: ScheduledBatch, K: int) -> torch.Tensor:
         """Target logits [S, K + 1, V] from a packed eager forward (rows past an entry's draft
@@ -83,7 +92,8 @@ class SpecRunner:
         if r.capture_layers:
             hidden, captured = r.decoder(inputs.input_ids, inputs.positions, attn, r.kv_caches,
                                          capture_layers=r.capture_layers)
-            self._features = (batch, inputs, captured)
+            firsts = list(itertools.accumulate((e.num_new for e in batch.entries[:-1]), initial=0))
+            self._features = (batch, firsts, inputs.input_ids, inputs.positions, captured)
         else:
             hidden = r.decoder(inputs.input_ids, inputs.positions, attn, r.kv_caches)
         rows, offset = [], 0
@@ -138,18 +148,18 @@ class SpecRunner:
         is fed by the next step, or is a stop token that never is)."""
         if self._features is None:
             return
-        fed, inputs, captured = self._features
+        fed, firsts, input_ids, positions, captured = self._features
         self._features = None
         if fed is not batch:
             raise RuntimeError("emit_features for another batch than the last one run")
         r = self.runner
-        keep, offset = [], 0
-        for e in batch.entries:
+        keep, owners = [], []
+        for i, (e, first) in enumerate(zip(batch.entries, firsts)):
             n = min(e.num_new, e.seq.num_tokens - 1 - e.start)
-            keep.extend(range(offset, offset + n))
-            offset += e.num_new
-        index = torch.tensor(keep, dtype=torch.long).to(r.device, non_blocking=True)
-        owner = torch.searchsorted(inputs.cu_seqlens_q[1:].long(), index, right=True)
+            keep.extend(range(first, first + n))
+            owners.extend([i] * n)
+        both = torch.tensor([keep, owners], dtype=torch.long).reshape(2, len(keep)).to(r.device, non_blocking=True)
+        index, owner = both[0], both[1]
         r.feature_sink(StepFeatures([(e.seq.request_id, e.seq.sample_index) for e in batch.entries], owner,
-                                    inputs.positions[index], inputs.input_ids[index],
+                                    positions[index], input_ids[index],
                                     {key: h[index] for key, h in captured.items()}))

@@ -19,8 +19,10 @@ Padding, and why it is harmless:
   max_model_len + Q positions: a padding row past the sequence's blocks reads the scratch block,
   never past the table.
 
-The graph ends with the logits of every row; verification runs after it. On CPU the same padded
-static forward runs eagerly (`capture=False`), which is how the tests check the layout.
+The graph ends with the logits of every row (and, with `capture_layers`, the hidden states of
+those layers for a learned drafter: `captured`, read with `last_inputs` before the next replay);
+verification runs after it. On CPU the same padded static forward runs eagerly (`capture=False`),
+which is how the tests check the layout.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ assert QUERY_WIDTHS[-1] == MAX_DECODE_Q_LEN
 class VerifyGraphs:
     def __init__(self, decoder: Decoder, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  max_model_len: int, scratch_block: int, max_batch: int, *, capture: bool = True,
-                 skip_scale: float = 0.0, counters: torch.Tensor | None = None):
+                 skip_scale: float = 0.0, counters: torch.Tensor | None = None,
+                 capture_layers: tuple[int, ...] = ()):
         self.decoder, self.kv_caches, self.block_size = decoder, kv_caches, block_size
+        self.capture_layers = tuple(capture_layers)
+        self.captured: dict[int, torch.Tensor] = {}  # hidden states [B * Q, H] of the last replay
         self.device = decoder.embed.weight.device
         self.buckets = default_buckets(max_batch)
         self.max_batch = self.buckets[-1]
@@ -53,7 +58,9 @@ class VerifyGraphs:
         self.staging = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.host = torch.zeros(n, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         self.host_np = self.host.numpy()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        # (B, Q) -> (graph, logits, captured hidden states)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, dict]] = {}
+        self.last_shape: tuple[int, int] | None = None
         self.pool = None
 
     def shape_for(self, num_seqs: int, max_draft: int) -> tuple[int, int] | None:
@@ -69,12 +76,16 @@ class VerifyGraphs:
         tables = s[3 * R + B:3 * R + B + B * self.width].view(B, self.width)
         return ids, pos, slots, lens, tables
 
-    def _forward(self, B: int, Q: int) -> torch.Tensor:
+    def _forward(self, B: int, Q: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         ids, pos, slots, lens, tables = self._views(B, Q)
         cu = torch.arange(0, (B + 1) * Q, Q, dtype=torch.int32, device=self.device)
         attn = AttentionMetadata(cu, lens.to(torch.int32), tables.to(torch.int32), slots, max_q_len=Q,
                                  skip_scale=self.skip_scale, counters=self.counters if self.skip_scale > 0 else None)
-        return self.decoder.compute_logits(self.decoder(ids, pos, attn, self.kv_caches))
+        if self.capture_layers:
+            hidden, captured = self.decoder(ids, pos, attn, self.kv_caches, capture_layers=self.capture_layers)
+        else:
+            hidden, captured = self.decoder(ids, pos, attn, self.kv_caches), {}
+        return self.decoder.compute_logits(hidden), captured
 
     def _fill(self, entries: list[ScheduledSeq], B: int, Q: int) -> None:
         """Write the step's inputs (padded to B sequences x Q rows) into the pinned host buffer."""
@@ -109,11 +120,11 @@ class VerifyGraphs:
         self._fill([], B, Q)
         self.staging.copy_(self.host)
         if not self.capture_enabled:
-            self.graphs[(B, Q)] = (None, None)
+            self.graphs[(B, Q)] = (None, None, {})
             return
-        graph, logits = capture_graph(lambda: self._forward(B, Q), self.device, self.pool)
+        graph, (logits, captured) = capture_graph(lambda: self._forward(B, Q), self.device, self.pool)
         self.pool = graph.pool()
-        self.graphs[(B, Q)] = (graph, logits)
+        self.graphs[(B, Q)] = (graph, logits, captured)
 
     def replay(self, entries: list[ScheduledSeq], B: int, Q: int) -> torch.Tensor:
         """Logits [B, Q, vocab] of a verification step (a static tensor: read it before the next
@@ -123,9 +134,16 @@ class VerifyGraphs:
         self._fill(entries, B, Q)
         size = 3 * B * Q + B + B * self.width
         self.staging[:size].copy_(self.host[:size], non_blocking=True)
-        graph, logits = self.graphs[(B, Q)]
+        graph, logits, captured = self.graphs[(B, Q)]
         if graph is None:
-            logits = self._forward(B, Q)
+            logits, captured = self._forward(B, Q)
         else:
             graph.replay()
+        self.captured, self.last_shape = captured, (B, Q)
         return logits.view(B, Q, -1)
+
+    def last_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, positions) [B * Q] of the last replay (views of the static buffers): row
+        i * Q + j is entry i's j-th query token."""
+        ids, pos, *_ = self._views(*self.last_shape)
+        return ids, pos
