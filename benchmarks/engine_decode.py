@@ -73,13 +73,14 @@ def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_engine(decoder, prompts: torch.Tensor, new_tokens: int) -> float:
+def time_engine(decoder, prompts: torch.Tensor, new_tokens: int, decode_steps: int = 4) -> float:
     from slipstream.rollout.engine import Engine, EngineConfig
     from slipstream.rollout.types import Request, SamplingParams
 
     batch, plen = prompts.shape
     cfg = EngineConfig(block_size=16, kv_cache_gb=8.0, max_num_seqs=max(batch, 1),
-                       max_num_batched_tokens=max(8192, batch * plen), max_model_len=plen + new_tokens + 16)
+                       max_num_batched_tokens=max(8192, batch * plen), max_model_len=plen + new_tokens + 16,
+                       decode_steps=decode_steps)
     engine = Engine(decoder, eos_token_ids=[], cfg=cfg)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens)
     reqs = [Request(p.tolist(), params, str(i), str(i)) for i, p in enumerate(prompts)]
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--prefill", nargs=2, type=int, default=[8, 1024], metavar=("BATCH", "PROMPT"))
     ap.add_argument("--skip-hf-above", type=int, default=10**9, help="skip the HF baseline for larger batches")
     ap.add_argument("--out", default="benchmarks/results/engine_decode.json")
+    ap.add_argument("--decode-steps", type=int, default=4, help="rollout.decode_steps of the engine")
     ap.add_argument("--profile", action="store_true", help="print the host profile of each engine run")
     args = ap.parse_args()
     global PROFILE
@@ -157,7 +159,7 @@ def main() -> None:
         for batch in args.batches:
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(10, c.vocab_size - 10, (batch, args.prompt), generator=g).to(device)
-            ours = time_engine(decoder, prompts, args.new_tokens)
+            ours = time_engine(decoder, prompts, args.new_tokens, args.decode_steps)
             hf_tokens = min(args.hf_new_tokens, args.new_tokens)
             theirs = time_hf(model, prompts, hf_tokens) if batch <= args.skip_hf_above else None
             mean_ctx = args.prompt + args.new_tokens / 2
@@ -165,6 +167,7 @@ def main() -> None:
             floor = batch / ((weight_bytes + kv_bytes) / bw)
             tokens = batch * args.new_tokens
             row = {"model": name, "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
+                   "decode_steps": args.decode_steps,
                    "tokens_per_s": tokens / ours, "hf_tokens_per_s": batch * hf_tokens / theirs if theirs else None,
                    "hf_new_tokens": hf_tokens,
                    "floor_tokens_per_s": floor, "device": torch.cuda.get_device_name()}
