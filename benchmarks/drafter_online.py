@@ -17,9 +17,10 @@ after every update), each with its own KV cache and its own speculation state:
 * both: spec=both, the suffix tree and the online drafter composed (the source policy picks
   none / suffix / drafter / both per live-batch bucket, "both" the better draft per request).
 
-Warm start, before step 1: the initial policy samples the prompts once (feature capture into
-the drafter's buffer), then the drafter trains `--warmup-steps` steps; frozen and online start
-from those weights. Each step, before the update, every mode rolls out the same prompts with the
+Before step 1, every engine rolls the prompts out once, untimed and without history (kernels
+compiled, CUDA graphs of every batch size captured); then the warm start: the initial policy
+samples the prompts once more (feature capture into the drafter's buffer), and the drafter
+trains `--warmup-steps` steps; frozen and online start from those weights. Each step, before the update, every mode rolls out the same prompts with the
 same sampling seed, in an order rotated every step; the timed rollouts are the makespans
 compared (the wall clock of `Engine.generate`, as in longtail.py). The training rollout is the
 `--train-on` mode's (both by default): its completions make the GRPO batch and its features feed
@@ -222,13 +223,13 @@ def main(argv=None) -> dict:
     dcfg = drafter_settings(args.drafter_set)
     engines, frozen, online, ecfg, specs = build_engines(args, decoder, tokenizer, dcfg, device)
 
-    warm = [Request(next(iter(prompts.values())), SamplingParams(n=2, max_tokens=8, seed=0), "warm", "warm")]
-    for engine in engines.values():  # kernels compiled and graphs captured before any timed rollout
-        engine.generate(warm, history=False)
     params0 = SamplingParams(n=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
-    warmup = warm_start(online, frozen, decoder, tokenizer, ecfg,
-                        [Request(ids, params0, uid, f"0-{uid}") for uid, ids in prompts.items()],
-                        args.warmup_steps, device)
+    requests0 = [Request(ids, params0, uid, f"0-{uid}") for uid, ids in prompts.items()]
+    t0 = time.perf_counter()
+    for engine in engines.values():  # kernels compiled, graphs of every batch size captured: nothing timed
+        engine.generate(requests0, history=False)
+    print(f"untimed warm-up rollouts of {len(engines)} engines: {time.perf_counter() - t0:.1f} s", flush=True)
+    warmup = warm_start(online, frozen, decoder, tokenizer, ecfg, requests0, args.warmup_steps, device)
     print(f"warm start: {warmup['tokens']} tokens, {warmup['pairs']} pairs, {warmup['train_steps']} steps "
           f"in {warmup['train_s']:.1f} s, loss {warmup['loss']}", flush=True)
 
