@@ -56,27 +56,14 @@ def fused_ops(device) -> None:
     gu = torch.randn(37, 2 * 4864, device=device, generator=g).bfloat16()
     diff = (F.silu_mul(gu).float() - F.silu_mul_torch(gu).float()).abs().max().item()
     check("silu_mul bf16", diff <= 1.6e-2, f"max diff {diff:.2e}")
-    for M, N, K, split in ((1, 1152, 896, 1), (7, 9728, 896, 1), (16, 896, 4864, 1), (1, 896, 4864, 5),
-                           (3, 3584, 18944, 4), (16, 1536, 8960, 3)):
+    for M, N, K in ((1, 1152, 896), (7, 9728, 896), (16, 896, 4864)):
         xs = torch.randn(M, K, device=device, generator=g).bfloat16()
         ws = (torch.randn(N, K, device=device, generator=g) / K**0.5).bfloat16()
         bs = torch.randn(N, device=device, generator=g).bfloat16()
         ref = torch.nn.functional.linear(xs.float(), ws.float(), bs.float())
-        first = F.linear(xs, ws, bs, split=split)
-        diff = (first.float() - ref).abs().max().item()
+        diff = (F.linear(xs, ws, bs).float() - ref).abs().max().item()
         base = (torch.nn.functional.linear(xs, ws, bs).float() - ref).abs().max().item()
-        # the split kernel's parts meet through counters: 300 back-to-back launches in a graph must
-        # all give the first result bit for bit, and leave the counters at rest
-        out = torch.empty(300, M, N, device=device, dtype=torch.bfloat16)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(300):
-                out[i] = F.linear(xs, ws, bs, split=split)
-        graph.replay()
-        torch.cuda.synchronize()
-        stable = bool((out == first).all()) and all(bool((lk == 0).all()) for lk in F._locks.values())
-        check(f"small-M linear bf16 {M}x{N}x{K} split {split}", diff <= 2 * base + 1e-3 and stable,
-              f"max err {diff:.2e} (cuBLAS {base:.2e}), 300 graph launches identical: {stable}")
+        check(f"small-M linear bf16 {M}x{N}x{K}", diff <= 2 * base + 1e-3, f"max err {diff:.2e} (cuBLAS {base:.2e})")
 
 
 def sampler(device) -> None:

@@ -4,7 +4,7 @@
 
 For each projection of the model's shape at M rows (decode), times in a CUDA graph of 200
 back-to-back launches (so launch gaps count as they do in the engine's graphs): cuBLAS
-F.linear, the small-M Triton kernel at several pipeline depths and K splits, the norm and SiLU kernels around
+F.linear, the small-M Triton kernel at several pipeline depths, the norm and SiLU kernels around
 them, and what `fused_ops.linear` picks. Prints us per call and the bandwidth of the weight read.
 """
 
@@ -77,9 +77,6 @@ def main() -> None:
         t = {"cublas": graph_time(lambda: F.linear(xin, w))}
         for st in (2, 3, 4):
             t[f"triton stages={st}"] = graph_time(launch(xin, w, st))
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        for sp in fo.split_candidates(N, K, sms):
-            t[f"triton split={sp}"] = graph_time(lambda sp=sp: fo.linear(xin, w, split=sp))
         if name in ("qkv", "gate_up"):
             t["rms_norm kernel"] = graph_time(lambda: fo.rms_norm(x, nw, 1e-6, res))
         if name == "down":

@@ -229,82 +229,52 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Small-batch linear: decode steps multiply a handful of rows by each weight matrix, and the
-# matrix read is the whole cost. Which kernel streams a given matrix fastest depends on its shape
+# matrix read is the whole cost. Which kernel streams a given matrix faster depends on its shape
 # and the card: on an H200 at one row, a plain tiled Triton kernel with many programs in flight
 # beats cuBLAS on the small square projections of small models (3.4 vs 4.3 us for a 896x896
 # o_proj) and on wide ones (7B gate_up 63 vs 69 us), and loses on tall ones (down_proj, 10 vs
-# 6.6 us at 0.5B) where too few column blocks keep the GPU busy; splitting K over more programs,
-# the last of which sums the parts (no second launch), serves those. Each (rows, shape) is timed
-# once, every way, on its first call outside a graph capture (a graph's warm-up run), and the
-# fastest serves it (benchmarks/linear_variants.py). Folding the norm or SiLU into a
-# projection's prologue measured slower than the separate launches.
+# 6.6 us at 0.5B; benchmarks/linear_variants.py). So each (rows, shape) is timed once, both ways,
+# on its first call outside a graph capture (a graph's warm-up run), and the faster one serves it.
+# Fusing the norm or SiLU into the kernel's prologue measured slower than separate launches.
 
 SMALL_M = 16
-_choice: dict[tuple, tuple[str, int]] = {}  # (M, N, K, dtype, bias, out dtype, device) -> (kernel, K splits)
-_locks: dict[tuple, torch.Tensor] = {}  # (device, N, BLOCK_N) -> per column block arrival counters, zero at rest
+_faster: dict[tuple, bool] = {}  # (M, N, K, dtype, bias, out dtype, device) -> the Triton kernel is faster
 
 if triton is not None:
 
     @triton.jit
-    def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, K_PER, stride_xm, stride_wn,
-                               stride_ym, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, 16)
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((16, BLOCK_N), tl.float32)
         n_mask = rn < N
-        k_lo = tl.program_id(1) * K_PER
-        k_hi = tl.minimum(k_lo + K_PER, K)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            k_mask = kk < k_hi
+            k_mask = kk < K
             x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & k_mask[None, :],
                         other=0.0)
             w = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + kk[:, None],
                         mask=n_mask[None, :] & k_mask[:, None], other=0.0)  # [BLOCK_K, BLOCK_N] = W^T tile
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        rows = M
-        if SPLIT > 1:  # park this K range's part; the column block's last arrival sums them in order
-            parts = part_ptr + rm[:, None] * N + rn[None, :]  # [SPLIT, 16, N] float32
-            tl.store(parts + tl.program_id(1) * 16 * N, acc, mask=n_mask[None, :])
-            tl.debug_barrier()  # every thread's part stored before the release below
-            arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            last = arrived == SPLIT - 1
-            if last:
-                acc = tl.zeros((16, BLOCK_N), tl.float32)
-                for s in range(SPLIT):
-                    acc += tl.load(parts + s * 16 * N, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
-                tl.atomic_xchg(lock_ptr + pid, 0)  # at rest again for the next launch (graph replays)
-            rows = tl.where(last, M, 0)  # only the last arrival writes y
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         # rounded to the weights' dtype first, as F.linear's output is, whatever y's dtype
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(w_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < rows) & n_mask[None, :])
+                 mask=(rm[:, None] < M) & n_mask[None, :])
 
 
-def _linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype,
-                    split: int = 1) -> torch.Tensor:
+def _linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.Tensor:
     M, (N, K) = x.shape[0], weight.shape
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
     block_n = 32 if N >= 4096 else 16
     block_k = 256 if x.element_size() == 2 else 64
-    n_blocks = triton.cdiv(N, block_n)
-    k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_per)
-    if split > 1:
-        part = torch.empty(split, 16, N, dtype=torch.float32, device=x.device)
-        key = (x.device, N, block_n)
-        if key not in _locks:
-            _locks[key] = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)
-        lock = _locks[key]
-    else:
-        part = lock = y
-    _linear_small_m_kernel[(n_blocks, split)](
-        x, weight, bias if bias is not None else weight, y, part, lock, M, N, K, k_per, x.stride(0), weight.stride(0),
-        y.stride(0), SPLIT=split, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+    _linear_small_m_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
     return y
 
@@ -329,45 +299,29 @@ def _time_us(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1000 / reps
 
 
-def split_candidates(N: int, K: int, num_sms: int) -> list[int]:
-    """K splits worth timing: enough column blocks x splits for about two programs per SM, and
-    twice that; none for matrices that are not taller than wide."""
-    if K <= N:
-        return []
-    n_blocks = triton.cdiv(N, 32 if N >= 4096 else 16)
-    base = max(2, triton.cdiv(2 * num_sms, n_blocks))
-    return sorted({s for s in (base, 2 * base) if K // s >= 512})
-
-
-def _pick(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> tuple[str, int]:
+def _triton_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> bool:
     if x.device.type != "cuda":
-        return "triton", 1  # the interpreter: tests exercise the kernel
+        return True  # the interpreter: tests exercise the kernel
     key = (x.shape[0], *weight.shape, x.dtype, bias is not None, out_dtype, x.device.index)
-    if key not in _choice:
+    if key not in _faster:
         if torch.cuda.is_current_stream_capturing():
-            return "triton", 1  # cannot time inside a capture; graphs run an eager warm-up first, which decides
-        N, K = weight.shape
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        runs = {("cublas", 1): lambda: _linear_torch(x, weight, bias, out_dtype)}
-        for split in [1] + split_candidates(N, K, sms):
-            runs["triton", split] = lambda split=split: _linear_small_m(x, weight, bias, out_dtype, split)
-        times = {k: min(_time_us(fn) for _ in range(3)) for k, fn in runs.items()}
-        _choice[key] = min(times, key=times.get)
-    return _choice[key]
+            return True  # cannot time inside a capture; graphs run an eager warm-up first, which decides
+        ours = min(_time_us(lambda: _linear_small_m(x, weight, bias, out_dtype)) for _ in range(3))
+        theirs = min(_time_us(lambda: _linear_torch(x, weight, bias, out_dtype)) for _ in range(3))
+        _faster[key] = ours <= theirs
+    return _faster[key]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None, split: int | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias), optionally cast to `out_dtype` (rounded to the weights'
-    dtype first, as F.linear(...).to(out_dtype) is). Up to 16 rows on GPU, the Triton kernel (with
-    K split over `split` programs per column block) serves the shapes where it measured faster
-    than cuBLAS; F.linear serves the rest. `split` forces the Triton kernel with that many splits."""
+    dtype first, as F.linear(...).to(out_dtype) is). Up to 16 rows on GPU, the Triton kernel
+    serves the shapes where it measured faster than cuBLAS; F.linear serves the rest."""
     M = x.shape[0]
     if (not use_triton(x) or x.dim() != 2 or M > SMALL_M or M == 0 or x.stride(-1) != 1 or weight.stride(-1) != 1
             or x.dtype != weight.dtype):
         return _linear_torch(x, weight, bias, out_dtype)
     out_dtype = out_dtype or x.dtype
-    kernel, splits = ("triton", split) if split else _pick(x, weight, bias, out_dtype)
-    if kernel == "cublas":
+    if not _triton_is_faster(x, weight, bias, out_dtype):
         return _linear_torch(x, weight, bias, out_dtype)
-    return _linear_small_m(x, weight, bias, out_dtype, splits)
+    return _linear_small_m(x, weight, bias, out_dtype)

@@ -99,26 +99,3 @@ def test_linear_out_dtype_rounds_like_the_weights_then_casts():
                                rtol=2e-3)
     big = fused_ops.linear(x.repeat(10, 1), w, out_dtype=torch.float32)  # F.linear's path, same contract
     assert big.dtype == torch.float32 and torch.equal(big, big.half().float())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M,N,K,split,bias", [(1, 40, 700, 3, True), (5, 20, 1000, 4, False), (16, 33, 300, 2, True)])
-def test_split_k_linear_matches_torch_and_leaves_its_counters_at_rest(dtype, M, N, K, split, bias):
-    g = torch.Generator().manual_seed(M + K)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w = (0.1 * torch.randn(N, K, generator=g)).to(dtype)
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-    tol = dict(atol=2e-2, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-4, rtol=1e-5)
-    first = fused_ops.linear(x, w, b, split=split)
-    torch.testing.assert_close(first.float(), ref, **tol)
-    assert all((lock == 0).all() for lock in fused_ops._locks.values())  # reset by each column block's last part
-    assert torch.equal(fused_ops.linear(x, w, b, split=split), first)  # parts summed in a fixed order
-    # K splits that do not divide the K tiles evenly still cover every column exactly once
-    torch.testing.assert_close(fused_ops.linear(x, w, b, split=split + 1).float(), ref, **tol)
-
-
-def test_split_candidates_only_for_tall_matrices():
-    assert fused_ops.split_candidates(4096, 4096, 132) == []
-    assert fused_ops.split_candidates(896, 4864, 132) == [5]  # 56 column blocks; 10 splits would leave < 512 of K
-    assert fused_ops.split_candidates(3584, 18944, 132) == [2, 4]
