@@ -4,7 +4,7 @@
 
 For each projection of the model's shape at M rows (decode), times in a CUDA graph of 200
 back-to-back launches (so launch gaps count as they do in the engine's graphs): cuBLAS
-F.linear, the small-M Triton kernel at several pipeline depths, the norm and SiLU kernels around
+F.linear, the small-M Triton kernel, the norm and SiLU kernels around
 them, and what `fused_ops.linear` picks. Prints us per call and the bandwidth of the weight read.
 """
 
@@ -48,8 +48,6 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1)
     args = ap.parse_args()
 
-    import triton
-
     from slipstream.kernels import fused_ops as fo
 
     H, _, heads, kv_heads, I, V, _ = QWEN_SHAPES[args.model]
@@ -61,29 +59,19 @@ def main() -> None:
     nw = torch.ones(H, device=dev, dtype=dt)
     gu = torch.randn(M, 2 * I, device=dev, dtype=dt)
 
-    def launch(xin, w, stages, out_dtype=None):
-        N, K = w.shape
-        y = torch.empty(M, N, device=dev, dtype=out_dtype or dt)
-        block_n = 32 if N >= 4096 else 16
-        grid = (triton.cdiv(N, block_n),)
-        return lambda: fo._linear_small_m_kernel[grid](
-            xin, w, w, y, M, N, K, xin.stride(0), w.stride(0), y.stride(0), HAS_BIAS=False, BLOCK_N=block_n,
-            BLOCK_K=256, PRECISION="tf32", num_warps=4, num_stages=stages)
-
     print(f"{args.model}, {M} row(s), bf16, {torch.cuda.get_device_name()}")
     for name, K, N in [("qkv", H, qkv_n), ("o", H, H), ("gate_up", H, 2 * I), ("down", I, H), ("lm_head", H, V)]:
         w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
         xin = torch.randn(M, K, device=dev, dtype=dt)
         t = {"cublas": graph_time(lambda: F.linear(xin, w))}
-        for st in (2, 3, 4):
-            t[f"triton stages={st}"] = graph_time(launch(xin, w, st))
+        t["triton"] = graph_time(lambda: fo._linear_small_m(xin, w, None, dt))
         if name in ("qkv", "gate_up"):
             t["rms_norm kernel"] = graph_time(lambda: fo.rms_norm(x, nw, 1e-6, res))
         if name == "down":
             t["silu_mul kernel"] = graph_time(lambda: fo.silu_mul(gu))
         if name == "lm_head":
             t["cublas + float()"] = graph_time(lambda: F.linear(xin, w).float())
-            t["triton fp32 out"] = graph_time(launch(xin, w, 3, out_dtype=torch.float32))
+            t["triton fp32 out"] = graph_time(lambda: fo._linear_small_m(xin, w, None, torch.float32))
         fo.linear(xin, w)
         t["linear() picks"] = graph_time(lambda: fo.linear(xin, w))
         mb = N * K * 2 / 1e6
