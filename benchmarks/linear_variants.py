@@ -1,11 +1,10 @@
-"""GPU time of the small-M projection kernels, with and without their fused prologues.
+"""GPU time of the kernels a decode step's projections choose between.
 
     python benchmarks/linear_variants.py [--model qwen2.5-0.5b] [--m 1]
 
 For each projection of the model's shape at M rows (decode), times in a CUDA graph of 200
 back-to-back launches (so launch gaps count as they do in the engine's graphs): cuBLAS
-F.linear, the small-M Triton kernel, the norm and SiLU kernels around
-them, and what `fused_ops.linear` picks. Prints us per call and the bandwidth of the weight read.
+F.linear, the small-M Triton kernel, the norm and SiLU kernels around them, and what `fused_ops.linear` picks. Prints us per call and the bandwidth of the weight read.
 """
 
 from __future__ import annotations
