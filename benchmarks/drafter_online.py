@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     p.add_argument("--train-on", default="both", choices=MODES, help="the mode whose rollout trains the policy")
     p.add_argument("--kv-cache-gb", type=float, default=6.0, help="KV cache of each engine")
+    p.add_argument("--no-drafter-graphs", action="store_true",
+                   help="draft with the learned drafter eagerly (default on GPU: CUDA graphs of its chain)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--quick", action="store_true",
                    help=f"a shorter run: {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in QUICK.items())}")
@@ -127,8 +129,11 @@ def build_engines(args, decoder, tokenizer, dcfg, device):
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.longest_prompt + args.max_tokens + 1)
     eos = [tokenizer.eos_token_id]
-    online = RunDrafter(decoder, dcfg, online=True, side_stream=False, max_seqs=args.prompts * args.samples)
-    frozen = RunDrafter(decoder, dcfg, online=False, max_seqs=args.prompts * args.samples)
+    graph_batch = min(args.prompts * args.samples, spec_option("drafter", args.spec_set).min_batch_for_off) \
+        if device.type == "cuda" and not args.no_drafter_graphs else 0
+    online = RunDrafter(decoder, dcfg, online=True, side_stream=False, max_seqs=args.prompts * args.samples,
+                        graph_batch=graph_batch)
+    frozen = RunDrafter(decoder, dcfg, online=False, max_seqs=args.prompts * args.samples, graph_batch=graph_batch)
     specs = {kind: spec_option(kind, args.spec_set) for kind in ("suffix", "drafter", "both")}
     builders = {
         "off": lambda: Engine(decoder, eos, ecfg, seed=0),

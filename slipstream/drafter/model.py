@@ -267,9 +267,11 @@ class Drafter(nn.Module):
     @torch.no_grad()
     def draft(self, ctx: DraftContext, num_tokens: int, temperature: torch.Tensor,
               top_p: torch.Tensor | None = None, top_k: torch.Tensor | None = None,
-              generator: torch.Generator | None = None) -> Draft:
+              generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Draft:
         """Chain `num_tokens` drafts per request after its context, with the request's sampling
-        parameters (temperature [B], 0 = greedy; optional top_p / top_k [B] as in `sample`)."""
+        parameters (temperature [B], 0 = greedy; optional top_p / top_k [B] as in `sample`).
+        noise [B, >= num_tokens, V]: Exp(1) draws for the sampling race, drawn here from
+        `generator` when None (a CUDA graph of the chain passes its static buffer). No host sync."""
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         B, W = ctx.next_tokens.shape
@@ -292,9 +294,9 @@ class Drafter(nn.Module):
             shaped = shape_logits(self.head.logits(h), temperature, top_p, top_k, truncate)
             q = shaped.softmax(-1)
             # Exponential race: argmax q_i / E_i draws i with probability q_i.
-            noise = torch.empty_like(q).exponential_(generator=generator)
-            tok = torch.where(greedy, shaped.argmax(-1), (q.log() - noise.log()).argmax(-1))
-            q = torch.where(greedy[:, None], F.one_hot(tok, q.shape[-1]).float(), q)
+            race = noise[:, j] if noise is not None else torch.empty_like(q).exponential_(generator=generator)
+            tok = torch.where(greedy, shaped.argmax(-1), (q.log() - race.log()).argmax(-1))
+            q = torch.where(greedy[:, None], torch.zeros_like(q).scatter_(-1, tok[:, None], 1.0), q)
             tokens.append(tok)
             probs.append(q)
             if j == num_tokens - 1:

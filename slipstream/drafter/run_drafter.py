@@ -41,10 +41,13 @@ class RunDrafter:
     embedding, norm and head, so weight syncs reach the drafter too); `online`: train in bubbles;
     `warm_start`: a drafter file (its model-shaping settings win over `config`); `side_stream`:
     train during the small-batch tail (on CUDA only); `rank_bubble`: train while other ranks
-    still generate, weights averaged (under torchrun)."""
+    still generate, weights averaged (under torchrun); `graph_batch`: drafts of up to that many
+    sequences go through `DraftGraphs` (CUDA graphs of the chain; on CPU their static layout run
+    eagerly, for tests); None: 32 on CUDA, 0 (always eager) on CPU."""
 
     def __init__(self, decoder, config: DrafterConfig, online: bool, warm_start: str | Path | None = None,
-                 side_stream: bool = True, rank_bubble: RankBubble | None = None, max_seqs: int = 256):
+                 side_stream: bool = True, rank_bubble: RankBubble | None = None, max_seqs: int = 256,
+                 graph_batch: int | None = None):
         device = decoder.embed.weight.device
         if warm_start is not None:
             drafter = load_drafter(warm_start, decoder, config, device=device)
@@ -53,7 +56,11 @@ class RunDrafter:
         self.config = config = drafter.config
         self.online = online
         self.drafter = drafter
-        self.slot = DrafterSlot(drafter)
+        if graph_batch is None:
+            graph_batch = 32 if device.type == "cuda" else 0
+        self.slot = DrafterSlot(drafter, graph_batch)
+        if graph_batch and device.type == "cuda":
+            self.slot.capture_graphs()  # now, not in the middle of a rollout
         H = self.hidden_size = decoder.config.hidden_size
         self.device, self.max_seqs = device, max_seqs
         self.buffer = FeatureBuffer(config, H, decoder.embed.weight.dtype, device) if online else None

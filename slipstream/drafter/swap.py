@@ -8,6 +8,9 @@ waits for training: it only takes a lock long enough to pick the front copy.
 
 On CUDA the weights are copied on the publisher's stream; the flip records an event there and a
 draft makes its own stream wait on that event, so the new weights are complete before use.
+With `graph_batch`, each copy drafts through its own `DraftGraphs` (CUDA graphs of the chain on
+GPU, the same static layout run eagerly on CPU); a publish copies into the parameters in place,
+so the graphs see the new weights.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
+from slipstream.drafter.draft_graphs import DraftGraphs
 from slipstream.drafter.model import Draft, DraftContext, Drafter
 
 __all__ = ["DrafterSlot"]
@@ -25,14 +29,21 @@ __all__ = ["DrafterSlot"]
 class DrafterSlot:
     """Two replicas of a drafter; `draft` uses the front one, `publish` fills the back one and flips."""
 
-    def __init__(self, drafter: Drafter):
+    def __init__(self, drafter: Drafter, graph_batch: int = 0):
+        """`graph_batch` > 0: drafts of up to that many rows go through `DraftGraphs`."""
         self._copies = [drafter.replica().eval(), drafter.replica().eval()]
+        self._graphs = [DraftGraphs(c, graph_batch) for c in self._copies] if graph_batch > 0 else None
         self._readers = [0, 0]
         self._versions = [0, 0]
         self._ready: list[torch.cuda.Event | None] = [None, None]
         self._front = 0
         self._cond = threading.Condition()
         self._publishing = threading.Lock()  # one publisher at a time
+
+    def capture_graphs(self) -> None:
+        """Capture both copies' draft graphs now (see `DraftGraphs.capture_all`); no-op without them."""
+        for graphs in self._graphs or ():
+            graphs.capture_all()
 
     @property
     def version(self) -> int:
@@ -58,7 +69,8 @@ class DrafterSlot:
             ready = self._ready[i]
             if ready is not None:
                 torch.cuda.current_stream().wait_event(ready)
-            out = self._copies[i].draft(ctx, num_tokens, temperature, **kwargs)
+            drafter = self._graphs[i] if self._graphs is not None else self._copies[i]
+            out = drafter.draft(ctx, num_tokens, temperature, **kwargs)
             out.version = self._versions[i]
             return out
         finally:

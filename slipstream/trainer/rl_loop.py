@@ -101,7 +101,8 @@ def build_rollout_and_drafter(cfg: SlipstreamConfig, model, tokenizer, device: t
     drafter = RunDrafter(decoder, drafter_config(dc, cfg.trainer.seed), online, dc.warm_start,
                          side_stream=dc.side_stream and world_size == 1,
                          rank_bubble=RankBubble.from_env() if online and world_size > 1 else None,
-                         max_seqs=rc.max_num_seqs)
+                         max_seqs=rc.max_num_seqs,
+                         graph_batch=min(rc.max_num_seqs, cfg.spec.min_batch_for_off) if device.type == "cuda" else 0)
     engine = drafter.build_engine(decoder, [tokenizer.eos_token_id], ecfg, cfg.trainer.seed, spec,
                                   source_policy_config(cfg.spec, cfg.trainer.seed))
     return engine, drafter

@@ -32,9 +32,9 @@ def _requests(tok, params, prompts=PROMPTS):
             for i, p in enumerate(prompts)]
 
 
-def _drafting_engine(decoder, eos, cfg, kind, online=True, drafter_config=None):
+def _drafting_engine(decoder, eos, cfg, kind, online=True, drafter_config=None, graph_batch=0):
     run = RunDrafter(decoder, drafter_config or DrafterConfig(window=16, batch_tokens=256, seq_len=64, lr=1e-2),
-                     online=online)
+                     online=online, graph_batch=graph_batch)
     engine = run.build_engine(decoder, eos, cfg, 0, SpecConfig(policy=ALWAYS_EXPLORE), _sources(kind))
     return engine, run
 
@@ -46,8 +46,11 @@ def test_greedy_outputs_are_identical_to_plain_decoding(tiny_model, kind, static
     params = SamplingParams(n=2, temperature=0.0, max_tokens=40)
     cfg = EngineConfig(block_size=4, num_blocks=256)
     plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(_requests(tok, params))
-    engine, run = _drafting_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, kind)
-    if static:  # verification (and its feature capture) through the graphs' padded static buffers
+    # static: the learned chain, and verification with its feature capture, through the graphs'
+    # padded static buffers
+    engine, run = _drafting_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, kind,
+                                   graph_batch=8 if static else 0)
+    if static:
         engine.spec_runner.use_static_verify()
     per_source = []
     for r in range(3):
@@ -73,7 +76,7 @@ def test_greedy_outputs_are_identical_to_plain_decoding(tiny_model, kind, static
         assert sum(m.get("spec/source_steps/both", 0) for m in per_source) > 0
     assert run.buffer.num_pairs() > 0
     if static:
-        assert engine.spec_runner.graphs.graphs
+        assert engine.spec_runner.graphs.graphs and run.slot._graphs[0].graphs
 
 
 def test_drafting_starts_after_prefill_and_plain_steps_from_captured_features(tiny_model):
