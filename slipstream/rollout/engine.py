@@ -11,7 +11,7 @@ import torch
 from slipstream.models.decoder import Decoder
 from slipstream.rollout.block_manager import BlockManager
 from slipstream.rollout.model_runner import ModelRunner, StepFeatures
-from slipstream.rollout.scheduler import Scheduler
+from slipstream.rollout.scheduler import ScheduledBatch, Scheduler
 from slipstream.rollout.sequence import Sequence
 from slipstream.rollout.spec.policy import PolicyConfig
 from slipstream.rollout.spec.spec_runner import SpecRunner
@@ -168,22 +168,16 @@ class Engine:
         for seq in running:
             self.block_manager.may_append(seq, K - 1)  # slots for the K tokens the replay computes
         tokens, logprobs = self.runner.decode_steps(running, K)
-        row = {seq.seq_id: i for i, seq in enumerate(running)}
-        finished: list[Sequence] = []
+        finished, live = sch.postprocess_steps(running, tokens, logprobs)
         t_prev, dt = t0, (time.perf_counter() - t0) / K
-        for k in range(K):
-            if not sch.running:
-                break  # every sequence finished: the remaining draws are discarded
-            live = sch.num_running
-            batch = sch.schedule()
-            rows = [row[e.seq.seq_id] for e in batch.sampling]
-            finished += sch.postprocess(batch, [tokens[k][i] for i in rows], [logprobs[k][i] for i in rows])
-            t1 = t_prev + dt
+        for n in live:
+            if not n:
+                break  # every sequence finished: the remaining draws were discarded
             if self.speculator is not None:
-                self.speculator.observe(batch, live, dt)
-            self.timeline.record(t_prev, t1, live, batch.num_emitted, 0, 0, 0)
+                self.speculator.observe(ScheduledBatch(entries=[], block_size=sch.block_size, num_emitted=n), n, dt)
+            self.timeline.record(t_prev, t_prev + dt, n, n, 0, 0, 0)
             self.stats["steps"] += 1
-            t_prev = t1
+            t_prev += dt
         return finished
 
     def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,

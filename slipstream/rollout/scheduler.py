@@ -341,6 +341,37 @@ class Scheduler:
             self.running = [s for s in self.running if not s.is_finished]
         return finished
 
+    def postprocess_steps(self, seqs: list[Sequence], tokens: list[list[int]],
+                          logprobs: list[list[float]]) -> tuple[list[Sequence], list[int]]:
+        """Apply several decode steps computed in one replay: `tokens[k][i]` (and `logprobs[k][i]`)
+        was drawn for `seqs[i]` at step k. The same as `schedule()` + `postprocess()` step by step
+        when every running sequence decodes and nothing waits, in one pass per sequence: each takes
+        its draws up to its finish (the rest are discarded). Their blocks must already hold the
+        steps' slots (`BlockManager.may_append(seq, steps - 1)`). Returns (the sequences finished,
+        the number of live sequences at each step)."""
+        steps, bm = len(tokens), self.block_manager
+        live = [0] * steps
+        finished: list[Sequence] = []
+        for i, seq in enumerate(seqs):
+            if seq.status is not SequenceStatus.RUNNING or seq.is_prefilling:
+                raise ValueError(f"{seq!r} is not decoding")
+            for k in range(steps):
+                live[k] += 1
+                bm.commit(seq, seq.num_tokens)  # the step computes the last token: register the block it fills
+                seq.num_cached_tokens = seq.num_tokens
+                token = int(tokens[k][i])
+                seq.append_token(token, logprobs[k][i])
+                reason = self._finish_reason(seq, token)
+                if reason is not None:
+                    bm.deallocate(seq)
+                    seq.finish(reason)
+                    finished.append(seq)
+                    break
+        if finished:
+            self.running = [s for s in self.running if not s.is_finished]
+        self.num_steps += sum(1 for n in live if n)
+        return finished, live
+
     def postprocess_verified(self, batch: ScheduledBatch, emitted: list[list[int]],
                              logprobs: list[list[float]] | None = None) -> list[Sequence]:
         """Apply one step's results: `emitted[k]` (and `logprobs[k]`) are the tokens produced for

@@ -96,6 +96,9 @@ def test_several_decode_steps_per_replay_equal_single_steps(tiny_model):
         torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
     assert multi.block_manager.num_free_blocks == 120  # slots taken ahead were all given back
     assert multi.stats["steps"] == single.stats["steps"]
+    # the blocks filled during the replays are registered for prefix sharing as single steps register them
+    assert set(multi.block_manager.hash_to_block) == set(single.block_manager.hash_to_block)
+    assert len(multi.block_manager.hash_to_block) > 10
 
 
 def test_several_decode_steps_wait_for_waiting_sequences(tiny_model):
