@@ -18,17 +18,19 @@ after every update), each with its own KV cache and its own speculation state:
   none / suffix / drafter / both per live-batch bucket, "both" the better draft per request).
 
 Before step 1, every engine rolls the prompts out once, untimed and without history (kernels
-compiled, CUDA graphs of every batch size captured); then the warm start: the initial policy
-samples the prompts once more (feature capture into the drafter's buffer), and the drafter
-trains `--warmup-steps` steps; frozen and online start from those weights. Each step, before the update, every mode rolls out the same prompts with the
-same sampling seed, in an order rotated every step; the timed rollouts are the makespans
-compared (the wall clock of `Engine.generate`, as in longtail.py). The training rollout is the
-`--train-on` mode's (both by default): its completions make the GRPO batch and its features feed
-the online drafter's buffer. Between the rollouts and the update the online drafter trains
-`--drafter-steps` steps (the step's bubbles; their time is reported apart, not in any makespan)
-and its new weights swap in for the next step. Per step and mode: makespan, tokens, tokens/s,
-acceptance length overall and per draft source, time with fewer than 16 live sequences; per step:
-reward, the drafter's loss and training time. Writes benchmarks/results/drafter_online.json.
+compiled, CUDA graphs of every batch size captured; the learned drafter's chain graphs are
+captured when the drafters are built); then the warm start: the initial policy samples the
+prompts once more (feature capture into the drafter's buffer), and the drafter trains
+`--warmup-steps` steps; frozen and online start from those weights. Each step, before the
+update, every mode rolls out the same prompts with the same sampling seed, in an order rotated
+every step; the timed rollouts are the makespans compared (the wall clock of `Engine.generate`,
+as in longtail.py). The training rollout is the `--train-on` mode's (both by default): its
+completions make the GRPO batch and its features feed the online drafter's buffer. Between the
+rollouts and the update the online drafter trains `--drafter-steps` steps (the step's bubbles;
+their time is reported apart, not in any makespan) and its new weights swap in for the next
+step; the side stream is off, so no makespan includes training. Per step and mode: makespan,
+tokens, tokens/s, acceptance length overall and per draft source, time with fewer than 16 live
+sequences; per step: reward, the drafter's loss and training time. Writes benchmarks/results/drafter_online.json.
 """
 
 from __future__ import annotations
@@ -180,8 +182,8 @@ def summarize(steps: list[dict], modes: list[str]) -> dict:
         spans = [s["modes"][m]["makespan_s"] for s in steps]
         out["makespan_mean_s"][m] = statistics.mean(spans)
         if "off" in modes:
-            out["speedup_vs_off_mean"][m] = statistics.mean(s["modes"]["off"]["makespan_s"] / s["modes"][m]["makespan_s"]
-                                                            for s in steps)
+            out["speedup_vs_off_mean"][m] = statistics.mean(
+                s["modes"]["off"]["makespan_s"] / s["modes"][m]["makespan_s"] for s in steps)
         lens = [s["modes"][m]["sources"].get("drafter", {}).get("acceptance_len") for s in steps]
         if any(v is not None for v in lens):
             out["acceptance_len"][m] = lens

@@ -341,7 +341,8 @@ def _check_drafting(cfg: SlipstreamConfig) -> None:
     if drafter.train_steps_after_rollout < 0:
         raise ConfigError(f"drafter.train_steps_after_rollout must be >= 0, got {drafter.train_steps_after_rollout}")
     if spec.sources and spec.kind not in LEARNED_SPEC_KINDS:
-        raise ConfigError(f"spec.sources picks between draft sources of spec=drafter or spec=both, not spec={spec.kind}")
+        raise ConfigError(f"spec.sources picks between draft sources of spec=drafter or spec=both, "
+                          f"not spec={spec.kind}")
     source_policy_config(spec, cfg.trainer.seed)
 
 

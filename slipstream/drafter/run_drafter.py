@@ -78,7 +78,8 @@ class RunDrafter:
         windows; `spec`: a `SpecConfig`. `trains`: its rollouts feed the training buffer and the
         side stream (one engine per drafter should)."""
         c = self.config
-        windows = ContextWindows(c.window, self.hidden_size, c.capture_layer, max_seqs=self.max_seqs, device=self.device)
+        windows = ContextWindows(c.window, self.hidden_size, c.capture_layer, max_seqs=self.max_seqs,
+                                 device=self.device)
         return DraftingSpeculator(spec, sources, self.slot, windows, self.vocab_size, c.max_draft_len,
                                   buffer=self.buffer if trains else None,
                                   side_stream=self.side_stream if trains else None)
@@ -140,8 +141,8 @@ class RunDrafter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if bool(state["online"]) != self.online:
-            raise ValueError(f"the checkpoint holds a{'n online' if state['online'] else ' frozen'} drafter, this run's "
-                             f"is {'online' if self.online else 'frozen'}")
+            saved, here = ("online" if flag else "frozen" for flag in (state["online"], self.online))
+            raise ValueError(f"the checkpoint holds a {saved} drafter, this run's is {here}")
         if self.trainer is not None:
             self.trainer.load_state_dict(state["trainer"])  # publishes into the slot
         else:

@@ -91,8 +91,8 @@ def build_rollout_and_drafter(cfg: SlipstreamConfig, model, tokenizer, device: t
     spec = engine_spec_config(cfg.spec, cfg.trainer.seed)
     if cfg.spec.kind not in LEARNED_SPEC_KINDS:
         if cfg.drafter.kind != "off":
-            raise ConfigError(f"drafter={cfg.drafter.kind} with spec={cfg.spec.kind}: the engine would never draft with "
-                              f"the learned drafter; use spec=drafter or spec=both (or drafter=off)")
+            raise ConfigError(f"drafter={cfg.drafter.kind} with spec={cfg.spec.kind}: the engine would never draft "
+                              f"with the learned drafter; use spec=drafter or spec=both (or drafter=off)")
         return Engine(decoder, [tokenizer.eos_token_id], ecfg, seed=cfg.trainer.seed, spec=spec), None
     from slipstream.drafter import RankBubble, RunDrafter
 
@@ -227,8 +227,8 @@ def train(cfg: SlipstreamConfig) -> dict:
             prompt_texts = {p.uid: tokenizer.decode(prompt_cache[p.uid]) for p in problems}
 
             def score():
-                return scorer([by_uid[c.group_id] for c in completions], [prompt_texts[c.group_id] for c in completions],
-                              texts)
+                return scorer([by_uid[c.group_id] for c in completions],
+                              [prompt_texts[c.group_id] for c in completions], texts)
             rewards, reward_metrics = drafter.train_while(score) if drafter is not None else score()
             t_reward = time.perf_counter() - t0
             t0 = time.perf_counter()
