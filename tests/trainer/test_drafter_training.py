@@ -81,3 +81,23 @@ def test_a_learned_drafter_the_engine_never_drafts_with_stops_the_run(tmp_path):
     with pytest.raises(ConfigError, match="drafter=online with spec=suffix: the engine would never draft"):
         train(compose(["recipe=smoke", "spec=suffix", "drafter=online", f"trainer.run_dir={tmp_path}",
                        "logger.wandb=false", "trainer.threads=1"]))
+
+
+def test_a_frozen_warm_start_drafts_unchanged_through_the_run(tmp_path):
+    from slipstream.config import drafter_config
+    from slipstream.drafter.warmup import warmup
+
+    cfg = compose(["recipe=smoke", "drafter=online", "drafter.window=16", "drafter.batch_tokens=256",
+                   "drafter.seq_len=64", "trainer.threads=1"])
+    file = warmup(cfg, tmp_path / "drafter.pt", steps=5, num_prompts=2, drafter_config=drafter_config(cfg.drafter),
+                  show_progress=False).path
+    warm = torch.load(file, weights_only=True)["state_dict"]
+    run = tmp_path / "run"
+    train(compose(["recipe=smoke", "spec=drafter", "drafter=frozen", f"drafter.warm_start={file}",
+                   f"trainer.run_dir={run}", "logger.wandb=false", "trainer.steps=2", "task.num_train=4",
+                   "spec.min_batch_for_off=1000", "spec.epsilon=1.0", "trainer.threads=1"]))
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert rows[2]["spec/drafter/drafted_tokens"] > 0 and "drafter/loss" not in rows[2]
+    saved = _drafter_state(run, 2)
+    assert saved["online"] is False
+    assert all(torch.equal(saved["drafter"][k], v) for k, v in warm.items())
