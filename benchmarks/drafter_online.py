@@ -241,6 +241,7 @@ def main(argv=None) -> dict:
           f"in {warmup['train_s']:.1f} s, loss {warmup['loss']}", flush=True)
 
     modes = list(engines)
+    meta = run_meta(args, dcfg, specs, device)
     steps = []
     for step in range(1, args.steps + 1):
         params = SamplingParams(n=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, seed=step)
@@ -278,28 +279,39 @@ def main(argv=None) -> dict:
                           for m in modes)
         print(f"step {step:2d} reward {row['reward_mean']:.3f}  makespan/drafter accept_len: {spans}  "
               f"drafter loss {row['drafter'].get('drafter/loss', float('nan')):.3f}", flush=True)
+        write_result(args, meta, steps, modes, warmup, final=False)
 
+    result = write_result(args, meta, steps, modes, warmup, final=True)
+    print(json.dumps(result["summary"], indent=2, default=list))
+    print(f"wrote {args.out}")
+    return result
+
+
+def run_meta(args, dcfg, specs, device) -> dict:
+    """Device, versions, commit and settings of the run."""
+    import dataclasses
+
+    import transformers
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    import dataclasses
-
-    import transformers
-
-    meta = {"benchmark": "drafter_online",
+    return {"benchmark": "drafter_online",
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
             "commit": commit_of(args.commit), "model": args.model,
             "args": {k: v for k, v in vars(args).items() if k not in ("out", "commit")},
             "drafter_config": dataclasses.asdict(dcfg), "spec": {k: v.__dict__ for k, v in specs.items()}}
-    result = {"meta": meta, "summary": summarize(steps, modes), "warm_start": warmup, "steps": steps}
+
+
+def write_result(args, meta: dict, steps: list[dict], modes: list[str], warmup: dict, final: bool) -> dict:
+    """The result file, rewritten after every step (a run cut short keeps the steps it finished)."""
+    result = {"meta": {**meta, "complete": final, "steps_done": len(steps)},
+              "summary": summarize(steps, modes) if steps else {}, "warm_start": warmup, "steps": steps}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=list) + "\n")
-    print(json.dumps(result["summary"], indent=2, default=list))
-    print(f"wrote {out}")
     return result
 
 
