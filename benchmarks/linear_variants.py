@@ -3,8 +3,10 @@
     python benchmarks/linear_variants.py [--model qwen2.5-0.5b] [--m 1]
 
 For each projection of the model's shape at M rows (decode), times in a CUDA graph of 200
-back-to-back launches (so launch gaps count as they do in the engine's graphs): cuBLAS
-F.linear, the small-M Triton kernel, the norm and SiLU kernels around them, and what `fused_ops.linear` picks. Prints us per call and the bandwidth of the weight read.
+back-to-back launches (so launch gaps count as they do in the engine's graphs): each way
+`fused_ops.linear` times (`linear_candidates`: cuBLAS, the tiled and the GEMV Triton kernels),
+the norm and SiLU kernels around the projections, and what `linear` picks. Prints us per call
+and the bandwidth of the weight read.
 """
 
 from __future__ import annotations
@@ -62,15 +64,15 @@ def main() -> None:
     for name, K, N in [("qkv", H, qkv_n), ("o", H, H), ("gate_up", H, 2 * I), ("down", I, H), ("lm_head", H, V)]:
         w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
         xin = torch.randn(M, K, device=dev, dtype=dt)
-        t = {"cublas": graph_time(lambda: F.linear(xin, w))}
-        t["triton"] = graph_time(lambda: fo._linear_small_m(xin, w, None, dt))
+        t = {f"{k}/{bn}": graph_time(lambda k=k, bn=bn: fo.linear(xin, w, kernel=(k, bn)))
+             for k, bn in fo.linear_candidates(M)}
         if name in ("qkv", "gate_up"):
             t["rms_norm kernel"] = graph_time(lambda: fo.rms_norm(x, nw, 1e-6, res))
         if name == "down":
             t["silu_mul kernel"] = graph_time(lambda: fo.silu_mul(gu))
         if name == "lm_head":
             t["cublas + float()"] = graph_time(lambda: F.linear(xin, w).float())
-            t["triton fp32 out"] = graph_time(lambda: fo._linear_small_m(xin, w, None, torch.float32))
+            t["picked, fp32 out"] = graph_time(lambda: fo.linear(xin, w, out_dtype=torch.float32))
         fo.linear(xin, w)
         t["linear() picks"] = graph_time(lambda: fo.linear(xin, w))
         mb = N * K * 2 / 1e6

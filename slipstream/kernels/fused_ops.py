@@ -229,16 +229,18 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Small-batch linear: decode steps multiply a handful of rows by each weight matrix, and the
-# matrix read is the whole cost. Which kernel streams a given matrix faster depends on its shape
-# and the card: on an H200 at one row, a plain tiled Triton kernel with many programs in flight
-# beats cuBLAS on the small square projections of small models (3.4 vs 4.3 us for a 896x896
-# o_proj) and on wide ones (7B gate_up 63 vs 69 us), and loses on tall ones (down_proj, 10 vs
-# 6.6 us at 0.5B; benchmarks/linear_variants.py). So each (rows, shape) is timed once, both ways,
-# on its first call outside a graph capture (a graph's warm-up run), and the faster one serves it.
-# Fusing the norm or SiLU into the kernel's prologue measured slower than separate launches.
+# matrix read is the whole cost. Which kernel streams a given matrix fastest depends on its shape
+# and the card: on an H200 at one row, a tiled Triton kernel (tl.dot on 16-row tiles) with many
+# programs in flight beats cuBLAS on small square projections (3.5 vs 4.3 us for a 896x896 o_proj)
+# and loses on tall ones (down_proj: 11 vs 6.6 us at 0.5B), and a plain GEMV kernel for up to 4
+# rows (multiply-add over K, no padding to 16 rows) is a third way. Each (rows, shape) is timed
+# once, every way, on its first call outside a graph capture (a graph's warm-up run decides), and
+# the fastest serves it (benchmarks/linear_variants.py). Folding the norm or SiLU into a
+# projection's prologue, or splitting K over more programs, measured slower.
 
 SMALL_M = 16
-_faster: dict[tuple, bool] = {}  # (M, N, K, dtype, bias, out dtype, device) -> the Triton kernel is faster
+GEMV_MAX_M = 4
+_choice: dict[tuple, tuple[str, int]] = {}  # (M, N, K, dtype, bias, out dtype, device) -> (kernel, BLOCK_N)
 
 if triton is not None:
 
@@ -266,6 +268,29 @@ if triton is not None:
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(w_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & n_mask[None, :])
 
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym, M: tl.constexpr,
+                     M_P2: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[m, n] = sum_k x[m, k] * w[n, k] for up to 4 rows m: BLOCK_N rows of W streamed along K."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        cols = tl.arange(0, M_P2)
+        n_mask = rn < N
+        acc = tl.zeros((BLOCK_N, M_P2), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_mask = kk < K
+            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            for m in tl.static_range(M):
+                x = tl.load(x_ptr + m * stride_xm + kk, mask=k_mask, other=0.0).to(tl.float32)
+                acc += tl.where(cols[None, :] == m, tl.sum(w * x[None, :], 1)[:, None], 0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + cols[None, :] * stride_ym + rn[:, None],
+                 acc.to(w_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (cols[None, :] < M))
+
 
 def _linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.Tensor:
     M, (N, K) = x.shape[0], weight.shape
@@ -279,9 +304,26 @@ def _linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y
 
 
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype, block_n: int = 8) -> torch.Tensor:
+    M, (N, K) = x.shape[0], weight.shape
+    if M > GEMV_MAX_M:
+        raise ValueError(f"the GEMV kernel takes up to {GEMV_MAX_M} rows, got {M}")
+    y = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, bias if bias is not None else weight, y, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        M=M, M_P2=triton.next_power_of_2(M), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=512,
+        num_warps=4, num_stages=3)
+    return y
+
+
 def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.Tensor:
     y = F.linear(x, weight, bias)
     return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+_KERNELS = {"cublas": lambda x, w, b, o, bn: _linear_torch(x, w, b, o),
+            "tiled": lambda x, w, b, o, bn: _linear_small_m(x, w, b, o),
+            "gemv": _gemv}
 
 
 def _time_us(fn, reps: int = 20) -> float:
@@ -299,29 +341,34 @@ def _time_us(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1000 / reps
 
 
-def _triton_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> bool:
+def linear_candidates(M: int) -> list[tuple[str, int]]:
+    """The (kernel, BLOCK_N) ways `linear` times for M rows."""
+    ways = [("cublas", 0), ("tiled", 0)]
+    return ways + ([("gemv", 4), ("gemv", 16)] if M <= GEMV_MAX_M else [])
+
+
+def _pick(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> tuple[str, int]:
     if x.device.type != "cuda":
-        return True  # the interpreter: tests exercise the kernel
+        return ("gemv", 8) if x.shape[0] <= GEMV_MAX_M else ("tiled", 0)  # the interpreter: tests run the kernels
     key = (x.shape[0], *weight.shape, x.dtype, bias is not None, out_dtype, x.device.index)
-    if key not in _faster:
+    if key not in _choice:
         if torch.cuda.is_current_stream_capturing():
-            return True  # cannot time inside a capture; graphs run an eager warm-up first, which decides
-        ours = min(_time_us(lambda: _linear_small_m(x, weight, bias, out_dtype)) for _ in range(3))
-        theirs = min(_time_us(lambda: _linear_torch(x, weight, bias, out_dtype)) for _ in range(3))
-        _faster[key] = ours <= theirs
-    return _faster[key]
+            return "tiled", 0  # cannot time inside a capture; graphs run an eager warm-up first, which decides
+        times = {way: min(_time_us(lambda: _KERNELS[way[0]](x, weight, bias, out_dtype, way[1])) for _ in range(3))
+                 for way in linear_candidates(x.shape[0])}
+        _choice[key] = min(times, key=times.get)
+    return _choice[key]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, kernel: tuple[str, int] | None = None) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias), optionally cast to `out_dtype` (rounded to the weights'
-    dtype first, as F.linear(...).to(out_dtype) is). Up to 16 rows on GPU, the Triton kernel
-    serves the shapes where it measured faster than cuBLAS; F.linear serves the rest."""
+    dtype first, as F.linear(...).to(out_dtype) is). Up to 16 rows on GPU, the fastest of cuBLAS
+    and the Triton kernels for that shape serves it (`kernel`, one of `linear_candidates`, forces
+    one); F.linear serves the rest."""
     M = x.shape[0]
     if (not use_triton(x) or x.dim() != 2 or M > SMALL_M or M == 0 or x.stride(-1) != 1 or weight.stride(-1) != 1
             or x.dtype != weight.dtype):
         return _linear_torch(x, weight, bias, out_dtype)
-    out_dtype = out_dtype or x.dtype
-    if not _triton_is_faster(x, weight, bias, out_dtype):
-        return _linear_torch(x, weight, bias, out_dtype)
-    return _linear_small_m(x, weight, bias, out_dtype)
+    name, block_n = kernel or _pick(x, weight, bias, out_dtype)
+    return _KERNELS[name](x, weight, bias, out_dtype or x.dtype, block_n)

@@ -99,3 +99,24 @@ def test_linear_out_dtype_rounds_like_the_weights_then_casts():
                                rtol=2e-3)
     big = fused_ops.linear(x.repeat(10, 1), w, out_dtype=torch.float32)  # F.linear's path, same contract
     assert big.dtype == torch.float32 and torch.equal(big, big.half().float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K,bias", [(1, 40, 1100, True), (3, 21, 300, False), (4, 64, 96, True)])
+@pytest.mark.parametrize("block_n", [4, 16])
+def test_gemv_matches_torch(dtype, M, N, K, bias, block_n):
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (0.1 * torch.randn(N, K, generator=g)).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    y = fused_ops.linear(x, w, b, kernel=("gemv", block_n))
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    tol = dict(atol=2e-2, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(y.float(), ref, **tol)
+    assert y.dtype == dtype and y.shape == (M, N)
+
+
+def test_gemv_refuses_more_rows_than_it_serves():
+    with pytest.raises(ValueError, match="up to 4 rows"):
+        fused_ops._gemv(torch.zeros(5, 8), torch.zeros(3, 8), None, torch.float32)
+    assert ("gemv", 4) not in fused_ops.linear_candidates(5) and ("gemv", 4) in fused_ops.linear_candidates(4)
