@@ -93,6 +93,7 @@ class DraftingSpeculator(Speculator):
     # ---------------------------------------------------------------- per step
 
     def propose(self, scheduler: Scheduler) -> dict[int, list[int]]:
+        """Drafts of this step's decoding sequences from the source the policy picks, by seq_id."""
         self._source, self._combined, self._rows = None, None, {}
         live = scheduler.num_running + scheduler.num_waiting
         self._arm = None
