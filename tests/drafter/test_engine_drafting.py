@@ -181,3 +181,15 @@ def test_sampled_sequences_follow_the_target_with_the_drafters_q(params):
     with torch.inference_mode():
         other = _continuation_probs(decoder, SamplingParams(temperature=params.temperature * 1.25, top_p=params.top_p))
     assert _chi_square_p(counts, other) < 1e-4
+
+
+def test_a_rollout_without_history_feeds_no_training_data(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=12)
+    engine, run = _drafting_engine(decoder_from_hf_module(model), [tok.eos_token_id],
+                                   EngineConfig(block_size=4, num_blocks=128), "drafter")
+    engine.generate(_requests(tok, params, PROMPTS[:2]), history=False)  # e.g. an evaluation
+    assert run.buffer.num_pairs() == 0
+    assert engine.rollout_metrics()["spec/drafter/drafted_tokens"] > 0  # it still drafted, from its own capture
+    engine.generate(_requests(tok, params, PROMPTS[:2]))
+    assert run.buffer.num_pairs() > 0
