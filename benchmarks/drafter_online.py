@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     cfg = compose([f"model.name={args.model}", "model.dtype=float32", f"trainer.device={device.type}",
                    f"rollout.n={args.samples}", f"rollout.temperature={args.temperature}",
-                   f"rollout.max_tokens={args.max_tokens}", f"trainer.lr={args.lr}", "trainer.micro_batch_size=64",
+                   f"rollout.max_tokens={args.max_tokens}", f"trainer.lr={args.lr}", "trainer.micro_batch_size=16",
                    "logger.wandb=false", "logger.progress=false"])
     ctx = init_distributed(device.type, 1800.0, need_group=False)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device)
