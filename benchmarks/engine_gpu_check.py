@@ -28,6 +28,7 @@ def check(name: str, ok: bool, detail: str = "") -> None:
 
 
 def fused_ops(device) -> None:
+    from slipstream.kernels import decode_linear as DL
     from slipstream.kernels import fused_ops as F
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -62,10 +63,26 @@ def fused_ops(device) -> None:
         bs = torch.randn(N, device=device, generator=g).bfloat16()
         ref = torch.nn.functional.linear(xs.float(), ws.float(), bs.float())
         base = (torch.nn.functional.linear(xs, ws, bs).float() - ref).abs().max().item()
-        for way in F.linear_candidates(M)[1:]:  # the Triton kernels, each forced
-            diff = (F.linear(xs, ws, bs, kernel=way).float() - ref).abs().max().item()
+        for way in DL.linear_candidates(M)[1:]:  # the Triton kernels, each forced
+            diff = (DL.linear(xs, ws, bs, way=way).float() - ref).abs().max().item()
             check(f"small-M linear {way[0]}/{way[1]} bf16 {M}x{N}x{K}", diff <= 2 * base + 1e-3,
                   f"max err {diff:.2e} (cuBLAS {base:.2e})")
+    for M, N, K, swiglu in ((1, 1152, 896, False), (4, 2 * 4864, 896, True), (2, 2 * 18944, 3584, True)):
+        xs, rs = (torch.randn(M, K, device=device, generator=g).bfloat16() for _ in range(2))
+        nw = (1 + 0.1 * torch.randn(K, device=device, generator=g)).bfloat16()
+        ws = (torch.randn(N, K, device=device, generator=g) / K**0.5).bfloat16()
+        h, ref_res = F.rms_norm_torch(xs, nw, 1e-6, rs)
+        ref = torch.nn.functional.linear(h.float(), ws.float())
+        if swiglu:  # the separate kernels' rounding: the projection in bf16, then SiLU(gate) * up
+            ref = F.silu_mul_torch(torch.nn.functional.linear(h, ws)).float()
+        sep, _ = DL.norm_linear(xs, nw, 1e-6, ws, None, rs, swiglu, way=("separate", 0))
+        base = (sep.float() - ref).abs().max().item()
+        for bn in (4, 16):
+            y, res = DL.norm_linear(xs, nw, 1e-6, ws, None, rs, swiglu, way=("fused", bn))
+            diff = (y.float() - ref).abs().max().item()
+            check(f"norm_linear fused/{bn}{' swiglu' if swiglu else ''} bf16 {M}x{N}x{K}",
+                  diff <= 2 * base + 2e-2 and torch.equal(res, ref_res),
+                  f"max err {diff:.2e} (separate kernels {base:.2e}), residual exact: {torch.equal(res, ref_res)}")
 
 
 def sampler(device) -> None:

@@ -4,8 +4,9 @@
 
 For each projection of the model's shape at M rows (decode), times in a CUDA graph of 200
 back-to-back launches (so launch gaps count as they do in the engine's graphs): each way
-`fused_ops.linear` times (`linear_candidates`: cuBLAS, the tiled and the GEMV Triton kernels),
-the norm and SiLU kernels around the projections, and what `linear` picks. Prints us per call
+`decode_linear.linear` times (`linear_candidates`: cuBLAS, the tiled and the GEMV Triton kernels),
+the norm and SiLU kernels around the projections and `norm_linear`'s fused and separate forms,
+and what `linear` picks. Prints us per call
 and the bandwidth of the weight read.
 """
 
@@ -49,7 +50,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1)
     args = ap.parse_args()
 
-    from slipstream.kernels import fused_ops as fo
+    from slipstream.kernels import decode_linear as fo
+    from slipstream.kernels import fused_ops
 
     H, _, heads, kv_heads, I, V, _ = QWEN_SHAPES[args.model]
     qkv_n = H + 2 * kv_heads * (H // heads)
@@ -64,12 +66,16 @@ def main() -> None:
     for name, K, N in [("qkv", H, qkv_n), ("o", H, H), ("gate_up", H, 2 * I), ("down", I, H), ("lm_head", H, V)]:
         w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
         xin = torch.randn(M, K, device=dev, dtype=dt)
-        t = {f"{k}/{bn}": graph_time(lambda k=k, bn=bn: fo.linear(xin, w, kernel=(k, bn)))
+        t = {f"{k}/{bn}": graph_time(lambda k=k, bn=bn: fo.linear(xin, w, way=(k, bn)))
              for k, bn in fo.linear_candidates(M)}
         if name in ("qkv", "gate_up"):
-            t["rms_norm kernel"] = graph_time(lambda: fo.rms_norm(x, nw, 1e-6, res))
+            t["rms_norm kernel"] = graph_time(lambda: fused_ops.rms_norm(x, nw, 1e-6, res))
+            sw = name == "gate_up"
+            for way in (("separate", 0), ("fused", 4), ("fused", 16)):
+                t[f"norm_linear {way[0]}/{way[1]}{' swiglu' if sw else ''}"] = graph_time(
+                    lambda way=way: fo.norm_linear(x, nw, 1e-6, w, None, res, swiglu=sw, way=way))
         if name == "down":
-            t["silu_mul kernel"] = graph_time(lambda: fo.silu_mul(gu))
+            t["silu_mul kernel"] = graph_time(lambda: fused_ops.silu_mul(gu))
         if name == "lm_head":
             t["cublas + float()"] = graph_time(lambda: F.linear(xin, w).float())
             t["picked, fp32 out"] = graph_time(lambda: fo.linear(xin, w, out_dtype=torch.float32))

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from slipstream.kernels.fused_ops import linear, rms_norm, rope_store_kv, silu_mul
+from slipstream.kernels.decode_linear import linear, norm_linear
+from slipstream.kernels.fused_ops import rms_norm, rope_store_kv
 from slipstream.kernels.reference import paged_attention_ref
 from slipstream.models.registry import ModelLoadError
 
@@ -320,12 +321,12 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
-        T = x.shape[0]
+    def forward(self, qkv, cos, sin, attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
+        """o_proj(attention) of the tokens whose fused q/k/v projection is `qkv` [T, q + 2 kv]."""
+        T = qkv.shape[0]
         k_cache, v_cache = kv_cache
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None)
-        q = rope_store_kv(_linear(self.qkv_proj, x), cos, sin, self.num_heads, self.num_kv_heads, k_cache, v_cache,
-                          attn.slot_mapping, *norms)
+        q = rope_store_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads, k_cache, v_cache, attn.slot_mapping, *norms)
         out = attention_fn(q, k_cache, v_cache, attn, self.scale)
         return _linear(self.o_proj, out.reshape(T, self.q_size))
 
@@ -337,8 +338,9 @@ class MLP(nn.Module):
         self.gate_up_proj = skip_init(nn.Linear, c.hidden_size, 2 * c.intermediate_size, **kw)
         self.down_proj = skip_init(nn.Linear, c.intermediate_size, c.hidden_size, **kw)
 
-    def forward(self, x):
-        return _linear(self.down_proj, silu_mul(_linear(self.gate_up_proj, x)))
+    def forward(self, act):
+        """down_proj of SiLU(gate) * up (computed with the gate/up projection, see Layer.forward)."""
+        return _linear(self.down_proj, act)
 
 
 class Layer(nn.Module):
@@ -352,15 +354,18 @@ class Layer(nn.Module):
     def forward(self, x, residual, cos, sin, attn, kv_cache):
         """(this layer's MLP output, the residual stream before it); the next norm adds the two.
 
-        Deferring the residual add into the next RMSNorm saves a kernel per add on GPU; `residual`
-        is None at the first layer, whose `x` is the embeddings.
+        Each residual add is deferred into the next RMSNorm, and each norm runs with the projection
+        after it (`norm_linear`: one kernel for decode steps where that is faster, as is SiLU(gate)
+        * up with the gate/up projection); `residual` is None at the first layer, whose `x` is the
+        embeddings.
         """
-        if residual is None:
-            h, residual = self.input_norm(x), x
-        else:
-            h, residual = self.input_norm.add_forward(x, residual)
-        h, residual = self.post_attention_norm.add_forward(self.attention(h, cos, sin, attn, kv_cache), residual)
-        return self.mlp(h), residual
+        a, m = self.attention, self.mlp
+        n1, n2 = self.input_norm, self.post_attention_norm
+        qkv, new_residual = norm_linear(x, n1.weight, n1.eps, a.qkv_proj.weight, a.qkv_proj.bias, residual)
+        residual = x if residual is None else new_residual
+        act, residual = norm_linear(a(qkv, cos, sin, attn, kv_cache), n2.weight, n2.eps, m.gate_up_proj.weight,
+                                    m.gate_up_proj.bias, residual, swiglu=True)
+        return m(act), residual
 
 
 class Decoder(nn.Module):

@@ -1,0 +1,255 @@
+"""The projections of decode steps: a few rows times each weight matrix, whose read is the cost.
+
+Which kernel streams a given matrix fastest depends on its shape and the card. On an H200 at one
+row (benchmarks/linear_variants.py): a GEMV Triton kernel for up to 4 rows (multiply-add along
+K, no padding to a 16-row tile) reaches 3.7-4.35 TB/s on the qkv, o and gate_up projections
+where cuBLAS reaches 0.4-3.9; a tiled kernel (tl.dot on 16-row tiles) serves 5-16 rows of small
+matrices; cuBLAS keeps the tall down projections. So each (rows, shape) is timed once, every way,
+on its first call outside a graph capture (a graph's warm-up run decides), and the fastest
+serves it from then on.
+
+At one row, a kernel launch costs about what reading a small matrix does, so the GEMV kernel can
+also run the op before and after a projection: `norm_linear` computes RMSNorm(x + residual) in
+its prologue (each program recomputes the row norm from L2: a few KB) and, for gate_up, SiLU(gate)
+* up in its epilogue, taking a layer from ten launches to seven. These fused forms are timed
+against the separate kernels like the rest. (On 16-row tiles the same prologue measured slower
+than the separate launch.) Every form rounds where the torch path (`rms_norm_torch`, F.linear,
+`silu_mul_torch`) rounds, so they agree up to the order of float32 sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slipstream.kernels.fused_ops import rms_norm, silu_mul, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs run the torch path
+    triton = None
+
+SMALL_M = 16  # rows up to which the Triton kernels compete
+GEMV_MAX_M = 4  # rows up to which the GEMV kernel competes
+_choice: dict[tuple, tuple[str, int]] = {}  # what a call's key measured fastest: (way, BLOCK_N)
+
+if triton is not None:
+
+    @triton.jit
+    def _tiled_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, 16)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((16, BLOCK_N), tl.float32)
+        n_mask = rn < N
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_mask = kk < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & k_mask[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + kk[:, None],
+                        mask=n_mask[None, :] & k_mask[:, None], other=0.0)  # [BLOCK_K, BLOCK_N] = W^T tile
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        # rounded to the weights' dtype first, as F.linear's output is, whatever y's dtype
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(w_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & n_mask[None, :])
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_rm, stride_rom,
+                     stride_wn, stride_ym, eps, M: tl.constexpr, M_P2: tl.constexpr, NORM: tl.constexpr,
+                     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """y[m, n] = sum_k h[m, k] * w[n, k] for up to 4 rows m, BLOCK_N rows of W streamed along K.
+
+        NORM: h = RMSNorm(x + residual) * nw (x + residual written to ro by program 0), else h = x.
+        SWIGLU: W holds 2N rows (gate, then up); y = SiLU(gate) * up of the two products.
+        """
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        cols = tl.arange(0, M_P2)
+        n_mask = rn < N
+        if NORM:  # the rows' norms, from x + residual rounded as the torch path rounds it
+            ss = tl.zeros((M_P2,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                k_mask = kk < K
+                for m in tl.static_range(M):
+                    v = tl.load(x_ptr + m * stride_xm + kk, mask=k_mask, other=0.0)
+                    if HAS_RES:
+                        v = (v.to(tl.float32) + tl.load(r_ptr + m * stride_rm + kk, mask=k_mask,
+                                                        other=0.0).to(tl.float32)).to(v.dtype)
+                    v = v.to(tl.float32)
+                    ss += tl.where(cols == m, tl.sum(v * v, 0), 0.0)
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+        acc = tl.zeros((BLOCK_N, M_P2), tl.float32)
+        acc_up = tl.zeros((BLOCK_N, M_P2), tl.float32)
+        k_store = tl.where(pid == 0, K, 0)  # one program writes the new residual stream
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_mask = kk < K
+            wp = w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :]
+            wm = n_mask[:, None] & k_mask[None, :]
+            w = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
+            if SWIGLU:
+                w_up = tl.load(wp + N * stride_wn, mask=wm, other=0.0).to(tl.float32)
+            if NORM:
+                nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+            for m in tl.static_range(M):
+                x = tl.load(x_ptr + m * stride_xm + kk, mask=k_mask, other=0.0)
+                if NORM:
+                    if HAS_RES:
+                        x = (x.to(tl.float32) + tl.load(r_ptr + m * stride_rm + kk, mask=k_mask,
+                                                        other=0.0).to(tl.float32)).to(x.dtype)
+                        tl.store(ro_ptr + m * stride_rom + kk, x, mask=kk < k_store)
+                    r_m = tl.sum(tl.where(cols == m, rstd, 0.0), 0)
+                    x = ((x.to(tl.float32) * r_m).to(x.dtype).to(tl.float32) * nw).to(x.dtype)
+                x = x.to(tl.float32)
+                acc += tl.where(cols[None, :] == m, tl.sum(w * x[None, :], 1)[:, None], 0.0)
+                if SWIGLU:
+                    acc_up += tl.where(cols[None, :] == m, tl.sum(w_up * x[None, :], 1)[:, None], 0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            if SWIGLU:
+                acc_up += tl.load(b_ptr + N + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        dtype = w_ptr.dtype.element_ty
+        out = acc.to(dtype)  # the projection's output, rounded as F.linear's
+        if SWIGLU:
+            g = out.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+            out = (act * acc_up.to(dtype).to(tl.float32)).to(dtype)
+        tl.store(y_ptr + cols[None, :] * stride_ym + rn[:, None], out.to(y_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (cols[None, :] < M))
+
+
+def _tiled(x, weight, bias, out_dtype, block_n=0) -> torch.Tensor:
+    M, (N, K) = x.shape[0], weight.shape
+    y = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    block_n = 32 if N >= 4096 else 16
+    _tiled_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=256 if x.element_size() == 2 else 64,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+    return y
+
+
+def _gemv(x, weight, bias, out_dtype, block_n: int = 8, norm_weight=None, eps: float = 0.0, residual=None,
+          swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, x + residual or None): the GEMV kernel, optionally with its norm prologue / SwiGLU epilogue."""
+    M, (N, K) = x.shape[0], weight.shape
+    if M > GEMV_MAX_M:
+        raise ValueError(f"the GEMV kernel takes up to {GEMV_MAX_M} rows, got {M}")
+    if swiglu:
+        N //= 2
+    y = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else None
+    r = residual if residual is not None else x
+    ro = res_out if res_out is not None else x
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, r, norm_weight if norm_weight is not None else weight, ro, weight, bias if bias is not None else weight, y,
+        N, K, x.stride(0), r.stride(0), ro.stride(0), weight.stride(0), y.stride(0), float(eps),
+        M=M, M_P2=triton.next_power_of_2(M), NORM=norm_weight is not None, HAS_RES=residual is not None,
+        SWIGLU=swiglu, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=512, num_warps=4, num_stages=3)
+    return y, res_out
+
+
+def _torch(x, weight, bias, out_dtype, block_n=0) -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+_WAYS = {"cublas": _torch, "tiled": _tiled, "gemv": lambda *a: _gemv(*a)[0]}
+
+
+def linear_candidates(M: int) -> list[tuple[str, int]]:
+    """The (way, BLOCK_N) a projection of M rows is timed with."""
+    ways = [("cublas", 0), ("tiled", 0)]
+    return ways + ([("gemv", 4), ("gemv", 16)] if M <= GEMV_MAX_M else [])
+
+
+def _time_us(fn, reps: int = 20) -> float:
+    """GPU microseconds per call of `fn`, launches queued behind a sleep so that the host's launch
+    cost (larger for a Triton launch than for cuBLAS's) does not count: in a graph it does not."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(2_000_000)  # ~1 ms: longer than enqueueing the calls
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
+
+
+def _fastest(key: tuple, runs: dict, default) -> tuple[str, int]:
+    """The way in `runs` (way -> call) that measured fastest for `key`, timed on first use."""
+    if key not in _choice:
+        if torch.cuda.is_current_stream_capturing():
+            return default  # cannot time inside a capture; graphs run an eager warm-up first, which decides
+        times = {way: min(_time_us(fn) for _ in range(3)) for way, fn in runs.items()}
+        _choice[key] = min(times, key=times.get)
+    return _choice[key]
+
+
+def _serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (use_triton(x) and x.dim() == 2 and 0 < x.shape[0] <= SMALL_M and x.stride(-1) == 1
+            and weight.stride(-1) == 1 and x.dtype == weight.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None, way: tuple[str, int] | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias), optionally cast to `out_dtype` (rounded to the weights'
+    dtype first, as F.linear(...).to(out_dtype) is). Up to 16 rows on GPU, the fastest of
+    `linear_candidates` for the shape serves it (`way` forces one); F.linear serves the rest."""
+    if not _serves(x, weight):
+        return _torch(x, weight, bias, out_dtype)
+    out_dtype = out_dtype or x.dtype
+    M = x.shape[0]
+    if way is None:
+        if x.device.type != "cuda":  # the interpreter: the tests run the kernels
+            way = ("gemv", 8) if M <= GEMV_MAX_M else ("tiled", 0)
+        else:
+            key = ("linear", M, *weight.shape, x.dtype, bias is not None, out_dtype, x.device.index)
+            way = _fastest(key, {w: (lambda w=w: _WAYS[w[0]](x, weight, bias, out_dtype, w[1]))
+                                 for w in linear_candidates(M)}, ("tiled", 0))
+    return _WAYS[way[0]](x, weight, bias, out_dtype, way[1])
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, swiglu: bool = False,
+                way: tuple[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(linear(RMSNorm(x + residual)), x + residual); without `residual` the second is None.
+
+    `swiglu`: `weight` is a fused gate/up projection [2I, K] and the first result is
+    SiLU(gate) * up [M, I]. Up to 4 rows on GPU, one GEMV kernel with the norm in its prologue
+    (and SwiGLU in its epilogue) where that measured faster than the separate kernels; `way`
+    ("fused", BLOCK_N) or ("separate", 0) forces one.
+    """
+    M = x.shape[0]
+    fusable = _serves(x, weight) and M <= GEMV_MAX_M and (residual is None or residual.stride(-1) == 1)
+
+    def separate():
+        h, res = rms_norm(x, norm_weight, eps, residual)
+        y = linear(h, weight, bias)
+        return (silu_mul(y) if swiglu else y), res
+
+    def fused(block_n):
+        return _gemv(x, weight, bias, x.dtype, block_n, norm_weight, eps, residual, swiglu)
+
+    if not fusable:
+        return separate()
+    if way is None:
+        if x.device.type != "cuda":
+            way = ("fused", 8)
+        else:
+            key = ("norm_linear", M, *weight.shape, x.dtype, bias is not None, residual is not None, swiglu,
+                   x.device.index)
+            way = _fastest(key, {("fused", 4): lambda: fused(4), ("fused", 16): lambda: fused(16),
+                                 ("separate", 0): separate}, ("separate", 0))
+    return fused(way[1]) if way[0] == "fused" else separate()
