@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels.fused_ops import rms_norm, silu_mul, use_triton
+from slipstream.kernels.pdl import pdl_kwargs
 
 try:
     import triton
     import triton.language as tl
+    from slipstream.kernels.pdl import pdl_prologue
 except ImportError:  # CPU-only installs run the torch path
     triton = None
 
@@ -38,7 +40,9 @@ if triton is not None:
 
     @triton.jit
     def _tiled_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                      PDL: tl.constexpr):
+        pdl_prologue(PDL)
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, 16)
@@ -63,12 +67,13 @@ if triton is not None:
     def _gemv_kernel(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_rm, stride_rom,
                      stride_wn, stride_ym, eps, M: tl.constexpr, M_P2: tl.constexpr, NORM: tl.constexpr,
                      HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """y[m, n] = sum_k h[m, k] * w[n, k] for up to 4 rows m, BLOCK_N rows of W streamed along K.
 
         NORM: h = RMSNorm(x + residual) * nw (x + residual written to ro by program 0), else h = x.
         SWIGLU: W holds 2N rows (gate, then up); y = SiLU(gate) * up of the two products.
         """
+        pdl_prologue(PDL)
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -134,7 +139,7 @@ def _tiled(x, weight, bias, out_dtype, block_n=0) -> torch.Tensor:
     _tiled_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=256 if x.element_size() == 2 else 64,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3, **pdl_kwargs(x))
     return y
 
 
@@ -154,7 +159,8 @@ def _gemv(x, weight, bias, out_dtype, block_n: int = 8, norm_weight=None, eps: f
         x, r, norm_weight if norm_weight is not None else weight, ro, weight, bias if bias is not None else weight, y,
         N, K, x.stride(0), r.stride(0), ro.stride(0), weight.stride(0), y.stride(0), float(eps),
         M=M, M_P2=triton.next_power_of_2(M), NORM=norm_weight is not None, HAS_RES=residual is not None,
-        SWIGLU=swiglu, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=512, num_warps=4, num_stages=3)
+        SWIGLU=swiglu, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=512, num_warps=4, num_stages=3,
+        **pdl_kwargs(x))
     return y, res_out
 
 

@@ -21,11 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels.attention import triton_interpret
+from slipstream.kernels.pdl import pdl_kwargs
 from slipstream.kernels.reference import store_kv
 
 try:
     import triton
     import triton.language as tl
+
+    from slipstream.kernels.pdl import pdl_prologue
 except ImportError:  # CPU-only installs run the torch path
     triton = None
 
@@ -85,7 +88,8 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro, N, eps,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -122,7 +126,8 @@ if triton is not None:
     def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, qn_ptr, kn_ptr,
                            stride_t, stride_cos, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h, eps,
                            H: tl.constexpr, KVH: tl.constexpr, H_P2: tl.constexpr, KVH_P2: tl.constexpr,
-                           HALF: tl.constexpr, NORM: tl.constexpr):
+                           HALF: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         t = tl.program_id(0).to(tl.int64)
         D: tl.constexpr = 2 * HALF
         cols = tl.arange(0, HALF)
@@ -154,7 +159,8 @@ if triton is not None:
             tl.store(vc + HALF, tl.load(pv + HALF, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N
@@ -182,7 +188,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if T:
         _rms_norm_kernel[(T,)](x, res, weight, out, res_out, x.stride(0), res.stride(0), out.stride(0),
                                res_out.stride(0), N, float(eps), HAS_RES=residual is not None,
-                               BLOCK=triton.next_power_of_2(N), num_warps=4 if N <= 2048 else 8)
+                               BLOCK=triton.next_power_of_2(N), num_warps=4 if N <= 2048 else 8, **pdl_kwargs(x))
     return out, (res_out if residual is not None else None)
 
 
@@ -211,7 +217,7 @@ def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_h
             qkv, cos, sin, slot_mapping, kc, vc, q_norm if norm else cos, k_norm if norm else cos,
             qkv.stride(0), cos.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), float(eps),
             H=num_heads, KVH=num_kv_heads, H_P2=triton.next_power_of_2(num_heads),
-            KVH_P2=triton.next_power_of_2(num_kv_heads), HALF=D // 2, NORM=norm, num_warps=4)
+            KVH_P2=triton.next_power_of_2(num_kv_heads), HALF=D // 2, NORM=norm, num_warps=4, **pdl_kwargs(qkv))
     return qkv[:, : num_heads * D].view(T, num_heads, D)
 
 
@@ -225,5 +231,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if T:
         block = min(1024, triton.next_power_of_2(N))
         _silu_mul_kernel[(T, triton.cdiv(N, block))](gate_up, out, gate_up.stride(0), out.stride(0), N, BLOCK=block,
-                                                     num_warps=4)
+                                                     num_warps=4, **pdl_kwargs(gate_up))
     return out

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels.attention import DECODE_BLOCK_N, MAX_DECODE_Q_LEN
+from slipstream.kernels.pdl import pdl_kwargs, pdl_prologue
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -78,7 +79,9 @@ def _decode_kernel(
     SKIP: tl.constexpr,
     COUNT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -160,7 +163,9 @@ def _combine_splits_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     sp = tl.arange(0, SPLITS_P2)
@@ -280,12 +285,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         NUM_SPLITS=num_splits, MIN_TILES=min_tiles_per_split,
         SKIP=skip_scale > 0, COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q),
     )
     if num_splits > 1:
         _combine_splits_kernel[(T, H)](
             m_part, l_part, acc_part, out, out.stride(0), out.stride(1), H,
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=D,
-            num_warps=4 if D >= 128 else 2,
+            num_warps=4 if D >= 128 else 2, **pdl_kwargs(q),
         )
     return out

@@ -15,12 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
+from slipstream.kernels.pdl import pdl_kwargs, pdl_prologue
+
 
 @triton.jit
 def _sample_partial_kernel(logits_ptr, temp_ptr, part_ptr, stride, V, CHUNK, seed, seed_ptr, C: tl.constexpr,
-                           BLOCK: tl.constexpr, SEED_FROM_PTR: tl.constexpr):
+                           BLOCK: tl.constexpr, SEED_FROM_PTR: tl.constexpr, PDL: tl.constexpr):
     """Program (row, c) scans tokens [c * CHUNK, (c + 1) * CHUNK): its max and sum of exp of
     logits / T, and its best Gumbel-perturbed token, into part[row, :, c]."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     if SEED_FROM_PTR:  # a CUDA graph replays the launch: the seed must come from memory
@@ -58,7 +61,8 @@ def _sample_partial_kernel(logits_ptr, temp_ptr, part_ptr, stride, V, CHUNK, see
 
 
 @triton.jit
-def _sample_reduce_kernel(logits_ptr, temp_ptr, part_ptr, tok_ptr, lp_ptr, stride, C: tl.constexpr):
+def _sample_reduce_kernel(logits_ptr, temp_ptr, part_ptr, tok_ptr, lp_ptr, stride, C: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(temp_ptr + row).to(tl.float32)
     inv_t = tl.where(t <= 0.0, 1.0, 1.0 / tl.where(t <= 0.0, 1.0, t))
@@ -107,6 +111,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor,
         from_ptr = isinstance(seed, torch.Tensor)
         _sample_partial_kernel[(N, C)](logits, temperature, part, logits.stride(0), V, chunk,
                                        0 if from_ptr else seed % (2**31 - 1), seed if from_ptr else tokens,
-                                       C=C, BLOCK=block, SEED_FROM_PTR=from_ptr, num_warps=4)
-        _sample_reduce_kernel[(N,)](logits, temperature, part, tokens, logprobs, logits.stride(0), C=C, num_warps=1)
+                                       C=C, BLOCK=block, SEED_FROM_PTR=from_ptr, num_warps=4, **pdl_kwargs(logits))
+        _sample_reduce_kernel[(N,)](logits, temperature, part, tokens, logprobs, logits.stride(0), C=C, num_warps=1,
+                                    **pdl_kwargs(logits))
     return tokens, logprobs
