@@ -126,6 +126,20 @@ def time_prefill(model, decoder, prompts: torch.Tensor) -> tuple[float, float]:
     return times[0], times[1]
 
 
+def write_results(out: str, bw: float, rows: list, prefill_rows: list) -> None:
+    # The GPU machine gets a copy of the tree without .git: SLIPSTREAM_COMMIT names the commit there.
+    commit = os.environ.get("SLIPSTREAM_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import transformers
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bw, "torch": torch.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__, "commit": commit or None,
+            "pdl": os.environ.get("SLIPSTREAM_PDL", "1") != "0"}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"meta": meta, "rows": rows, "prefill": prefill_rows}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm2", help="HF directory of SmolLM2-135M-Instruct (real weights)")
@@ -189,16 +203,7 @@ def main() -> None:
               f"({sdpa / ours:.2f}x)", flush=True)
         del model, decoder
         torch.cuda.empty_cache()
-    # The GPU machine gets a copy of the tree without .git: SLIPSTREAM_COMMIT names the commit there.
-    commit = os.environ.get("SLIPSTREAM_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import transformers
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bw, "torch": torch.__version__,
-            "triton": triton.__version__, "transformers": transformers.__version__, "commit": commit or None}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "prefill": prefill_rows}, indent=2))
+        write_results(args.out, bw, rows, prefill_rows)  # after every model: a cut-off run keeps its rows
     print(f"wrote {args.out}")
 
 
