@@ -123,7 +123,16 @@ def init_distributed(device_name: str, timeout_s: float, need_group: bool) -> Di
 
 
 def shutdown_distributed() -> None:
+    """Leave the job together: a barrier, then every process group destroyed.
+
+    The barrier keeps a rank from tearing down its connections while a peer still has a
+    collective in flight, so the ranks leave at the same point instead of the first one
+    finalizing its interpreter while the others still talk to it. (gloo's worker threads may
+    still outlive this call: the backends' wrappers keep references to the groups.)
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

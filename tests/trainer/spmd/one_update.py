@@ -1,10 +1,18 @@
 """One actor update and one critic update on a fixed batch, on any backend and number of ranks.
 
 Run alone (`python one_update.py BACKEND OUT`) or under torchrun; every rank takes its share of
-the same global batch (whole groups), and rank 0 writes the loss, gradient norms and the full
-parameters after the update to OUT, for comparison with the single-process run.
+the same global batch (whole groups), and every rank writes the loss, gradient norms and the full
+parameters after the update to OUT.RANK, for comparison with the single-process run and with each
+other. A rank that stops before its file is written fails the comparison.
+
+After writing, the ranks leave the job together (shutdown_distributed) and end with os._exit.
+On a loaded 2-core CPU a ZeRO-2 rank aborted now and then after its step ("terminate called
+without an active exception": a native thread torn down while it runs); gloo's worker threads
+outlive destroy_process_group (the backends keep references to the groups), so the ranks do not
+leave them to the interpreter's finalization.
 """
 
+import os
 import sys
 
 import torch
@@ -71,12 +79,13 @@ def main(kind: str, out: str) -> None:
     gathered_adv = torch.cat(ctx.all_gather(adv))
     gathered_gae = torch.cat([t.flatten() for t in ctx.all_gather(torch.nn.functional.pad(
         gae_adv, (0, 8 - gae_adv.shape[1])))])
-    if ctx.is_main:
-        torch.save({"initial": initial, "metrics": metrics, "critic_metrics": cmetrics, "actor": actor_params,
-                    "critic": critic_params,
-                    "advantages": gathered_adv, "gae": gathered_gae}, out)
+    torch.save({"initial": initial, "metrics": metrics, "critic_metrics": cmetrics, "actor": actor_params,
+                "critic": critic_params, "advantages": gathered_adv, "gae": gathered_gae}, f"{out}.{ctx.rank}")
     shutdown_distributed()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
