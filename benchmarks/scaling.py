@@ -1,31 +1,51 @@
 """Weak scaling of the SPMD RL step: 1, 2, 4 ranks, per training backend, per model.
 
-    python benchmarks/scaling.py --commit $(git rev-parse HEAD)                     # GPUs: 1,2,4 x fsdp2,deepspeed
-    python benchmarks/scaling.py --models smollm2 --backends fsdp2 --gpus 1,2 --steps 4
-    python benchmarks/scaling.py --device cpu --models tiny --gpus 1,2 --steps 3     # a dry run with gloo
+On the 4-GPU machine (from the repository root; no network and no .git needed; hydra-core and
+omegaconf on PYTHONPATH, e.g. `export PYTHONPATH=/tmp/site`; SmolLM2 converted to /tmp/smollm2-hf):
+
+    python3 benchmarks/scaling.py --models smollm2,qwen1.5b --backends fsdp2 --gpus 1,2,4 --steps 4 \\
+        --smollm2 /tmp/smollm2-hf --commit SHA
+
+    (about 6 runs of 1-1.5 minutes each; add `deepspeed` to --backends where deepspeed is installed)
+
+A dry run on the CPU (gloo, any machine):
+
+    python benchmarks/scaling.py --device cpu --models tiny,qwen-tiny --gpus 1,2 --steps 2 --out /tmp/scaling.json
 
 Each configuration is one `torchrun --nproc_per_node=N -m slipstream.train` run of a recipe with
 the per-rank batch held constant (`trainer.prompts_per_step = prompts_per_rank * N`: weak
-scaling), checkpoints and evaluation off. From the run's metrics.jsonl, averaged over the steps
-after the first (warm-up: allocation, first compilation), it reports the step time, rollout
-tokens/s per GPU (generated tokens over the slowest rank's rollout time), training tokens/s per
-GPU (prompt + response tokens through forward and backward over the slowest rank's update time)
-and the weight sync time into the engine. Efficiency is the per-GPU throughput at N ranks over
-the one at 1 rank of the same backend and model (target >= 0.85 at 4).
+scaling; by default 16 prompts x 8 samples x up to 256 tokens per rank), evaluation off, under a
+per-configuration timeout (`--timeout`; the whole process group is killed when it runs out). From
+the run's metrics.jsonl, averaged over the steps after the first (warm-up: allocation, CUDA graph
+capture, kernel compilation), it reports the step time, rollout tokens/s per GPU (generated tokens
+over the slowest rank's rollout time), training tokens/s per GPU (prompt + response tokens through
+forward and backward over the slowest rank's update time) and the time of the weight sync into
+the rollout engine (every rank gathers the full weights and loads them into its engine). Efficiency
+is the per-GPU throughput at N ranks over the one at 1 rank of the same backend and model (target
+>= 0.85 at 4 GPUs; weight sync < 1 s for 1.5B).
 
-Models: `smollm2` (the smollm2-gpu recipe on SmolLM2-135M-Instruct), `qwen1.5b` (random weights in
-the shape of Qwen2.5-1.5B with a byte tokenizer: responses run to max_tokens, so every rank
-generates the same number of tokens), `tiny` (the smoke recipe's model, for dry runs). Writes
-benchmarks/results/scaling.json (or --out) with the device, versions and commit; the GPU machine
-has no .git, so pass --commit.
+Models: `smollm2` (the smollm2-gpu recipe on SmolLM2-135M-Instruct, from `--smollm2 DIR` or the
+model registry), `qwen1.5b` (random bf16 weights in the shape of Qwen2.5-1.5B with a byte
+tokenizer, built once into the work directory: responses run to max_tokens, so every rank
+generates the same number of tokens), `tiny` and `qwen-tiny` (the smoke recipe's model and a
+Qwen2-architecture model of the same size, for dry runs).
+
+The JSON (`--out`, default benchmarks/results/scaling.json) is rewritten after every
+configuration, so a run cut short keeps what it measured; a configuration that fails or times out
+keeps its log tail and any steps it logged. The deepspeed backend is skipped, with a message, where
+deepspeed cannot be imported. Each run's log is in the work directory (`--workdir`, default a
+temporary directory); run checkpoints are deleted after each configuration (a 1.5B model's
+optimizer state is 18 GB).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,45 +57,75 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# name -> (recipe, extra overrides); `{model_dir}` is filled for models built by this script.
-# The KV cache holds a rank's whole batch (no preemption noise in the rollout time).
+PER_RANK = ["rollout.max_tokens=256", "rollout.n=8"]
+# name -> (recipe, extra overrides); `{model_dir}` is filled for models built by this script and
+# for `--smollm2`. The KV cache holds a rank's whole batch (no preemption noise in the rollout time).
 MODELS = {
-    "smollm2": ("smollm2-gpu", ["rollout.max_tokens=256", "rollout.n=8", "rollout.kv_cache_gb=8"]),
-    "qwen1.5b": ("smollm2-gpu", ["model.name={model_dir}", "rollout.max_tokens=256", "rollout.n=8",
-                                 "rollout.kv_cache_gb=8", "trainer.micro_batch_size=16",
-                                 "model.gradient_checkpointing=true"]),
+    "smollm2": ("smollm2-gpu", ["model.name={model_dir}", *PER_RANK, "rollout.kv_cache_gb=8"]),
+    "qwen1.5b": ("smollm2-gpu", ["model.name={model_dir}", *PER_RANK, "rollout.kv_cache_gb=8",
+                                 "trainer.micro_batch_size=16", "model.gradient_checkpointing=true"]),
     "tiny": ("smoke", ["rollout.max_tokens=16"]),
+    "qwen-tiny": ("smoke", ["model.name={model_dir}", "rollout.max_tokens=16"]),
 }
-# Qwen2.5-1.5B: hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings
-QWEN_1_5B = (1536, 28, 12, 2, 8960, 151936, True)
+# hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings
+QWEN_SHAPES = {
+    "qwen1.5b": (1536, 28, 12, 2, 8960, 151936, True),  # Qwen2.5-1.5B
+    "qwen-tiny": (64, 2, 4, 2, 128, 1024, True),
+}
 
 KEYS = {"step_s": "time/step", "rollout_tokens_per_s_per_gpu": "throughput/rollout_tokens_per_s_per_gpu",
         "train_tokens_per_s_per_gpu": "throughput/train_tokens_per_s_per_gpu", "sync_s": "time/sync",
         "rollout_s": "time/rollout", "update_s": "time/update"}
+NEEDED = ["torch", "transformers", "safetensors", "omegaconf", "hydra"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     names = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--gpus", type=ints, default=[1, 2, 4], help="ranks per run (one GPU each)")
     p.add_argument("--backends", type=names, default=["fsdp2", "deepspeed"], help="fsdp2, deepspeed")
     p.add_argument("--zero-stage", type=int, default=2, help="deepspeed ZeRO stage")
     p.add_argument("--models", type=names, default=["smollm2", "qwen1.5b"], help=", ".join(MODELS))
+    p.add_argument("--smollm2", default=None, metavar="DIR",
+                   help="SmolLM2-135M-Instruct as a transformers directory (default: the registered model, "
+                        "pulled on first use)")
     p.add_argument("--prompts-per-rank", type=int, default=16, help="prompts (GRPO groups) per rank and step")
     p.add_argument("--steps", type=int, default=4, help="RL steps per run; the first is warm-up")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo, for a dry run")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
     p.add_argument("--commit", default=os.environ.get("SLIPSTREAM_COMMIT"), help="commit being measured")
-    p.add_argument("--workdir", default=None, help="run directories and built models (default: a temp dir)")
+    p.add_argument("--workdir", default=None, help="run directories, logs and built models (default: a temp dir)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     p.add_argument("overrides", nargs="*", help="extra hydra overrides for every run")
     return p.parse_args(argv)
 
 
-def build_qwen_shape(path: Path) -> Path:
-    """Random bf16 weights in Qwen2.5-1.5B's shape and the byte tokenizer, as a model directory."""
+def child_env() -> dict:
+    """The runs import slipstream from this checkout, before whatever PYTHONPATH already holds."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{path}" if path else str(ROOT), PYTHONUNBUFFERED="1")
+
+
+def missing_modules() -> list[str]:
+    import importlib.util
+
+    return [m for m in NEEDED if importlib.util.find_spec(m) is None]
+
+
+def deepspeed_problem() -> str | None:
+    """Why the deepspeed backend cannot run here (None: it can). Imported in a child process:
+    importing deepspeed probes the machine, and a broken install fails there, not here."""
+    p = subprocess.run([sys.executable, "-c", "import deepspeed"], env=child_env(), capture_output=True, text=True)
+    if p.returncode == 0:
+        return None
+    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"import deepspeed exited with {p.returncode}"
+
+
+def build_qwen_shape(path: Path, shape: tuple, device: str) -> Path:
+    """Random bf16 weights in a Qwen2 shape and the byte tokenizer, as a model directory (built once)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -83,16 +133,32 @@ def build_qwen_shape(path: Path) -> Path:
 
     if (path / "config.json").is_file():
         return path
-    h, layers, heads, kv, inter, vocab, tied = QWEN_1_5B
+    t0 = time.perf_counter()
+    h, layers, heads, kv, inter, vocab, tied = shape
     cfg = Qwen2Config(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                       intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied,
                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    # initialised on the GPU where there is one (seconds instead of a minute for 1.5B), in bf16
+    init_device = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(init_device):
+            model = Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    n = sum(p.numel() for p in model.parameters())
     tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     build_tiny_tokenizer().save_pretrained(tmp)
     os.replace(tmp, path)
+    del model
+    if init_device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"built {path.name}: {n / 1e9:.2f}B parameters (random, bf16) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
     return path
 
 
@@ -102,45 +168,94 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_one(model: str, backend: str, n: int, args, workdir: Path) -> dict:
+def _kill_group(proc: subprocess.Popen) -> None:
+    """torchrun and its ranks (one process group): SIGTERM, then SIGKILL after 15 s."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _read_steps(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by the kill
+            pass
+    return [r for r in rows if r.get("step", 0) >= 1 and "time/step" in r]
+
+
+def summarize(row: dict, steps: list[dict]) -> None:
+    """Means over the measured steps (after the first, warm-up, when there are more)."""
+    measured = [r for r in steps if r["step"] >= 2] or steps
+    row["steps_logged"] = len(steps)
+    row["steps_measured"] = len(measured)
+    if not measured:
+        return
+    for out_key, key in KEYS.items():
+        row[out_key] = sum(r[key] for r in measured) / len(measured)
+    row["sync_max_s"] = max(r["time/sync"] for r in measured)
+    row["response_length"] = sum(r["response_length/mean"] for r in measured) / len(measured)
+    row["tokens_generated_per_step"] = sum(r["tokens/generated"] for r in measured) / len(measured)
+
+
+def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: dict) -> dict:
     recipe, extra = MODELS[model]
-    model_dir = build_qwen_shape(workdir / "qwen1.5b-shape") if model == "qwen1.5b" else None
     run_dir = workdir / f"{model}-{backend}-{n}"
+    log = workdir / f"{model}-{backend}-{n}.log"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"recipe={recipe}", f"trainer.backend={backend}", f"trainer.zero_stage={args.zero_stage}",
                  f"trainer.device={args.device}", f"trainer.run_dir={run_dir}", f"trainer.steps={args.steps}",
                  f"trainer.prompts_per_step={args.prompts_per_rank * n}", "trainer.save_every=0",
                  "trainer.eval_every=0", "task.num_eval=0", "trainer.resume=never", "logger.wandb=false",
                  "logger.progress=false", "rollout=native",
-                 *(o.format(model_dir=model_dir) for o in extra), *args.overrides]
+                 *(o.format(model_dir=model_dirs.get(model)) for o in extra), *args.overrides]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
            "-m", "slipstream.train", *overrides]
-    print(f"== {model} {backend} x{n}: {' '.join(overrides)}", flush=True)
+    print(f"== {model} {backend} x{n} (log: {log})\n   {' '.join(overrides)}", flush=True)
+    row = {"model": model, "backend": backend, "gpus": n, "prompts_per_step": args.prompts_per_rank * n,
+           "log": str(log)}
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    row = {"model": model, "backend": backend, "gpus": n, "wall_s": time.perf_counter() - t0,
-           "prompts_per_step": args.prompts_per_rank * n}
-    if p.returncode != 0:
-        row["error"] = (p.stdout[-2000:] + p.stderr[-4000:]).strip()
-        print(f"   failed (exit {p.returncode}):\n{row['error'][-1500:]}", flush=True)
-        return row
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    measured = [r for r in steps if r["step"] >= 2] or [r for r in steps if r["step"] >= 1]
-    for out_key, key in KEYS.items():
-        row[out_key] = sum(r[key] for r in measured) / len(measured)
-    row["response_length"] = sum(r["response_length/mean"] for r in measured) / len(measured)
-    row["steps_measured"] = len(measured)
-    print("   " + ", ".join(f"{k} {row[k]:.4g}" for k in KEYS), flush=True)
+    with open(log, "w") as out:
+        # its own session: on timeout the whole group (torchrun and every rank) is killed
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=child_env(),
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            code = None
+    row["wall_s"] = time.perf_counter() - t0
+    summarize(row, _read_steps(run_dir))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if code != 0:
+        tail = log.read_text(errors="replace")[-4000:].strip()
+        row["error"] = f"timed out after {args.timeout:.0f} s" if code is None else f"exit code {code}"
+        row["log_tail"] = tail
+        print(f"   {row['error']} ({row['steps_logged']} of {args.steps} steps logged); log tail:\n"
+              + "\n".join("   | " + line for line in tail.splitlines()[-25:]), flush=True)
+    if row.get("steps_measured"):
+        print("   " + ", ".join(f"{k} {row[k]:.4g}" for k in (*KEYS, "sync_max_s")) + f", wall {row['wall_s']:.0f} s",
+              flush=True)
     return row
 
 
 def add_efficiency(rows: list[dict]) -> None:
     """Per-GPU throughput at N ranks over that at 1 rank of the same model and backend."""
-    base = {(r["model"], r["backend"]): r for r in rows if r["gpus"] == 1 and "error" not in r}
+    base = {(r["model"], r["backend"]): r for r in rows if r["gpus"] == 1 and "step_s" in r and "error" not in r}
     for r in rows:
         b = base.get((r["model"], r["backend"]))
-        if b is None or "error" in r:
+        if b is None or "step_s" not in r:
             continue
         for key in ("rollout_tokens_per_s_per_gpu", "train_tokens_per_s_per_gpu"):
             r[f"{key}_efficiency"] = r[key] / b[key]
@@ -148,18 +263,19 @@ def add_efficiency(rows: list[dict]) -> None:
         r["step_efficiency"] = b["step_s"] / r["step_s"]
 
 
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment(device: str, commit: str | None) -> dict:
     import torch
-    import transformers
 
-    meta = {"torch": torch.__version__, "transformers": transformers.__version__, "commit": commit,
-            "python": sys.version.split()[0], "cpus": os.cpu_count()}
-    try:
-        import deepspeed
-
-        meta["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        meta["deepspeed"] = None
+    meta = {"torch": torch.__version__, "transformers": _version("transformers"), "triton": _version("triton"),
+            "deepspeed": _version("deepspeed"), "commit": commit, "python": sys.version.split()[0],
+            "cpus": os.cpu_count()}
     if device == "cuda":
         meta["device"] = torch.cuda.get_device_name()
         meta["gpus_visible"] = torch.cuda.device_count()
@@ -168,11 +284,52 @@ def environment(device: str, commit: str | None) -> dict:
     return meta
 
 
+def table(rows: list[dict]) -> str:
+    head = (f"{'model':10s} {'backend':9s} {'gpus':>4s} {'step s':>8s} {'rollout tok/s/gpu':>17s} "
+            f"{'train tok/s/gpu':>15s} {'sync s':>7s} {'eff rollout':>11s} {'eff train':>9s} {'eff step':>8s}")
+    lines = [head]
+    for r in rows:
+        lead = f"{r['model']:10s} {r['backend']:9s} {r['gpus']:4d}"
+        if "skipped" in r:
+            lines.append(f"{lead} skipped: {r['skipped']}")
+            continue
+        if "step_s" not in r:
+            lines.append(f"{lead} failed: {r.get('error', 'no step logged')}")
+            continue
+
+        def eff(key):
+            return f"{r[key]:.2f}" if key in r else "-"
+
+        note = f"  ({r['error']}, {r['steps_measured']} steps)" if "error" in r else ""
+        lines.append(f"{lead} {r['step_s']:8.3f} {r['rollout_tokens_per_s_per_gpu']:17.1f} "
+                     f"{r['train_tokens_per_s_per_gpu']:15.1f} {r['sync_s']:7.3f} "
+                     f"{eff('rollout_tokens_per_s_per_gpu_efficiency'):>11s} "
+                     f"{eff('train_tokens_per_s_per_gpu_efficiency'):>9s} {eff('step_efficiency'):>8s}{note}")
+    return "\n".join(lines)
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    add_efficiency(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    bad = sorted(set(args.backends) - {"fsdp2", "deepspeed"})
+    if bad:
+        raise SystemExit(f"unknown backend(s) {bad}; choose from fsdp2, deepspeed")
+    missing = missing_modules()
+    if missing:
+        raise SystemExit(f"missing Python packages: {', '.join(missing)} (hydra = hydra-core); put them on "
+                         f"PYTHONPATH or pip install them")
+    if args.smollm2 is not None and not (Path(args.smollm2) / "config.json").is_file():
+        raise SystemExit(f"--smollm2 {args.smollm2}: not a transformers model directory (no config.json)")
     if args.device == "cuda":
         import torch
 
@@ -180,27 +337,34 @@ def main(argv=None) -> int:
             raise SystemExit(f"--gpus up to {max(args.gpus)} needs that many CUDA devices "
                              f"(visible: {torch.cuda.device_count() if torch.cuda.is_available() else 0}); "
                              f"--device cpu for a dry run")
+    skip = {}
+    if "deepspeed" in args.backends:
+        why = deepspeed_problem()
+        if why is not None:
+            skip["deepspeed"] = f"deepspeed cannot be imported here ({why})"
+            print(f"NOTE: skipping the deepspeed backend: {skip['deepspeed']}; the other backends still run",
+                  flush=True)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="slipstream-scaling-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = [run_one(m, b, n, args, workdir) for m in args.models for b in args.backends for n in args.gpus]
-    add_efficiency(rows)
-    result = {"meta": {**environment(args.device, args.commit), "prompts_per_rank": args.prompts_per_rank,
-                       "steps": args.steps, "zero_stage": args.zero_stage, "overrides": args.overrides},
-              "rows": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'model':10s} {'backend':10s} {'gpus':>4s} {'step s':>8s} {'rollout tok/s/gpu':>18s} "
-          f"{'train tok/s/gpu':>16s} {'sync s':>7s} {'eff':>6s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['model']:10s} {r['backend']:10s} {r['gpus']:4d} failed")
-            continue
-        eff = r.get("rollout_tokens_per_s_per_gpu_efficiency", float("nan"))
-        print(f"{r['model']:10s} {r['backend']:10s} {r['gpus']:4d} {r['step_s']:8.3f} "
-              f"{r['rollout_tokens_per_s_per_gpu']:18.1f} {r['train_tokens_per_s_per_gpu']:16.1f} "
-              f"{r['sync_s']:7.3f} {eff:6.2f}")
-    print(f"wrote {out}")
+    meta = {**environment(args.device, args.commit), "prompts_per_rank": args.prompts_per_rank,
+            "steps": args.steps, "zero_stage": args.zero_stage, "timeout_s": args.timeout,
+            "overrides": args.overrides, "argv": sys.argv[1:] if argv is None else list(argv)}
+    model_dirs = {"smollm2": args.smollm2 or "smollm2-135m-instruct"}
+    for m in args.models:
+        if m in QWEN_SHAPES:
+            model_dirs[m] = str(build_qwen_shape(workdir / f"{m}-shape", QWEN_SHAPES[m], args.device))
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    for m in args.models:
+        for b in args.backends:
+            for n in args.gpus:
+                if b in skip:
+                    rows.append({"model": m, "backend": b, "gpus": n, "skipped": skip[b]})
+                else:
+                    rows.append(run_one(m, b, n, args, workdir, model_dirs))
+                write(out, meta, rows)  # after every configuration: a cut-short run keeps what it measured
+    print(f"\n{table(rows)}\n\nwrote {out} ({time.perf_counter() - t_start:.0f} s of runs; logs in {workdir})")
     return 0 if all("error" not in r for r in rows) else 1
 
 
