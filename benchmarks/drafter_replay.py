@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks.longtail import commit_of  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,14 +65,6 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available (use --device cpu for a small check)")
     return args
-
-
-def commit_of(arg: str | None) -> str | None:
-    # The GPU machine gets a copy of the tree without .git: --commit or SLIPSTREAM_COMMIT names it.
-    if arg or os.environ.get("SLIPSTREAM_COMMIT"):
-        return arg or os.environ["SLIPSTREAM_COMMIT"]
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return out.stdout.strip() or None
 
 
 class Recorder:

@@ -15,6 +15,8 @@ from slipstream.rollout.spec.policy import PolicyConfig
 from slipstream.rollout.spec.speculator import SpecConfig
 from slipstream.rollout.types import Request, SamplingParams
 
+from tests.chi_square import chi_square_p
+
 # Drafts at any batch size; arms (draft lengths, sources) drawn at random, seeded, not by timing.
 ALWAYS_EXPLORE = PolicyConfig(min_batch_for_off=10**6, draft_lens=(2, 4, 6), epsilon=1.0,
                               max_step_draft_tokens=10**6)
@@ -138,21 +140,6 @@ def _continuation_probs(decoder: Decoder, params: SamplingParams) -> torch.Tenso
     return probs
 
 
-def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square p-value, cells expected below 5 counts pooled."""
-    counts = counts.double()
-    if counts[probs == 0].sum() > 0:
-        return 0.0
-    expected = probs * counts.sum()
-    big = expected >= 5
-    observed = torch.cat([counts[big], counts[~big].sum()[None]])
-    expected = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = expected > 0
-    stat = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
-
-
 @pytest.mark.parametrize("params", [SamplingParams(n=600, temperature=1.0, max_tokens=LENGTH),
                                     SamplingParams(n=600, temperature=0.7, top_p=0.9, max_tokens=LENGTH)])
 def test_sampled_sequences_follow_the_target_with_the_drafters_q(params):
@@ -176,11 +163,11 @@ def test_sampled_sequences_follow_the_target_with_the_drafters_q(params):
         accepted += m.get("spec/accepted_tokens", 0)
         drafted += m.get("spec/drafter/drafted_tokens", 0)
     assert drafted > 1000 and 0.1 * drafted < accepted < 0.9 * drafted  # real accepts and real rejections
-    assert _chi_square_p(counts, exact) > 1e-3
+    assert chi_square_p(counts, exact) > 1e-3
     # The test has power: a slightly different temperature is rejected.
     with torch.inference_mode():
         other = _continuation_probs(decoder, SamplingParams(temperature=params.temperature * 1.25, top_p=params.top_p))
-    assert _chi_square_p(counts, other) < 1e-4
+    assert chi_square_p(counts, other) < 1e-4
 
 
 def test_a_rollout_without_history_feeds_no_training_data(tiny_model):

@@ -14,6 +14,8 @@ from slipstream.models.decoder import Decoder, DecoderConfig
 from slipstream.rollout.sampler import shape_logits
 from slipstream.rollout.spec.verify import verify_drafts
 
+from tests.chi_square import chi_square_p
+
 V, H, K, LENGTH = 6, 16, 3, 3
 PROMPT = (2, 4)  # generation continues after token 4
 CONFIGS = [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 3)]
@@ -45,21 +47,6 @@ def _sequence_probs(table: torch.Tensor) -> torch.Tensor:
     for _ in range(LENGTH - 1):
         probs = (probs[:, None] * table[torch.arange(probs.shape[0]) % V]).reshape(-1)
     return probs
-
-
-def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square p-value, pooling cells expected below 5 counts."""
-    counts = counts.double()
-    if counts[probs == 0].sum() > 0:
-        return 0.0
-    expected = probs * counts.sum()
-    big = expected >= 5
-    observed = torch.cat([counts[big], counts[~big].sum()[None]])
-    expected = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = expected > 0
-    stat = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
-    dof = torch.tensor(float(keep.sum() - 1), dtype=torch.float64)
-    return float(torch.special.gammaincc(dof / 2, stat / 2))
 
 
 def _context(tokens: torch.Tensor, count: torch.Tensor, embed: torch.Tensor) -> DraftContext:
@@ -127,10 +114,10 @@ def test_drafter_distributions_verify_to_the_target_distribution(setup):
     for i, (t, p, k) in enumerate(CONFIGS):
         counts = torch.bincount(codes[i * ROWS:(i + 1) * ROWS], minlength=V ** LENGTH)
         table = _table(head, embed, t, p, k)
-        assert _chi_square_p(counts, _sequence_probs(table)) > 1e-3, (t, p, k)
+        assert chi_square_p(counts, _sequence_probs(table)) > 1e-3, (t, p, k)
         # Power: a 5% leak of the uniform distribution into every step is rejected.
         leaky = 0.95 * table + 0.05 / V
-        assert _chi_square_p(counts, _sequence_probs(leaky)) < 1e-6, (t, p, k)
+        assert chi_square_p(counts, _sequence_probs(leaky)) < 1e-6, (t, p, k)
 
 
 def test_greedy_rows_emit_the_targets_greedy_chain(setup):

@@ -5,14 +5,7 @@ import torch
 
 from slipstream.rollout.sampler import sample, shape_logits
 
-
-def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """p-value of Pearson's chi-square test of `counts` against `probs` (bins with p > 0)."""
-    keep = probs > 0
-    observed, expected = counts[keep].double(), probs[keep].double() * counts.sum()
-    stat = ((observed - expected) ** 2 / expected).sum()
-    dof = torch.tensor(float(keep.sum() - 1), dtype=torch.float64)
-    return float(torch.special.gammaincc(dof / 2, stat / 2))  # chi-square survival function
+from tests.chi_square import chi_square_p
 
 
 def _target(logits, t, p, k):
@@ -42,9 +35,9 @@ def test_empirical_frequencies_match_the_target_distribution(t, p, k):
     tokens, logprobs = sample(rows, torch.full((N,), t), torch.full((N,), p), torch.full((N,), k), generator=gen)
     counts = torch.bincount(tokens, minlength=8)
     assert counts[target == 0].sum() == 0  # truncated tokens are never drawn
-    assert _chi_square_p(counts, target) > 1e-3
+    assert chi_square_p(counts, target) > 1e-3
     if (t, p, k) != (1.0, 1.0, 0):  # the test has the power to tell the plain softmax apart
-        assert _chi_square_p(counts, logits.softmax(-1)) < 1e-6
+        assert chi_square_p(counts, logits.softmax(-1)) < 1e-6
     assert torch.allclose(logprobs, target[tokens].log(), atol=1e-5)  # logprob of the sampling distribution
 
 

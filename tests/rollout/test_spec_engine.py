@@ -17,6 +17,8 @@ from slipstream.rollout.spec.policy import PolicyConfig
 from slipstream.rollout.spec.speculator import SpecConfig, Speculator
 from slipstream.rollout.types import Request, SamplingParams
 
+from tests.chi_square import chi_square_p
+
 SMALL_VOCAB = 4
 EOS = 0
 
@@ -111,25 +113,14 @@ def plausible_drafts(after: dict[tuple, list], seed: int):
     return draft
 
 
-def _chi_square_p(counts: Counter, probs: dict[tuple, float], per_prompt: int, min_expected: float = 5.0) -> float:
-    """p-value of Pearson's goodness-of-fit test of `counts` against `probs` (per_prompt samples
-    of each prompt), cells expected fewer than `min_expected` times pooled into one."""
+def _sequences_p(counts: Counter, probs: dict[tuple, float]) -> float:
+    """chi_square_p of the sampled (prompt, continuation) counts against their exact probabilities
+    (each prompt sampled equally often); 0 when a sequence of probability zero was drawn."""
     if not set(counts) <= set(probs):
-        return 0.0  # a sequence of probability zero was drawn
-    cells, pooled = [], [0.0, 0.0]
-    for key, p in probs.items():
-        expected = per_prompt * p
-        if expected >= min_expected:
-            cells.append((counts[key], expected))
-        else:
-            pooled[0] += counts[key]
-            pooled[1] += expected
-    if pooled[1] > 0:
-        cells.append(tuple(pooled))
-    stat = sum((x - e) ** 2 / e for x, e in cells)
-    df = len(cells) - len(PROMPTS_SMALL)
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
+        return 0.0
+    keys = list(probs)
+    return chi_square_p(torch.tensor([counts[k] for k in keys], dtype=torch.float64),
+                        torch.tensor([probs[k] for k in keys], dtype=torch.float64), groups=len(PROMPTS_SMALL))
 
 
 @pytest.mark.parametrize("params", [SamplingParams(n=2000, temperature=1.0, max_tokens=4, seed=1),
@@ -145,11 +136,11 @@ def test_speculation_keeps_the_distribution_of_sequences(params):
     m = spec_engine.rollout_metrics()
     assert m["spec/drafted_tokens"] > m["spec/accepted_tokens"] > 0.1 * m["spec/drafted_tokens"]
     assert sum(1 for p in exact.values() if p * params.n >= 5) > 8  # many cells are tested
-    assert _chi_square_p(spec, exact, params.n) > 1e-3
-    assert _chi_square_p(_sample_sequences(Engine(dec, [EOS], cfg, seed=0), params), exact, params.n) > 1e-3
+    assert _sequences_p(spec, exact) > 1e-3
+    assert _sequences_p(_sample_sequences(Engine(dec, [EOS], cfg, seed=0), params), exact) > 1e-3
     # The test has power: a slightly different temperature is detected.
     other = dataclasses.replace(params, temperature=params.temperature * 1.2)
-    assert _chi_square_p(_sample_sequences(Engine(dec, [EOS], cfg, seed=0), other), exact, params.n) < 1e-6
+    assert _sequences_p(_sample_sequences(Engine(dec, [EOS], cfg, seed=0), other), exact) < 1e-6
     assert spec_engine.block_manager.num_free_blocks == 8192
 
 

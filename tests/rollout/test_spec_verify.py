@@ -10,6 +10,8 @@ import torch
 from slipstream.rollout.sampler import sample, shape_logits
 from slipstream.rollout.spec import VerifyResult, verify_drafts
 
+from tests.chi_square import chi_square_p
+
 V, K, LENGTH, START = 6, 3, 3, 0
 # (temperature, top_p, top_k): plain, truncated by top-p, truncated by top-k.
 CONFIGS = [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 3)]
@@ -37,21 +39,6 @@ def _sequence_probs(table: torch.Tensor) -> torch.Tensor:
     for _ in range(LENGTH - 1):  # index = prefix index * V + next token; the prefix's last token is index % V
         probs = (probs[:, None] * table[torch.arange(probs.shape[0]) % V]).reshape(-1)
     return probs.double()
-
-
-def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square p-value; cells expecting fewer than 5 counts are pooled into one bin."""
-    counts, probs = counts.double(), probs.double()
-    if counts[probs == 0].sum() > 0:
-        return 0.0  # something impossible was observed
-    expected = probs * counts.sum()
-    small = (expected < 5) & (probs > 0)
-    observed = torch.cat([counts[expected >= 5], counts[small].sum()[None]])
-    expected = torch.cat([expected[expected >= 5], expected[small].sum()[None]])
-    observed, expected = observed[expected > 0], expected[expected > 0]
-    stat = ((observed - expected) ** 2 / expected).sum()
-    dof = torch.tensor(float(len(expected) - 1), dtype=torch.float64)
-    return float(torch.special.gammaincc(dof / 2, stat / 2))
 
 
 def _speculative_generate(target, temp, top_p, top_k, gen, drafter=None, fixed=None):
@@ -127,13 +114,13 @@ def test_emitted_sequences_follow_plain_sampling_from_the_target(with_drafter):
         sl = slice(i * ROWS_PER_CONFIG, (i + 1) * ROWS_PER_CONFIG)
         table = _probs_table(target, t, p, k)
         counts = torch.bincount(codes[sl], minlength=V ** LENGTH)
-        assert _chi_square_p(counts, _sequence_probs(table)) > 1e-3, (t, p, k)
+        assert chi_square_p(counts, _sequence_probs(table)) > 1e-3, (t, p, k)
         # Power: the same test rejects the drafter's distribution and the target under other parameters.
-        assert _chi_square_p(counts, drafter_seq) < 1e-6
+        assert chi_square_p(counts, drafter_seq) < 1e-6
         t2, p2, k2 = CONFIGS[(i + 1) % len(CONFIGS)]
-        assert _chi_square_p(counts, _sequence_probs(_probs_table(target, t2, p2, k2))) < 1e-6
+        assert chi_square_p(counts, _sequence_probs(_probs_table(target, t2, p2, k2))) < 1e-6
         # ... and a subtle error: 5% of the drafter's distribution leaking into every step.
-        assert _chi_square_p(counts, _sequence_probs(0.95 * table + 0.05 * drafter.softmax(-1))) < 1e-6
+        assert chi_square_p(counts, _sequence_probs(0.95 * table + 0.05 * drafter.softmax(-1))) < 1e-6
         # Every emitted token carries its log-prob under the target's sampling distribution.
         prev = torch.cat([torch.full((ROWS_PER_CONFIG, 1), START), tokens[sl, :-1]], 1)
         assert torch.allclose(logprobs[sl], table[prev, tokens[sl]].log(), atol=1e-5)
@@ -233,8 +220,8 @@ def test_no_drafts_emit_one_token_from_the_target_and_ignore_padding():
         assert bool((res.accepted_lens == 0).all())
         p = shape_logits(logits[None], temp[:1], top_p[:1], top_k[:1]).softmax(-1)[0]
         counts = torch.bincount(res.output_tokens[:, 0], minlength=vocab)
-        assert _chi_square_p(counts, p) > 1e-3
-        assert _chi_square_p(counts, logits.softmax(-1)) < 1e-6
+        assert chi_square_p(counts, p) > 1e-3
+        assert chi_square_p(counts, logits.softmax(-1)) < 1e-6
         assert torch.allclose(res.output_logprobs[:, 0], p[res.output_tokens[:, 0]].log(), atol=1e-5)
         assert bool((res.output_logprobs[:, 1:] == 0).all())
 
