@@ -143,6 +143,7 @@ def _continuation_probs(decoder: Decoder, params: SamplingParams) -> torch.Tenso
 @pytest.mark.parametrize("params", [SamplingParams(n=600, temperature=1.0, max_tokens=LENGTH),
                                     SamplingParams(n=600, temperature=0.7, top_p=0.9, max_tokens=LENGTH)])
 def test_sampled_sequences_follow_the_target_with_the_drafters_q(params):
+    torch.manual_seed(0)  # the untrained drafter's weights: a q that accepts some drafts and rejects others
     decoder = _markov_target()
     with torch.inference_mode():
         exact = _continuation_probs(decoder, params)
