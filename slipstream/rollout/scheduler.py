@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -49,8 +50,7 @@ from slipstream.rollout.block_manager import BlockManager
 from slipstream.rollout.sequence import Sequence, SequenceStatus
 
 
-@dataclass(frozen=True)
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):  # a tuple: built for every sequence of every step, cheaply
     seq: Sequence
     start: int  # seq.num_cached_tokens when scheduled: this step computes tokens [start, start + num_new)
     num_new: int
@@ -238,10 +238,14 @@ class Scheduler:
 
         # 1. Decodes, oldest first; growing one may preempt the newest running sequences.
         running = self.running
+        bs = self.block_size
+        prefilling: list[Sequence] = []  # visited running sequences whose prefill spans steps
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            if seq.is_prefilling:
+            n = seq.num_tokens
+            if n - seq.num_cached_tokens > 1:
+                prefilling.append(seq)
                 i += 1
                 continue
             draft = drafts.get(seq.seq_id, ()) if drafts else ()
@@ -257,6 +261,13 @@ class Scheduler:
                 budget -= 1 + k
                 i += 1
                 continue
+            if len(seq.block_table) * bs >= n:  # the common case: its last token's slot is held already
+                if n % bs == 0:
+                    bm.commit(seq, n)  # that token fills its block: register it, as may_append would
+                entries.append(ScheduledSeq(seq, n - 1, 1, True))
+                budget -= 1
+                i += 1
+                continue
             while not bm.can_append(seq):
                 if len(running) == 1:
                     raise self._never_fits(seq, seq.num_tokens)
@@ -270,14 +281,13 @@ class Scheduler:
                 budget -= 1
                 i += 1
 
-        # 2. Running prefills that span several steps.
-        for seq in running:
+        # 2. Running prefills that span several steps (all visited above unless the budget ran out).
+        for seq in prefilling:
             if budget == 0:
                 break
-            if seq.is_prefilling:
-                n = min(seq.num_uncached_tokens, self.chunk_size, budget)
-                entries.append(self._prefill_entry(seq, n))
-                budget -= n
+            n = min(seq.num_uncached_tokens, self.chunk_size, budget)
+            entries.append(self._prefill_entry(seq, n))
+            budget -= n
 
         # 3. Admission, first come first served (a preempted sequence is at the front).
         while self.waiting and budget > 0 and not batch.preempted and len(running) < self.max_num_seqs:
