@@ -120,6 +120,9 @@ class SpeculationConfig:
     # before its probability under the trees' counts falls below `min_token_prob`.
     window_steps: int = 4
     max_depth: int = 64
+    # The same for the trees of the step's live outputs (own, siblings), indexed token by token
+    # while decoding: each token costs about this many node updates per tree.
+    live_max_depth: int = 24
     cap: int = 15
     alpha: float = 1.0
     min_token_prob: float = 0.1
@@ -392,7 +395,8 @@ def engine_spec_config(spec: SpeculationConfig, seed: int = 0):
     if spec.kind == "off":
         return None
     try:
-        suffix = SuffixConfig(window_steps=spec.window_steps, max_depth=spec.max_depth, cap=spec.cap,
+        suffix = SuffixConfig(window_steps=spec.window_steps, max_depth=spec.max_depth,
+                              live_max_depth=spec.live_max_depth, cap=spec.cap,
                               alpha=spec.alpha, min_token_prob=spec.min_token_prob,
                               max_tokens_per_prompt=spec.max_tokens_per_prompt, max_prompts=spec.max_prompts)
         policy = PolicyConfig(min_batch_for_off=spec.min_batch_for_off, bucket_edges=tuple(spec.bucket_edges),

@@ -421,7 +421,8 @@ def test_registering_with_a_backlog_equals_feeding_the_tokens_one_by_one():
     rng = random.Random(5)
     prompt = [rng.randrange(6) for _ in range(10)]
     outs = {k: [rng.randrange(6) for _ in range(rng.randint(0, 80))] for k in ("a", "b", "c")}
-    fed, bulk = SuffixDrafter(SuffixConfig(max_depth=8)), SuffixDrafter(SuffixConfig(max_depth=8))
+    cfg = SuffixConfig(max_depth=8, live_max_depth=8)
+    fed, bulk = SuffixDrafter(cfg), SuffixDrafter(cfg)
     for k, out in outs.items():
         fed.add_request(k, "g", prompt)
         for t in out:
@@ -435,3 +436,22 @@ def test_registering_with_a_backlog_equals_feeding_the_tokens_one_by_one():
     bulk.update("a", [1, 2])
     assert fed.propose("a", "g", prompt + outs["a"] + [1, 2]) == bulk.propose("a", "g", prompt + outs["a"] + [1, 2])
     assert fed.live_tokens("g") == bulk.live_tokens("g")
+
+
+def test_live_outputs_are_indexed_to_live_max_depth_and_windows_to_max_depth():
+    pattern = list(range(10, 22))
+    ctx = [1, 2] + pattern[:8]
+    cfg = SuffixConfig(max_depth=16, live_max_depth=4, alpha=8.0, cap=16, min_token_prob=0.0)
+    live = SuffixDrafter(cfg)
+    live.add_request("r", "g", [1, 2])
+    live.update("r", pattern)
+    draft = live.propose("r", "g", ctx)
+    assert draft.source in ("own", "siblings") and draft.match_len == 3  # live trees hold suffixes of <= 4
+    assert draft.tokens == pattern[8:]  # the draft still runs past the live depth
+    window = SuffixDrafter(cfg)
+    window.add_rollout("g", pattern)
+    window.add_request("r", "g", [1, 2])
+    draft = window.propose("r", "g", ctx)
+    assert draft.source == "window" and draft.match_len == 8 and draft.tokens == pattern[8:]
+    with pytest.raises(ValueError, match="live_max_depth"):
+        SuffixConfig(live_max_depth=1)

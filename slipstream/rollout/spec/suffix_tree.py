@@ -501,7 +501,10 @@ class SuffixConfig:
     """Parameters of `SuffixDrafter`.
 
     window_steps: RL steps of a prompt's finished rollouts kept (W). max_depth: longest suffix
-    indexed and matched. cap: longest draft. alpha: a draft is at most alpha * match length.
+    indexed and matched in the windows. live_max_depth: the same for the trees of the current
+    step's live outputs (own and siblings), which grow token by token on the decode path, where
+    each token updates every indexed suffix that ends at it (a draft's length is capped at `cap`
+    anyway, so longer matches only sharpen the counts). cap: longest draft. alpha: a draft is at most alpha * match length.
     min_token_prob: a draft stops before its cumulative probability falls below this.
     max_tokens_per_prompt: tokens stored per prompt (oldest rollouts go first; also bounds the
     per-step group index). max_prompts: prompts with a history (least recently used go first).
@@ -509,6 +512,7 @@ class SuffixConfig:
 
     window_steps: int = 4
     max_depth: int = 64
+    live_max_depth: int = 24
     cap: int = 16
     alpha: float = 1.0
     min_token_prob: float = 0.1
@@ -518,8 +522,9 @@ class SuffixConfig:
     def __post_init__(self):
         if self.window_steps < 1:
             raise ValueError(f"window_steps must be >= 1, got {self.window_steps}")
-        if self.max_depth < 2:
-            raise ValueError(f"max_depth must be >= 2, got {self.max_depth}")
+        if self.max_depth < 2 or self.live_max_depth < 2:
+            raise ValueError(f"max_depth and live_max_depth must be >= 2, got {self.max_depth}, "
+                             f"{self.live_max_depth}")
         if self.cap < 0 or self.alpha < 0:
             raise ValueError(f"cap and alpha must be >= 0, got {self.cap}, {self.alpha}")
         if not 0.0 <= self.min_token_prob <= 1.0:
@@ -696,12 +701,12 @@ class SuffixDrafter:
         cfg = self.config
         prompt = _int_list(prompt_tokens)
         output = _int_list(output_tokens)
-        own = SuffixTree(cfg.max_depth)
-        own.extend(_OWN, prompt[-cfg.max_depth:] + output)
+        own = SuffixTree(cfg.live_max_depth)
+        own.extend(_OWN, prompt[-cfg.live_max_depth:] + output)
         req = self._requests[request_key] = _Request(group_id, own)
         group = self._groups.get(group_id)
         if group is None:
-            group = self._groups[group_id] = _Group(cfg.max_depth)
+            group = self._groups[group_id] = _Group(cfg.live_max_depth)
             group.tree.add(prompt[:cfg.max_tokens_per_prompt], key=_PROMPT)
         if group_id in self._prompts:
             self._prompts.move_to_end(group_id)
