@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
 
 QWEN_SHAPES = {  # Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate, vocab, tied)
     "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936, True),
@@ -127,14 +131,13 @@ def time_prefill(model, decoder, prompts: torch.Tensor) -> tuple[float, float]:
 
 
 def write_results(out: str, bw: float, rows: list, prefill_rows: list) -> None:
-    # The GPU machine gets a copy of the tree without .git: SLIPSTREAM_COMMIT names the commit there.
-    commit = os.environ.get("SLIPSTREAM_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import transformers
     import triton
 
+    from benchmarks.longtail import commit_of  # --commit-less: SLIPSTREAM_COMMIT or git
+
     meta = {"device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bw, "torch": torch.__version__,
-            "triton": triton.__version__, "transformers": transformers.__version__, "commit": commit or None,
+            "triton": triton.__version__, "transformers": transformers.__version__, "commit": commit_of(None),
             "pdl": os.environ.get("SLIPSTREAM_PDL", "1") != "0"}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"meta": meta, "rows": rows, "prefill": prefill_rows}, indent=2))

@@ -28,12 +28,13 @@ _enabled: dict[int, bool] = {}
 def pdl_enabled(x: torch.Tensor) -> bool:
     """Whether kernels on `x`'s device launch with PDL: CUDA, compute capability >= 9, a Triton
     that has the griddepcontrol ops, and SLIPSTREAM_PDL not set to 0."""
-    if triton is None or x.device.type != "cuda" or os.environ.get("SLIPSTREAM_PDL", "1") == "0":
+    if triton is None or x.device.type != "cuda":
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _enabled:
+    if index not in _enabled:  # decided once per device: every launch of the decode step asks
         cuda_ops = getattr(getattr(tl, "extra", None), "cuda", None)
-        _enabled[index] = (torch.cuda.get_device_capability(index)[0] >= 9
+        _enabled[index] = (os.environ.get("SLIPSTREAM_PDL", "1") != "0"
+                           and torch.cuda.get_device_capability(index)[0] >= 9
                            and hasattr(cuda_ops, "gdc_wait") and hasattr(cuda_ops, "gdc_launch_dependents"))
     return _enabled[index]
 

@@ -162,7 +162,8 @@ class Engine:
         return need <= bm.num_free_blocks
 
     def _decode_steps(self, t0: float) -> list[Sequence]:
-        """`decode_steps` decode steps in one replay, then each applied as its own scheduled step."""
+        """`decode_steps` decode steps in one replay, applied in one pass per sequence; the
+        timeline and the speculator's bandit still see one record per step."""
         K, sch = self.cfg.decode_steps, self.scheduler
         running = list(sch.running)
         for seq in running:
