@@ -5,12 +5,15 @@
 A large batch of decoding sequences (their prompts prefilled first) runs `--steps` single decode
 steps with sampled tokens from a fixed list, so only the scheduler, the block manager and the
 sequences' bookkeeping are timed: the host work an engine step adds at large batches, where a
-small model's GPU step is a few milliseconds. Prints microseconds per step and per sequence.
+small model's GPU step is a few milliseconds. Prints microseconds per step and per sequence;
+writes benchmarks/results/scheduler_host.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import random
 import sys
 import time
@@ -32,6 +35,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--commit", default=None, help="commit to record (default: $SLIPSTREAM_COMMIT, else git)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scheduler_host.json"))
     args = ap.parse_args()
 
     rng = random.Random(0)
@@ -54,6 +59,12 @@ def main() -> None:
         assert sch.num_running == args.batch and not sch.waiting
     print(f"batch {args.batch}: {best * 1e6:.0f} us per decode step, {best * 1e6 / args.batch:.2f} us per sequence "
           f"(best of {args.repeats}, {args.steps} steps each, Python {sys.version.split()[0]})")
+    from benchmarks.longtail import commit_of
+
+    meta = {"device": f"CPU: {platform.processor() or platform.machine()}", "python": sys.version.split()[0],
+            "commit": commit_of(args.commit), "args": vars(args)}
+    Path(args.out).write_text(json.dumps({"meta": meta, "us_per_decode_step": best * 1e6,
+                                          "us_per_sequence": best * 1e6 / args.batch}, indent=2))
 
 
 if __name__ == "__main__":

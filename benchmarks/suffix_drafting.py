@@ -6,12 +6,15 @@ propose a draft for each, as the engine's speculative steps do.
 `--groups` prompts, each with a window of 4 earlier rollouts of 1,000 tokens; `--live`
 requests spread over them decode `--steps` tokens each (text with recurring phrases, so that
 matches and drafts happen). Prints microseconds per request-step (update + propose) for several
-`live_max_depth` settings in the same run; `max_depth` (the windows') stays 64.
+`live_max_depth` settings in the same run; `max_depth` (the windows') stays 64. Writes
+benchmarks/results/suffix_drafting.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import random
 import sys
 import time
@@ -65,12 +68,22 @@ def main() -> None:
     ap.add_argument("--live", type=int, default=48)
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--commit", default=None, help="commit to record (default: $SLIPSTREAM_COMMIT, else git)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "suffix_drafting.json"))
     args = ap.parse_args()
+    rows = []
     for depth in (64, 24, 16):
         index, propose, drafted = run(depth, args)
         print(f"live_max_depth {depth:2d}: index {index * 1e6:5.1f} + propose {propose * 1e6:5.1f} us per request-step "
               f"({(index + propose) * args.live * 1e3:4.2f} ms per step of {args.live}), "
               f"{drafted:.2f} draft tokens per request-step", flush=True)
+        rows.append({"live_max_depth": depth, "index_us": index * 1e6, "propose_us": propose * 1e6,
+                     "draft_tokens_per_request_step": drafted})
+    from benchmarks.longtail import commit_of
+
+    meta = {"device": f"CPU: {platform.processor() or platform.machine()}", "python": sys.version.split()[0],
+            "commit": commit_of(args.commit), "args": vars(args)}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
