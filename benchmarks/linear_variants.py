@@ -6,18 +6,25 @@ For each projection of the model's shape at M rows (decode), times in a CUDA gra
 back-to-back launches (so launch gaps count as they do in the engine's graphs): each way
 `decode_linear.linear` times (`linear_candidates`: cuBLAS, the tiled and the GEMV Triton kernels),
 the norm and SiLU kernels around the projections and `norm_linear`'s fused and separate forms,
-and what `linear` picks. Prints us per call
-and the bandwidth of the weight read.
+and what `linear` picks. Prints us per call and the bandwidth of the weight read; writes
+benchmarks/results/linear_variants_<model>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine_decode import QWEN_SHAPES
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.engine_decode import QWEN_SHAPES  # noqa: E402
 
 
 def graph_time(fn, reps: int = 200) -> float:
@@ -48,6 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-0.5b", choices=sorted(QWEN_SHAPES))
     ap.add_argument("--m", type=int, default=1)
+    ap.add_argument("--commit", default=None, help="commit to record (default: $SLIPSTREAM_COMMIT, else git)")
+    ap.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/linear_variants_<model>.json)")
     args = ap.parse_args()
 
     from slipstream.kernels import decode_linear as fo
@@ -63,6 +72,7 @@ def main() -> None:
     gu = torch.randn(M, 2 * I, device=dev, dtype=dt)
 
     print(f"{args.model}, {M} row(s), bf16, {torch.cuda.get_device_name()}")
+    rows = []
     for name, K, N in [("qkv", H, qkv_n), ("o", H, H), ("gate_up", H, 2 * I), ("down", I, H), ("lm_head", H, V)]:
         w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
         xin = torch.randn(M, K, device=dev, dtype=dt)
@@ -84,6 +94,15 @@ def main() -> None:
         mb = N * K * 2 / 1e6
         for k, us in t.items():
             print(f"{name:8s} {N:6d}x{K:<5d} {k:20s} {us:8.2f} us  {mb / us:6.2f} TB/s", flush=True)
+            rows.append({"projection": name, "N": N, "K": K, "way": k, "us": us, "tb_per_s": mb / us})
+    import triton
+
+    from benchmarks.longtail import commit_of
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": commit_of(args.commit), "model": args.model, "rows_m": M}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"linear_variants_{args.model}.json")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
