@@ -59,7 +59,9 @@ class FSDP2Backend(TrainBackend):
             self.optimizer = build_adamw(module, optim)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        # Gradients are reduce-scattered after every backward; FSDP2 accumulates into the shards.
+        # Micro-batches before the last accumulate unsharded gradients locally; the last one
+        # reduce-scatters the sum: one gradient collective per optimizer step, not per micro-batch.
+        self.module.set_requires_gradient_sync(last)
         loss.backward()
 
     def step(self) -> float:
