@@ -85,6 +85,7 @@ def _decode_kernel(
     SKIP: tl.constexpr,
     COUNT: tl.constexpr,
     MERGE_LAST: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -162,7 +163,8 @@ def _decode_kernel(
             arrive = arrive_ptr + seq * tl.num_programs(1) + kvh
             if tl.atomic_add(arrive, 1, sem="acq_rel") == NUM_SPLITS - 1:
                 _merge_partials(m_part_ptr, l_part_ptr, acc_part_ptr, o_ptr, q_rows, head, row_valid, d,
-                                stride_ot, stride_oh, num_heads, NUM_SPLITS, HEAD_DIM, BLOCK_M)
+                                stride_ot, stride_oh, num_heads, tl.cdiv(n_tiles, per_split),
+                                NUM_SPLITS, HEAD_DIM, BLOCK_M, MERGE_CHUNK)
                 tl.atomic_xchg(arrive, 0)  # ready for the next launch (or graph replay)
 
     if COUNT:
@@ -173,25 +175,30 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_partials(m_part_ptr, l_part_ptr, acc_part_ptr, o_ptr, q_rows, head, row_valid, d,
-                    stride_ot, stride_oh, num_heads,
-                    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Merge the NUM_SPLITS partials of one query tile's rows (online, split by split) into o."""
+                    stride_ot, stride_oh, num_heads, n_parts,
+                    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    """Merge the first n_parts partials of one query tile's rows into o, CHUNK partials per load
+    (the later parts saw no key tile and hold nothing)."""
     base = (q_rows * num_heads + head) * NUM_SPLITS
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for sp in range(NUM_SPLITS):
+    c = tl.arange(0, CHUNK)
+    for first in range(0, n_parts, CHUNK):
+        idx = base[:, None] + first + c[None, :]  # [BLOCK_M, CHUNK]
+        mask = row_valid[:, None] & (first + c[None, :] < n_parts)
         # .cg: read from L2, where the other programs' writes are, never a stale L1 line
-        m_s = tl.load(m_part_ptr + base + sp, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(l_part_ptr + base + sp, mask=row_valid, other=0.0, cache_modifier=".cg")
-        a_s = tl.load(acc_part_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=row_valid[:, None],
+        m_s = tl.load(m_part_ptr + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(l_part_ptr + idx, mask=mask, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(acc_part_ptr + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=mask[:, :, None],
                       other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_i, m_s)
+        m_new = tl.maximum(m_i, tl.max(m_s, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         w_old = tl.exp2(m_i - m_shift)
-        w_new = tl.exp2(m_s - m_shift)
-        l_i = l_i * w_old + l_s * w_new
-        acc = acc * w_old[:, None] + a_s * w_new[:, None]
+        w = tl.exp2(m_s - m_shift[:, None])
+        l_i = l_i * w_old + tl.sum(w * l_s, 1)
+        acc = acc * w_old[:, None] + tl.sum(w[:, :, None] * a_s, 1)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -356,6 +363,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         NUM_SPLITS=num_splits, MIN_TILES=min_tiles_per_split,
         SKIP=skip_scale > 0, COUNT=counters is not None, MERGE_LAST=arrivals is not None,
+        # partials merged per load: about 8K float32 of them in registers at once
+        MERGE_CHUNK=max(1, min(triton.next_power_of_2(num_splits), 8192 // (block_m * D))),
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q),
     )

@@ -37,7 +37,7 @@ def test_mixed_decode_and_verify_batch_matches_reference(paged_batch, dtype, hea
 
 
 @pytest.mark.parametrize("merge_in_kernel", [False, True], ids=["merge-kernel", "merge-last-program"])
-@pytest.mark.parametrize("num_splits", [2, 3])
+@pytest.mark.parametrize("num_splits", [2, 3, 8])  # 8: the in-kernel merge loads its partials in two chunks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_split_k_matches_reference(paged_batch, num_splits, dtype, merge_in_kernel):
     # 300 tokens = 19 tiles of 16: 3 splits cut at 7 and 14 tiles. 20 tokens = 2 tiles, one per part:
