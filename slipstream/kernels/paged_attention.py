@@ -9,12 +9,7 @@ online softmax, in base 2 (scores are pre-multiplied by scale * log2(e)).
 
 Split-K ("flash-decoding"): for long contexts the key tiles of each sequence are cut into up to
 NUM_SPLITS contiguous parts, each part writes its partial (max, sum, unnormalised output) to
-float32 scratch, and the partials are merged into the output. On a GPU the merge runs in the
-decode kernel itself: each program bumps a per-(sequence, kv head) arrival counter after writing
-its partial, and the last to arrive merges all of them and resets the counter, which saves the
-decode step one kernel launch per layer (at batch 1 the step is a chain of short kernels, and
-launches are much of its time). Elsewhere, or where no counter buffer is at hand (first use inside
-CUDA-graph capture), `_combine_splits_kernel` merges them. The split count is a launch-time
+float32 scratch, and `_combine_splits_kernel` merges them. The split count is a launch-time
 heuristic (`choose_num_splits`); a sequence shorter than MIN_TILES tiles per split uses fewer.
 
 Skip-softmax (BLASST): with SKIP, a key tile whose row maxima all satisfy
@@ -27,7 +22,6 @@ pair.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -67,7 +61,7 @@ def _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION: tl.co
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     cu_ptr, lens_ptr, bt_ptr,
-    m_part_ptr, l_part_ptr, acc_part_ptr, cnt_ptr, arrive_ptr,
+    m_part_ptr, l_part_ptr, acc_part_ptr, cnt_ptr,
     qk_scale, skip_scale,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -84,8 +78,6 @@ def _decode_kernel(
     MIN_TILES: tl.constexpr,
     SKIP: tl.constexpr,
     COUNT: tl.constexpr,
-    MERGE_LAST: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -156,53 +148,11 @@ def _decode_kernel(
         tl.store(m_part_ptr + part, m_i, mask=row_valid)
         tl.store(l_part_ptr + part, l_i, mask=row_valid)
         tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_valid[:, None])
-        if MERGE_LAST:
-            # Every thread's partial is written before one thread publishes the arrival (release);
-            # the program that arrives last sees all partials (acquire) and merges them.
-            tl.debug_barrier()
-            arrive = arrive_ptr + seq * tl.num_programs(1) + kvh
-            if tl.atomic_add(arrive, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                _merge_partials(m_part_ptr, l_part_ptr, acc_part_ptr, o_ptr, q_rows, head, row_valid, d,
-                                stride_ot, stride_oh, num_heads, tl.cdiv(n_tiles, per_split),
-                                NUM_SPLITS, HEAD_DIM, BLOCK_M, MERGE_CHUNK)
-                tl.atomic_xchg(arrive, 0)  # ready for the next launch (or graph replay)
 
     if COUNT:
         if SKIP:
             tl.atomic_add(cnt_ptr, n_skipped)
         tl.atomic_add(cnt_ptr + 1, tl.maximum(t_end - t_begin, 0))
-
-
-@triton.jit
-def _merge_partials(m_part_ptr, l_part_ptr, acc_part_ptr, o_ptr, q_rows, head, row_valid, d,
-                    stride_ot, stride_oh, num_heads, n_parts,
-                    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    CHUNK: tl.constexpr):
-    """Merge the first n_parts partials of one query tile's rows into o, CHUNK partials per load
-    (the later parts saw no key tile and hold nothing)."""
-    base = (q_rows * num_heads + head) * NUM_SPLITS
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    c = tl.arange(0, CHUNK)
-    for first in range(0, n_parts, CHUNK):
-        idx = base[:, None] + first + c[None, :]  # [BLOCK_M, CHUNK]
-        mask = row_valid[:, None] & (first + c[None, :] < n_parts)
-        # .cg: read from L2, where the other programs' writes are, never a stale L1 line
-        m_s = tl.load(m_part_ptr + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(l_part_ptr + idx, mask=mask, other=0.0, cache_modifier=".cg")
-        a_s = tl.load(acc_part_ptr + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=mask[:, :, None],
-                      other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_i, tl.max(m_s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w_old = tl.exp2(m_i - m_shift)
-        w = tl.exp2(m_s - m_shift[:, None])
-        l_i = l_i * w_old + tl.sum(w * l_s, 1)
-        acc = acc * w_old[:, None] + tl.sum(w[:, :, None] * a_s, 1)
-        m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(o_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
 @triton.jit
@@ -233,25 +183,6 @@ def _combine_splits_kernel(
 
 
 _SM_COUNT: dict[int, int] = {}
-# Arrival counters of the in-kernel merge, one zeroed int32 buffer per device, allocated outside
-# graph capture and kept (each launch leaves its counters at zero again). 8,192 covers batch 1,024
-# with 8 kv heads; a larger launch merges with the separate kernel.
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-ARRIVAL_SLOTS = 8192
-
-
-def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The device's zeroed arrival counters, or None where the merge must use the separate kernel:
-    not CUDA, SLIPSTREAM_MERGE_IN_KERNEL=0, more slots needed than the buffer has, or first use
-    during graph capture (an allocation there would belong to the graph's memory pool)."""
-    if device.type != "cuda" or needed > ARRIVAL_SLOTS or os.environ.get("SLIPSTREAM_MERGE_IN_KERNEL", "1") == "0":
-        return None
-    buf = _ARRIVALS.get(device)
-    if buf is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _ARRIVALS[device] = torch.zeros(ARRIVAL_SLOTS, dtype=torch.int32, device=device)
-    return buf
 
 
 def _sm_count(device: torch.device) -> int:
@@ -292,13 +223,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            counters: torch.Tensor | None = None, block_n: int = DEFAULT_BLOCK_N,
                            num_splits: int | None = None,
                            min_tiles_per_split: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None, merge_in_kernel: bool | None = None) -> torch.Tensor:
+                           num_stages: int | None = None) -> torch.Tensor:
     """Paged attention for sequences of at most 16 query tokens -> [T, heads, head_dim] in q.dtype.
 
     Same contract as `paged_attention_ref`. `num_splits` forces the split-K factor (default: the
     `choose_num_splits` heuristic, whose context bound is the block table's width, so no host sync).
-    `merge_in_kernel` forces where split partials are merged (default: in the decode kernel on CUDA,
-    see the module docstring; False: the separate kernel).
     """
     T, H, D = q.shape
     _, page, KVH, Dk = k_cache.shape
@@ -336,13 +265,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         m_part = l_part = acc_part = out  # unused
     cnt = counters if counters is not None else cu_seqlens_q  # unused without COUNT
-    arrivals = None
-    if num_splits > 1 and merge_in_kernel is not False:
-        if q.device.type == "cuda":
-            device = q.device if q.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-            arrivals = _arrival_counters(device, B * KVH)
-        elif merge_in_kernel:  # Triton's interpreter runs programs one at a time: a fresh buffer will do
-            arrivals = torch.zeros(B * KVH, dtype=torch.int32, device=q.device)
     if num_warps is None:
         num_warps = 8 if block_m * D >= 128 * 128 else 4
     if num_stages is None:
@@ -352,7 +274,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, out,
         cu_seqlens_q, seq_lens, block_tables,
-        m_part, l_part, acc_part, cnt, arrivals if arrivals is not None else cnt,
+        m_part, l_part, acc_part, cnt,
         float(scale) * LOG2E, float(skip_scale),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -362,13 +284,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         H,
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         NUM_SPLITS=num_splits, MIN_TILES=min_tiles_per_split,
-        SKIP=skip_scale > 0, COUNT=counters is not None, MERGE_LAST=arrivals is not None,
-        # partials merged per load: about 8K float32 of them in registers at once
-        MERGE_CHUNK=max(1, min(triton.next_power_of_2(num_splits), 8192 // (block_m * D))),
-        DOT_PRECISION=_dot_precision(q.dtype),
+        SKIP=skip_scale > 0, COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q),
     )
-    if num_splits > 1 and arrivals is None:
+    if num_splits > 1:
         _combine_splits_kernel[(T, H)](
             m_part, l_part, acc_part, out, out.stride(0), out.stride(1), H,
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=D,

@@ -36,23 +36,21 @@ def test_mixed_decode_and_verify_batch_matches_reference(paged_batch, dtype, hea
     _check(out, ref, dtype)
 
 
-@pytest.mark.parametrize("merge_in_kernel", [False, True], ids=["merge-kernel", "merge-last-program"])
-@pytest.mark.parametrize("num_splits", [2, 3, 8])  # 8: the in-kernel merge loads its partials in two chunks
+@pytest.mark.parametrize("num_splits", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_split_k_matches_reference(paged_batch, num_splits, dtype, merge_in_kernel):
+def test_split_k_matches_reference(paged_batch, num_splits, dtype):
     # 300 tokens = 19 tiles of 16: 3 splits cut at 7 and 14 tiles. 20 tokens = 2 tiles, one per part:
-    # 12 of its 16 verify rows see no key of the second part. The 1-tile sequence has one part
-    # (the other parts see no tile and leave empty partials, which the merge must ignore).
+    # 12 of its 16 verify rows see no key of the second part. The 1-tile sequence has one part.
     lens = [300, 20, 123, 8]
     q_lens = [16, 16, 1, 8]
     args = paged_batch(lens, q_lens, 4, 2, 64, 16, dtype, seed=num_splits)
     ref = paged_attention_ref(*args, 0.125)
     out = paged_decode_attention(*args, 0.125, max_q_len=16, block_n=16, num_splits=num_splits,
-                                 min_tiles_per_split=1, merge_in_kernel=merge_in_kernel)
+                                 min_tiles_per_split=1)
     _check(out, ref, dtype)
     # min_tiles_per_split keeps short contexts in one part: same answer.
     out = paged_decode_attention(*args, 0.125, max_q_len=16, block_n=16, num_splits=num_splits,
-                                 min_tiles_per_split=8, merge_in_kernel=merge_in_kernel)
+                                 min_tiles_per_split=8)
     _check(out, ref, dtype)
 
 
