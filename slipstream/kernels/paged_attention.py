@@ -15,8 +15,11 @@ heuristic (`choose_num_splits`); a sequence shorter than MIN_TILES tiles per spl
 Skip-softmax (BLASST): with SKIP, a key tile whose row maxima all satisfy
 m_tile < m_running + log2(lambda), lambda = skip_scale / seq_len, is dropped before the
 exponentials, the V load and the P.V product. SKIP is a constexpr, so skip_scale == 0 runs the
-dense kernel. With COUNT, the program atomically adds (skipped tiles, visited tiles) to a counter
-pair.
+dense kernel. A split other than the first starts its running maximum (for the skip test only)
+at each row's score of key 0: any key's score is a lower bound of the row's true maximum, so the
+test keeps its meaning, and key 0 (the sequence's first token) is where decoder models park most
+attention, so a split can skip from its first tile on instead of needing its own history first.
+With COUNT, the program atomically adds (skipped tiles, visited tiles) to a counter pair.
 """
 
 from __future__ import annotations
@@ -36,9 +39,6 @@ DEFAULT_BLOCK_N = DECODE_BLOCK_N
 # A split may be a single tile: at small batch the programs of one sequence are all the GPU has to
 # run in parallel (batch 1, 384 tokens of context: 11.5 us per layer with 4 tiles a split on an H200).
 DEFAULT_MIN_TILES_PER_SPLIT = 1
-# With skip-softmax a split starts with no running maximum and cannot skip its first tile: parts
-# keep at least this many tiles.
-SKIP_MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 32
 MAX_Q_LEN = MAX_DECODE_Q_LEN
 
@@ -109,15 +109,26 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if SKIP:
-        # log2(lambda), lambda = skip_scale / seq_len: this sequence's threshold.
-        log2_lambda = tl.log2(skip_scale / ctx.to(tl.float32))
     n_skipped = t_begin * 0
 
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, BLOCK_N)
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    if SKIP:
+        # log2(lambda), lambda = skip_scale / seq_len: this sequence's threshold.
+        log2_lambda = tl.log2(skip_scale / ctx.to(tl.float32))
+        # The skip test's reference maximum: the running maximum, and in later splits also the
+        # score of key 0 (one key row loaded, scored like the tiles: the same dot, other keys masked).
+        m_ref = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        if (t_begin > 0) & (t_begin < t_end):
+            key0 = offs_n == 0
+            page0 = tl.load(bt_row).to(tl.int64)
+            k0 = tl.load(k_head + page0 * stride_kb + d[:, None] + offs_n[None, :] * 0, mask=key0[None, :],
+                         other=0.0)
+            s0 = tl.dot(q, k0, input_precision=DOT_PRECISION) * qk_scale
+            s0 = tl.where(row_valid[:, None] & key0[None, :], s0, float("-inf"))
+            m_ref = tl.max(s0, 1)
     for t in range(t_begin, t_end):
         n = t * BLOCK_N + offs_n
         kv_mask = n < ctx
@@ -131,7 +142,7 @@ def _decode_kernel(
         v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
         if SKIP:
             # A row with no visible key in this tile (m_tile = -inf, padding rows too) never blocks the skip.
-            row_skip = (m_tile < m_i + log2_lambda) | (m_tile == float("-inf"))
+            row_skip = (m_tile < tl.maximum(m_i, m_ref) + log2_lambda) | (m_tile == float("-inf"))
             tile_skip = tl.min(row_skip.to(tl.int32), 0)
             if tile_skip == 0:
                 acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION)
@@ -254,7 +265,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     block_m = max(16, triton.next_power_of_2(max_q_len * group))
     if min_tiles_per_split is None:
-        min_tiles_per_split = SKIP_MIN_TILES_PER_SPLIT if skip_scale > 0 else DEFAULT_MIN_TILES_PER_SPLIT
+        min_tiles_per_split = DEFAULT_MIN_TILES_PER_SPLIT
     if num_splits is None:
         num_splits = choose_num_splits(B, KVH, block_tables.shape[1] * page, block_n, _sm_count(q.device),
                                        min_tiles_per_split)

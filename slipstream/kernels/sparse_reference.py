@@ -5,15 +5,16 @@ block_n - 1) with an online softmax. For every tile they compute the base-2 scor
 s = (q . k) * scale * log2(e), masked causally, and each query row's tile maximum m_tile. The tile
 is skipped (no exponentials, no V load, no P.V) when every row of the program's query tile has
 m_tile < m_running + log2(lambda) (float32, this exact form), where m_running is the maximum over
-the tiles that program has not skipped so far and lambda = skip_scale / seq_len. A row that sees
-no key of the tile (m_tile = -inf) never blocks the skip; the first tile a program visits is never
-skipped.
+the tiles that program has not skipped so far (and its starting value, below) and
+lambda = skip_scale / seq_len. A row that sees no key of the tile (m_tile = -inf) never blocks the
+skip; a program starting from m_running = -inf never skips its first tile.
 
 Which rows share a decision, and where the running max starts, depends on the kernel:
 
 - decode (`block_m=None`): one query tile = all query tokens of a sequence x the query heads of one
-  kv head; the context's tiles are cut into split-K parts (`split_bounds`) and each part restarts
-  from m_running = -inf;
+  kv head; the context's tiles are cut into split-K parts (`split_bounds`); the first part starts
+  from m_running = -inf, every later part from each row's score of key 0 (so it may skip its
+  first tile);
 - prefill (`block_m=B`): one query tile = B consecutive query tokens of one query head; it visits
   the key tiles up to its last row's position, from m_running = -inf.
 
@@ -55,8 +56,10 @@ def split_bounds(n_tiles: int, num_splits: int, min_tiles_per_split: int) -> lis
 def paged_attention_sparse_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                                scale: float, *, skip_scale: float, block_n: int, block_m: int | None = None,
-                               num_splits: int = 1, min_tiles_per_split: int = 1) -> SparseAttention:
-    """Skip-softmax attention with the decode (`block_m=None`) or prefill (`block_m`) kernel's tiling."""
+                               num_splits: int = 1, min_tiles_per_split: int = 1,
+                               seed_splits: bool = True) -> SparseAttention:
+    """Skip-softmax attention with the decode (`block_m=None`) or prefill (`block_m`) kernel's tiling.
+    `seed_splits=False`: later decode parts start from -inf too (what the seeding buys)."""
     if block_m is not None and num_splits != 1:
         raise ValueError("the prefill kernel has no split-K")
     heads, kv_heads, dim = q.shape[1], k_cache.shape[2], q.shape[2]
@@ -101,8 +104,8 @@ def paged_attention_sparse_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         log2_lambda = torch.log2(torch.tensor(skip_scale, dtype=torch.float32) / L) if skip_scale > 0 else None
         m_run = torch.full(tiles.shape[:2], neg_inf, device=q.device)
         for t in range(total):
-            if t in starts:
-                m_run.fill_(neg_inf)
+            if t in starts:  # a later decode part starts from key 0's scores
+                m_run = tiles[:, :, 0].clone() if t > 0 and seed_splits else torch.full_like(m_run, neg_inf)
             active = t < n_key_tiles.to(q.device)  # [Q]
             if not bool(active.any()):
                 break

@@ -81,11 +81,15 @@ def test_decode_skips_what_the_reference_skips(paged_batch, dtype, num_splits):
     ref = paged_attention_sparse_ref(*args, 0.125, skip_scale=skip_scale, block_n=block_n,
                                      num_splits=num_splits, min_tiles_per_split=1)
     err = _check_sparse(out, counters, dense, ref, dtype, skip_scale, vmax)
-    # Without splits most noise tiles go: 200 tokens -> 13 tiles, 10 skipped.
-    if num_splits == 1:
-        assert ref.sparsity > 0.5
-        if dtype == torch.float32:
-            assert err.max().item() > 20 * TOL[dtype]  # skipping really changed the output
+    # Most noise tiles go (200 tokens -> 13 tiles, 10 skipped without splits), with splits too:
+    # a later split starts from key 0's (hot) score, so its first tile can be skipped.
+    assert ref.sparsity > 0.5
+    if num_splits == 3:
+        unseeded = paged_attention_sparse_ref(*args, 0.125, skip_scale=skip_scale, block_n=block_n,
+                                              num_splits=num_splits, min_tiles_per_split=1, seed_splits=False)
+        assert ref.skipped_tiles > unseeded.skipped_tiles
+    if dtype == torch.float32:
+        assert err.max().item() > 20 * TOL[dtype]  # skipping really changed the output
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
