@@ -233,7 +233,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float, *, max_q_len: int, skip_scale: float = 0.0,
                            counters: torch.Tensor | None = None, block_n: int = DEFAULT_BLOCK_N,
                            num_splits: int | None = None,
-                           min_tiles_per_split: int | None = None, num_warps: int | None = None,
+                           min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT, num_warps: int | None = None,
                            num_stages: int | None = None) -> torch.Tensor:
     """Paged attention for sequences of at most 16 query tokens -> [T, heads, head_dim] in q.dtype.
 
@@ -264,8 +264,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if T == 0 or B == 0 or max_q_len == 0:
         return out
     block_m = max(16, triton.next_power_of_2(max_q_len * group))
-    if min_tiles_per_split is None:
-        min_tiles_per_split = DEFAULT_MIN_TILES_PER_SPLIT
     if num_splits is None:
         num_splits = choose_num_splits(B, KVH, block_tables.shape[1] * page, block_n, _sm_count(q.device),
                                        min_tiles_per_split)

@@ -102,10 +102,10 @@ def paged_attention_sparse_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         total = -(-L // block_n)
         starts = {0} if block_m is not None else {b for b, _ in split_bounds(total, num_splits, min_tiles_per_split)}
         log2_lambda = torch.log2(torch.tensor(skip_scale, dtype=torch.float32) / L) if skip_scale > 0 else None
-        m_run = torch.full(tiles.shape[:2], neg_inf, device=q.device)
         for t in range(total):
-            if t in starts:  # a later decode part starts from key 0's scores
-                m_run = tiles[:, :, 0].clone() if t > 0 and seed_splits else torch.full_like(m_run, neg_inf)
+            if t in starts:  # tile 0 always is one; a later decode part starts from key 0's scores
+                m_run = (tiles[:, :, 0].clone() if t > 0 and seed_splits
+                         else torch.full(tiles.shape[:2], neg_inf, device=q.device))
             active = t < n_key_tiles.to(q.device)  # [Q]
             if not bool(active.any()):
                 break
