@@ -5,7 +5,8 @@
 Random paged batches (shuffled pages, ragged lengths, GQA) with a few strongly attended "sink"
 keys so that skip-softmax really skips: dense prefill and decode vs `paged_attention_ref`, and
 skip-softmax vs `paged_attention_sparse_ref` with the kernels' own tiling (output and skipped-tile
-counts). Prints one line per case and exits non-zero on any failure.
+counts). Also the RoPE table kernel against torch's cos/sin, bit for bit in bf16. Prints one line
+per case and exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -83,8 +84,24 @@ def main() -> int:
                 failures += not ok
                 print(f"{phase:7s} dim {dim:3d} skip {skip:5.1f} sparsity kernel {k_sparsity:.3f} ref {r_sparsity:.3f}"
                       f" max|err| {err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+    failures += not rope_tables_match()
     print("all ok" if not failures else f"{failures} failures")
     return 1 if failures else 0
+
+
+def rope_tables_match() -> bool:
+    from slipstream.kernels.fused_ops import rope_cos_sin, rope_cos_sin_torch
+
+    pos = torch.arange(0, 2**17, device=DEVICE)
+    inv_freq = (1.0 / (1e6 ** (torch.arange(0, 128, 2).float() / 128))).to(DEVICE)
+    dtype = torch.float32 if SMALL else torch.bfloat16
+    got = rope_cos_sin(pos, inv_freq, 1.0, dtype)
+    want = rope_cos_sin_torch(pos, inv_freq, 1.0, dtype)
+    tol = 1e-6 if SMALL else 0.0  # the interpreter's numpy cos/sin are not CUDA's
+    differ = sum(((g.float() - w.float()).abs() > tol).sum().item() for g, w in zip(got, want))
+    print(f"rope tables {dtype} positions 0..{2**17 - 1}: {differ} entries differ from torch "
+          f"{'ok' if differ == 0 else 'FAIL'}", flush=True)
+    return differ == 0
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slipstream.kernels.fused_ops import rms_norm, silu_mul, use_triton
+from slipstream.kernels.fused_ops import rms_norm, rope_store_kv, silu_mul, use_triton
 from slipstream.kernels.pdl import pdl_kwargs
 
 try:
     import triton
     import triton.language as tl
+
+    from slipstream.kernels.fused_ops import _norm_rotate
     from slipstream.kernels.pdl import pdl_prologue
 except ImportError:  # CPU-only installs run the torch path
     triton = None
@@ -64,26 +66,20 @@ if triton is not None:
                  mask=(rm[:, None] < M) & n_mask[None, :])
 
     @triton.jit
-    def _gemv_kernel(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_rm, stride_rom,
-                     stride_wn, stride_ym, eps, M, M_P2: tl.constexpr, NORM: tl.constexpr,
-                     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """y[m, n] = sum_k h[m, k] * w[n, k] for up to 4 rows m, BLOCK_N rows of W streamed along K.
+    def _gemv_main(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, rn, n_mask, pair_rows, K, stride_xm, stride_rm, stride_rom,
+                   stride_wn, eps, M, write_res, M_P2: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                   PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(acc, acc_pair) [BLOCK_N, M_P2] float32: sum_k h[m, k] * w[n, k] over the weight rows
+        n = rn (and n = rn + pair_rows when PAIR) for up to 4 rows m, streamed along K.
 
-        NORM: h = RMSNorm(x + residual) * nw (x + residual written to ro by program 0), else h = x.
-        SWIGLU: W holds 2N rows (gate, then up); y = SiLU(gate) * up of the two products.
+        NORM: h = RMSNorm(x + residual) * nw (x + residual written to ro where write_res), else h = x.
         """
-        pdl_prologue(PDL)
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         cols = tl.arange(0, M_P2)
-        n_mask = rn < N
         if NORM:  # the rows' norms, from x + residual rounded as the torch path rounds it
             ss = tl.zeros((M_P2,), tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
-                k_mask = kk < K
                 for m in tl.static_range(M_P2):  # rows past M load zeros
                     x_mask = kk < tl.where(m < M, K, 0)
                     v = tl.load(x_ptr + m * stride_xm + kk, mask=x_mask, other=0.0)
@@ -94,16 +90,16 @@ if triton is not None:
                     ss += tl.where(cols == m, tl.sum(v * v, 0), 0.0)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
         acc = tl.zeros((BLOCK_N, M_P2), tl.float32)
-        acc_up = tl.zeros((BLOCK_N, M_P2), tl.float32)
-        k_store = tl.where(pid == 0, K, 0)  # one program writes the new residual stream
+        acc_pair = tl.zeros((BLOCK_N, M_P2), tl.float32)
+        k_store = tl.where(write_res, K, 0)  # one program writes the new residual stream
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_mask = kk < K
             wp = w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :]
             wm = n_mask[:, None] & k_mask[None, :]
             w = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
-            if SWIGLU:
-                w_up = tl.load(wp + N * stride_wn, mask=wm, other=0.0).to(tl.float32)
+            if PAIR:
+                w_pair = tl.load(wp + pair_rows * stride_wn, mask=wm, other=0.0).to(tl.float32)
             if NORM:
                 nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
             for m in tl.static_range(M_P2):
@@ -118,8 +114,27 @@ if triton is not None:
                     x = ((x.to(tl.float32) * r_m).to(x.dtype).to(tl.float32) * nw).to(x.dtype)
                 x = x.to(tl.float32)
                 acc += tl.where(cols[None, :] == m, tl.sum(w * x[None, :], 1)[:, None], 0.0)
-                if SWIGLU:
-                    acc_up += tl.where(cols[None, :] == m, tl.sum(w_up * x[None, :], 1)[:, None], 0.0)
+                if PAIR:
+                    acc_pair += tl.where(cols[None, :] == m, tl.sum(w_pair * x[None, :], 1)[:, None], 0.0)
+        return acc, acc_pair
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_rm, stride_rom,
+                     stride_wn, stride_ym, eps, M, M_P2: tl.constexpr, NORM: tl.constexpr,
+                     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """y[m, n] = sum_k h[m, k] * w[n, k] for up to 4 rows m, BLOCK_N rows of W per program.
+
+        SWIGLU: W holds 2N rows (gate, then up); y = SiLU(gate) * up of the two products.
+        """
+        pdl_prologue(PDL)
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, M_P2)
+        n_mask = rn < N
+        acc, acc_up = _gemv_main(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, rn, n_mask, N, K, stride_xm, stride_rm,
+                                 stride_rom, stride_wn, eps, M, pid == 0, M_P2, NORM, HAS_RES, SWIGLU, BLOCK_N,
+                                 BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             if SWIGLU:
@@ -132,6 +147,49 @@ if triton is not None:
             out = (act * acc_up.to(dtype).to(tl.float32)).to(dtype)
         tl.store(y_ptr + cols[None, :] * stride_ym + rn[:, None], out.to(y_ptr.dtype.element_ty),
                  mask=n_mask[:, None] & (cols[None, :] < M))
+
+    @triton.jit
+    def _qkv_rope_kernel(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, b_ptr, q_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr,
+                         K, stride_xm, stride_rm, stride_rom, stride_wn, stride_qm, stride_cos, stride_kc_slot,
+                         stride_kc_h, stride_vc_slot, stride_vc_h, eps, M, M_P2: tl.constexpr, NORM: tl.constexpr,
+                         HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr,
+                         HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """The fused q/k/v projection with RoPE and the K/V store in its epilogue.
+
+        A program takes BLOCK_N dimensions j of one head's first half and the same ones of its
+        second half (j + HALF), the pairs RoPE rotates together; q heads are written rotated to
+        q, k heads rotated and v heads as they are to the cache slots (slot < 0: not stored).
+        """
+        pdl_prologue(PDL)
+        pid = tl.program_id(0)
+        head = pid // (HALF // BLOCK_N)
+        j = (pid % (HALF // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = head * (2 * HALF) + j
+        cols = tl.arange(0, M_P2)
+        m_mask = (cols < M)[None, :]
+        acc1, acc2 = _gemv_main(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, rn, j < HALF, HALF, K, stride_xm, stride_rm,
+                                stride_rom, stride_wn, eps, M, pid == 0, M_P2, NORM, HAS_RES, True, BLOCK_N, BLOCK_K)
+        if HAS_BIAS:
+            acc1 += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+            acc2 += tl.load(b_ptr + rn + HALF).to(tl.float32)[:, None]
+        dtype = w_ptr.dtype.element_ty
+        x1, x2 = acc1.to(dtype), acc2.to(dtype)  # the projection's output, rounded as F.linear's
+        if head < H + KVH:  # q and k heads: RoPE, rounded as the torch path rounds it
+            c = tl.load(cos_ptr + cols[None, :] * stride_cos + j[:, None], mask=m_mask, other=0.0).to(tl.float32)
+            s = tl.load(sin_ptr + cols[None, :] * stride_cos + j[:, None], mask=m_mask, other=0.0).to(tl.float32)
+            x1, x2 = _norm_rotate(x1, x2, c, s, w_ptr, eps, m_mask, HALF, False)
+        if head < H:
+            dst = q_ptr + cols[None, :] * stride_qm + head * (2 * HALF) + j[:, None]
+            mask = m_mask
+        else:
+            slot = tl.load(slot_ptr + cols, mask=cols < M, other=-1)
+            mask = m_mask & (slot >= 0)[None, :]
+            if head < H + KVH:
+                dst = kc_ptr + slot[None, :] * stride_kc_slot + (head - H) * stride_kc_h + j[:, None]
+            else:
+                dst = vc_ptr + slot[None, :] * stride_vc_slot + (head - H - KVH) * stride_vc_h + j[:, None]
+        tl.store(dst, x1.to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, x2.to(dst.dtype.element_ty), mask=mask)
 
 
 def _tiled(x, weight, bias, out_dtype, block_n=0) -> torch.Tensor:
@@ -265,5 +323,58 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
             key = ("norm_linear", _m_bucket(M), *weight.shape, x.dtype, bias is not None, residual is not None, swiglu,
                    x.device.index)
             way = _fastest(key, {("fused", 4): lambda: fused(4), ("fused", 16): lambda: fused(16),
+                                 ("separate", 0): separate}, ("separate", 0))
+    return fused(way[1]) if way[0] == "fused" else separate()
+
+
+def norm_qkv_rope(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                  bias: torch.Tensor | None, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  num_heads: int, num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+                  way: tuple[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(q [M, heads, D] after RoPE, x + residual): the attention block's input norm, fused q/k/v
+    projection, (Qwen3's q/k norm,) RoPE and K/V store at `slot_mapping` (`rope_store_kv`).
+
+    Up to 4 rows on GPU without q/k norm, one GEMV kernel does it all (`_qkv_rope_kernel`) where
+    that measured faster than `norm_linear` then `rope_store_kv`; `way` ("fused", pairs per
+    program) or ("separate", 0) forces one.
+    """
+    M, D = x.shape[0], k_cache.shape[-1]
+    half = D // 2
+
+    def separate():
+        qkv, res = norm_linear(x, norm_weight, eps, weight, bias, residual)
+        norms = qk_norm if qk_norm is not None else (None, None)
+        return rope_store_kv(qkv, cos, sin, num_heads, num_kv_heads, k_cache, v_cache, slot_mapping, *norms), res
+
+    def fused(pairs):
+        q = torch.empty(M, num_heads, D, dtype=x.dtype, device=x.device)
+        res_out = torch.empty_like(x) if residual is not None else None
+        r = residual if residual is not None else x
+        ro = res_out if res_out is not None else x
+        kc, vc = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+        _qkv_rope_kernel[((num_heads + 2 * num_kv_heads) * (half // pairs),)](
+            x, r, norm_weight, ro, weight, bias if bias is not None else weight, q, cos, sin, slot_mapping, kc, vc,
+            x.shape[1], x.stride(0), r.stride(0), ro.stride(0), weight.stride(0), q.stride(0), cos.stride(0),
+            kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), float(eps), M=M, M_P2=triton.next_power_of_2(M),
+            NORM=True, HAS_RES=residual is not None, HAS_BIAS=bias is not None, H=num_heads, KVH=num_kv_heads,
+            HALF=half, BLOCK_N=pairs, BLOCK_K=512, num_warps=4, num_stages=3, **pdl_kwargs(x))
+        return q, res_out
+
+    fusable = (_serves(x, weight) and M <= GEMV_MAX_M and qk_norm is None and half >= 8 and not half & (half - 1)
+               and weight.shape[0] == (num_heads + 2 * num_kv_heads) * D
+               and k_cache.dtype == v_cache.dtype == x.dtype and k_cache.stride(-1) == v_cache.stride(-1) == 1
+               and k_cache.is_contiguous() and v_cache.is_contiguous()
+               and cos.stride(-1) == sin.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
+               and (residual is None or residual.stride(-1) == 1))
+    if not fusable:
+        return separate()
+    if way is None:
+        if x.device.type != "cuda":
+            way = ("fused", 4)
+        else:
+            key = ("qkv_rope", _m_bucket(M), *weight.shape, D, x.dtype, bias is not None, residual is not None,
+                   x.device.index)
+            way = _fastest(key, {("fused", 2): lambda: fused(2), ("fused", 8): lambda: fused(8),
                                  ("separate", 0): separate}, ("separate", 0))
     return fused(way[1]) if way[0] == "fused" else separate()

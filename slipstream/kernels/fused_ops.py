@@ -9,6 +9,8 @@ bring a layer to seven to ten launches:
 * `rope_store_kv(qkv, cos, sin, ...)`: optional per-head q/k RMSNorm (Qwen3), RoPE on q and k,
   and the K/V store into the paged cache, one kernel; returns q rotated in place in `qkv`.
 * `silu_mul(gate_up)`: SiLU(gate) * up, one kernel.
+* `rope_cos_sin(positions, inv_freq, scale, dtype)`: the step's RoPE tables, one kernel where
+  torch takes nine (a decode step pays them once, not per layer, but they are nine launches).
 
 Each op rounds where the Hugging Face modules round (their bf16/fp16 intermediates), so the
 Triton and torch paths agree to the last bit up to the order of float32 sums. On CPU tensors the
@@ -27,6 +29,7 @@ from slipstream.kernels.reference import store_kv
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     from slipstream.kernels.pdl import pdl_prologue
 except ImportError:  # CPU-only installs run the torch path
@@ -74,6 +77,13 @@ def rope_store_kv_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     return q
+
+
+def rope_cos_sin_torch(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -159,6 +169,27 @@ if triton is not None:
             tl.store(vc + HALF, tl.load(pv + HALF, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
 
     @triton.jit
+    def _rope_cos_sin_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, T, scale, HALF: tl.constexpr,
+                             BLOCK_T: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, HALF)
+        mask = (rows < T)[:, None]
+        freqs = tl.load(pos_ptr + rows, mask=rows < T, other=0).to(tl.float32)[:, None] * tl.load(inv_ptr + cols)[None, :]
+        if LIBDEVICE:  # CUDA's cosf/sinf, as torch's kernels: full range reduction (positions reach
+            # tens of thousands of radians), where an approximate instruction would drift
+            c, s = libdevice.cos(freqs), libdevice.sin(freqs)
+        else:  # the interpreter (numpy)
+            c, s = tl.cos(freqs), tl.sin(freqs)
+        c = (c * scale).to(cos_ptr.dtype.element_ty)
+        s = (s * scale).to(sin_ptr.dtype.element_ty)
+        offs = rows[:, None].to(tl.int64) * (2 * HALF) + cols[None, :]
+        tl.store(cos_ptr + offs, c, mask=mask)
+        tl.store(cos_ptr + offs + HALF, c, mask=mask)
+        tl.store(sin_ptr + offs, s, mask=mask)
+        tl.store(sin_ptr + offs + HALF, s, mask=mask)
+
+    @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
         pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -219,6 +250,25 @@ def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_h
             H=num_heads, KVH=num_kv_heads, H_P2=triton.next_power_of_2(num_heads),
             KVH_P2=triton.next_power_of_2(num_kv_heads), HALF=D // 2, NORM=norm, num_warps=4, **pdl_kwargs(qkv))
     return qkv[:, : num_heads * D].view(T, num_heads, D)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [T, 2 * len(inv_freq)] in `dtype` of positions [T] at float32 frequencies `inv_freq`,
+    times `scale`: computed in float32 and rounded once, as the Hugging Face rotary embedding does."""
+    half = inv_freq.shape[0]
+    if not use_triton(positions) or positions.dim() != 1 or inv_freq.dtype != torch.float32 or half & (half - 1):
+        return rope_cos_sin_torch(positions, inv_freq, scale, dtype)
+    T = positions.shape[0]
+    cos = torch.empty(T, 2 * half, dtype=dtype, device=positions.device)
+    sin = torch.empty_like(cos)
+    if T:
+        block_t = min(64, triton.next_power_of_2(T))
+        _rope_cos_sin_kernel[(triton.cdiv(T, block_t),)](positions.contiguous(), inv_freq.contiguous(), cos, sin, T,
+                                                        float(scale), HALF=half, BLOCK_T=block_t,
+                                                        LIBDEVICE=positions.device.type == "cuda", num_warps=4,
+                                                        **pdl_kwargs(positions))
+    return cos, sin
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

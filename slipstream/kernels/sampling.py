@@ -26,8 +26,8 @@ def _sample_partial_kernel(logits_ptr, temp_ptr, part_ptr, stride, V, CHUNK, see
     pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    if SEED_FROM_PTR:  # a CUDA graph replays the launch: the seed must come from memory
-        seed = tl.load(seed_ptr)
+    if SEED_FROM_PTR:  # a CUDA graph replays the launch: the seed must come from memory (`seed`: an offset)
+        seed = tl.load(seed_ptr) + seed
     t = tl.load(temp_ptr + row).to(tl.float32)
     greedy = t <= 0.0
     inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
@@ -76,8 +76,8 @@ def _sample_reduce_kernel(logits_ptr, temp_ptr, part_ptr, tok_ptr, lp_ptr, strid
     total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - m_all)), 0)
     tok = tl.sum(tl.where(cs == tl.argmax(g, 0), idx, 0.0), 0).to(tl.int64)  # first chunk on ties
     x = tl.load(logits_ptr + row * stride + tok).to(tl.float32) * inv_t
-    tl.store(tok_ptr + row, tok)
-    tl.store(lp_ptr + row, x - m_all - tl.log(total))
+    tl.store(tok_ptr + row, tok.to(tok_ptr.dtype.element_ty))
+    tl.store(lp_ptr + row, (x - m_all - tl.log(total)).to(lp_ptr.dtype.element_ty))
 
 
 def _num_chunks(n_rows: int, vocab: int, block: int) -> int:
@@ -86,11 +86,13 @@ def _num_chunks(n_rows: int, vocab: int, block: int) -> int:
     return max(1, min(64, want, triton.next_power_of_2(-(-vocab // block))))
 
 
-def fused_sample(logits: torch.Tensor, temperature: torch.Tensor,
-                 seed: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int | torch.Tensor,
+                 seed_offset: int = 0, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [N] long, logprobs [N] float32) drawn from softmax(logits / temperature); greedy where T = 0.
 
-    `seed`: an int, or a one-element integer tensor on the logits' device read by the kernel (graphs).
+    `seed`: an int, or a one-element integer tensor on the logits' device read by the kernel (graphs),
+    plus `seed_offset`. `out`: a float64 [2, N] tensor that receives the tokens and log-probs
+    (returned as its two rows), so that a graph's steps need no copies to stack their draws.
     The vocabulary of each row is cut into chunks scanned in parallel, then merged; the draw of a
     row does not depend on the chunking.
     """
@@ -101,8 +103,14 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor,
     if N * V >= 2**31:
         raise ValueError(f"{N} rows x {V} tokens exceeds the sampler's 32-bit random offsets; sample in chunks")
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(N, dtype=torch.float32, device=logits.device)
+    if out is not None:
+        if out.shape != (2, N) or out.dtype != torch.float64 or out.stride(-1) != 1:
+            raise ValueError(f"out must be a float64 [2, {N}] tensor with unit stride, got {out.dtype} "
+                             f"{tuple(out.shape)}")
+        tokens, logprobs = out[0], out[1]
+    else:
+        tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
+        logprobs = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
         block = min(1024, triton.next_power_of_2(V))
         C = _num_chunks(N, V, block)
@@ -110,7 +118,8 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor,
         part = torch.empty(N, 4, C, dtype=torch.float32, device=logits.device)
         from_ptr = isinstance(seed, torch.Tensor)
         _sample_partial_kernel[(N, C)](logits, temperature, part, logits.stride(0), V, chunk,
-                                       0 if from_ptr else seed % (2**31 - 1), seed if from_ptr else tokens,
+                                       seed_offset if from_ptr else (seed + seed_offset) % (2**31 - 1),
+                                       seed if from_ptr else tokens,
                                        C=C, BLOCK=block, SEED_FROM_PTR=from_ptr, num_warps=4, **pdl_kwargs(logits))
         _sample_reduce_kernel[(N,)](logits, temperature, part, tokens, logprobs, logits.stride(0), C=C, num_warps=1,
                                     **pdl_kwargs(logits))

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from slipstream.kernels.decode_linear import linear, norm_linear
-from slipstream.kernels.fused_ops import rms_norm, rope_store_kv
+from slipstream.kernels.decode_linear import linear, norm_linear, norm_qkv_rope
+from slipstream.kernels.fused_ops import rms_norm, rope_cos_sin
 from slipstream.kernels.reference import paged_attention_ref
 from slipstream.models.registry import ModelLoadError
 
@@ -321,14 +321,11 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, qkv, cos, sin, attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
-        """o_proj(attention) of the tokens whose fused q/k/v projection is `qkv` [T, q + 2 kv]."""
-        T = qkv.shape[0]
-        k_cache, v_cache = kv_cache
-        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None)
-        q = rope_store_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads, k_cache, v_cache, attn.slot_mapping, *norms)
-        out = attention_fn(q, k_cache, v_cache, attn, self.scale)
-        return _linear(self.o_proj, out.reshape(T, self.q_size))
+    def forward(self, q: torch.Tensor, attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
+        """o_proj(attention) of the tokens whose rotated queries are `q` [T, heads, D] (their K/V
+        already in the cache: `norm_qkv_rope` in Layer.forward)."""
+        out = attention_fn(q, *kv_cache, attn, self.scale)
+        return _linear(self.o_proj, out.reshape(q.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -356,14 +353,16 @@ class Layer(nn.Module):
 
         Each residual add is deferred into the next RMSNorm, and each norm runs with the projection
         after it (`norm_linear`: one kernel for decode steps where that is faster, as is SiLU(gate)
-        * up with the gate/up projection); `residual` is None at the first layer, whose `x` is the
-        embeddings.
+        * up with the gate/up projection, and RoPE and the K/V store with the q/k/v projection:
+        `norm_qkv_rope`); `residual` is None at the first layer, whose `x` is the embeddings.
         """
         a, m = self.attention, self.mlp
         n1, n2 = self.input_norm, self.post_attention_norm
-        qkv, new_residual = norm_linear(x, n1.weight, n1.eps, a.qkv_proj.weight, a.qkv_proj.bias, residual)
+        qk_norm = (a.q_norm.weight, a.k_norm.weight, a.q_norm.eps) if a.q_norm is not None else None
+        q, new_residual = norm_qkv_rope(x, n1.weight, n1.eps, a.qkv_proj.weight, a.qkv_proj.bias, residual, cos, sin,
+                                        a.num_heads, a.num_kv_heads, *kv_cache, attn.slot_mapping, qk_norm)
         residual = x if residual is None else new_residual
-        act, residual = norm_linear(a(qkv, cos, sin, attn, kv_cache), n2.weight, n2.eps, m.gate_up_proj.weight,
+        act, residual = norm_linear(a(q, attn, kv_cache), n2.weight, n2.eps, m.gate_up_proj.weight,
                                     m.gate_up_proj.bias, residual, swiglu=True)
         return m(act), residual
 
@@ -399,9 +398,7 @@ class Decoder(nn.Module):
         return self
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+        return rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], capture_layers: tuple[int, ...] = ()):

@@ -5,10 +5,11 @@ far more than running them. A captured graph launches them all at once. Graphs n
 and fixed addresses, so every decode step is padded to the next bucket size and reads its inputs
 from static buffers:
 
-* one int64 staging buffer holds, for bucket B, [input_ids | positions | seq_lens | slots |
+* one int64 staging buffer holds, for bucket B, [input_ids | positions | seq_lens |
   temperatures (float64 bits)] (B each), the sampling seed, then the block tables (B x
   max_blocks); the host fills a pinned twin and ONE copy moves it to the device, in the stream of
-  the replay;
+  the replay; each step's KV slots, int32 lengths and (after the first) positions come from it in
+  one kernel (`slipstream.kernels.decode_inputs`);
 * padding rows decode token 0 at position 0 of a one-token context in a scratch KV block that the
   block manager never hands out (the cache has `num_blocks + 1` blocks), so they write nothing
   that a real sequence reads;
@@ -16,7 +17,7 @@ from static buffers:
   fixed; rows past a sequence's last block are never read.
 
 The graph ends with the logits and, on GPU, the fused sampling kernel's draw for every row
-(tokens and log-probs stacked in one float64 [2, B] tensor, read back with one copy); steps with
+(tokens and log-probs of each step written into one float64 [steps, 2, B] tensor, read back with one copy); steps with
 top-k / top-p sample from the logits after the replay instead. `replay` returns static output
 tensors: copy what must outlive the next step.
 On CPU the same padded, static-buffer forward runs eagerly (`capture=False`): it is how the tests
@@ -30,6 +31,7 @@ from collections.abc import Sequence as Seq
 import numpy as np
 import torch
 
+from slipstream.kernels.decode_inputs import decode_inputs
 from slipstream.models.decoder import AttentionMetadata, Decoder
 from slipstream.rollout.sequence import Sequence
 
@@ -73,7 +75,7 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.capture_enabled = capture
         self.skip_scale, self.counters, self.capture_layers = skip_scale, counters, tuple(capture_layers)
-        n = self.max_batch * (5 + self.width) + 1
+        n = self.max_batch * (4 + self.width) + 1
         self.staging = torch.zeros(n, dtype=torch.int64, device=self.device)
         pin = self.device.type == "cuda"
         self.host = torch.zeros(n, dtype=torch.int64, pin_memory=pin)
@@ -94,23 +96,25 @@ class DecodeGraphs:
 
     def _views(self, B: int) -> tuple[torch.Tensor, ...]:
         s = self.staging
-        ids, pos, lens, slots, temps = (s[i * B:(i + 1) * B] for i in range(5))
-        tables = s[5 * B + 1:5 * B + 1 + B * self.width].view(B, self.width)
-        return ids, pos, lens, slots, temps.view(torch.float64), s[5 * B:5 * B + 1], tables
+        ids, pos, lens, temps = (s[i * B:(i + 1) * B] for i in range(4))
+        tables = s[4 * B + 1:4 * B + 1 + B * self.width].view(B, self.width)
+        return ids, pos, lens, temps.view(torch.float64), s[4 * B:4 * B + 1], tables
 
     def _size(self, B: int) -> int:
-        return B * (5 + self.width) + 1
+        return B * (4 + self.width) + 1
 
     def _forward(self, B: int, steps: int = 1
                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
         """`steps` > 1: that many decode steps, each feeding its draws to the next on the device
         (positions, lengths and slots advance by one; the block tables must already hold the
         blocks); returns the last step's logits and the draws of all steps [steps, 2, B]."""
-        ids, pos, lens, slots, temps, seed, tables = self._views(B)
+        ids0, pos0, lens0, temps, seed, tables = self._views(B)
         tables32 = tables.to(torch.int32)
-        draws = []
+        sampled = torch.empty(steps, 2, B, dtype=torch.float64, device=self.device)
+        tokens = ids0
         for k in range(steps):
-            attn = AttentionMetadata(self.cu_seqlens[:B + 1], lens.to(torch.int32), tables32, slots,
+            ids, pos, lens, slots = decode_inputs(tokens, pos0, lens0, tables, k, self.block_size)
+            attn = AttentionMetadata(self.cu_seqlens[:B + 1], lens, tables32, slots,
                                      max_q_len=1, skip_scale=self.skip_scale,
                                      counters=self.counters if self.skip_scale > 0 else None)
             if self.capture_layers:
@@ -120,47 +124,43 @@ class DecodeGraphs:
             logits = self.decoder.compute_logits(hidden)
             if not self.capture_enabled and steps == 1:
                 return logits, captured, None  # the caller samples (the CPU engine's torch sampler)
-            tokens, logprobs = self._draw(logits, temps, seed + k if k else seed)
-            draws.append(torch.stack([tokens.double(), logprobs.double()]))
-            if k + 1 < steps:
-                ids, pos, lens = tokens, pos + 1, lens + 1
-                block = tables.gather(1, (pos // self.block_size)[:, None]).squeeze(1)
-                slots = block * self.block_size + pos % self.block_size
-        sampled = draws[0] if steps == 1 else torch.stack(draws)
-        return logits, captured, sampled
+            self._draw(logits, temps, seed, k, sampled[k])
+            tokens = sampled[k, 0]
+        return logits, captured, sampled[0] if steps == 1 else sampled
 
-    def _draw(self, logits: torch.Tensor, temps: torch.Tensor, seed: torch.Tensor):
+    def _draw(self, logits: torch.Tensor, temps: torch.Tensor, seed: torch.Tensor, step: int,
+              out: torch.Tensor) -> None:
+        """Step `step`'s tokens and log-probs into out [2, B], seeded by seed + step."""
         if self.capture_enabled:
             from slipstream.kernels.sampling import fused_sample
 
-            return fused_sample(logits, temps, seed)
+            fused_sample(logits, temps, seed, seed_offset=step, out=out)
+            return
         # the eager static path on CPU (tests): the torch sampler, seeded from the same seed
         from slipstream.rollout.sampler import sample
 
-        gen = torch.Generator(logits.device).manual_seed(int(seed))
-        return sample(logits, temps.float(), None, None, gen, truncate=False)
+        gen = torch.Generator(logits.device).manual_seed(int(seed) + step)
+        tokens, logprobs = sample(logits, temps.float(), None, None, gen, truncate=False)
+        out.copy_(torch.stack([tokens.double(), logprobs.double()]))
 
     def _fill(self, seqs: Seq[Sequence], B: int, seed: int = 0) -> None:
         """Write the step's inputs for `seqs` (padded to B rows) into the pinned host buffer."""
-        h, bs, W = self.host_np, self.block_size, self.width
+        h, W = self.host_np, self.width
         n = len(seqs)
-        t0 = 5 * B + 1
+        t0 = 4 * B + 1
         last = [seq.num_tokens - 1 for seq in seqs]  # the last token is fed back; its K/V goes there
-        tables = [seq.block_table for seq in seqs]
         h[:n] = [seq.last_token for seq in seqs]
         h[B:B + n] = last
         h[2 * B:2 * B + n] = [p + 1 for p in last]
-        h[3 * B:3 * B + n] = [table[p // bs] * bs + p % bs for table, p in zip(tables, last)]
-        self.host_f64[4 * B:4 * B + n] = [seq.params.temperature for seq in seqs]
-        for i, table in enumerate(tables):
-            h[t0 + i * W:t0 + i * W + len(table)] = table
+        self.host_f64[3 * B:3 * B + n] = [seq.params.temperature for seq in seqs]
+        for i, seq in enumerate(seqs):
+            h[t0 + i * W:t0 + i * W + len(seq.block_table)] = seq.block_table
         h[n:B] = 0
         h[B + n:2 * B] = 0
         h[2 * B + n:3 * B] = 1
-        h[3 * B + n:4 * B] = self.scratch_block * bs
-        self.host_f64[4 * B + n:5 * B] = 0.0
-        h[5 * B] = seed
-        h[t0 + n * W:t0 + B * W:W] = self.scratch_block
+        self.host_f64[3 * B + n:4 * B] = 0.0
+        h[4 * B] = seed
+        h[t0 + n * W:t0 + B * W:W] = self.scratch_block  # padding rows: position 0 in the scratch block
 
     def _capture(self, B: int, steps: int = 1) -> None:
         self.host_np[:] = 0

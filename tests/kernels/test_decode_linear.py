@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slipstream.kernels import decode_linear
-from slipstream.kernels.fused_ops import rms_norm_torch, silu_mul_torch
+from slipstream.kernels.fused_ops import rms_norm_torch, rope_cos_sin_torch, silu_mul_torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -93,3 +93,42 @@ def test_norm_linear_above_four_rows_runs_the_separate_kernels():
     h, ref_res = rms_norm_torch(x, nw, 1e-6, res)
     torch.testing.assert_close(y, silu_mul_torch(torch.nn.functional.linear(h, w)), atol=1e-5, rtol=1e-5)
     assert torch.equal(new_res, ref_res)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,heads,kv_heads,D,with_residual,bias", [(1, 4, 2, 16, True, True), (3, 6, 2, 32, False, False),
+                                                                   (4, 3, 3, 16, True, False)])
+def test_norm_qkv_rope_fused_equals_the_separate_ops(dtype, M, heads, kv_heads, D, with_residual, bias):
+    g = torch.Generator().manual_seed(M * heads + D)
+    K, page, blocks = 200, 4, 5
+    N = (heads + 2 * kv_heads) * D
+    x = torch.randn(M, K, generator=g).to(dtype)
+    res = torch.randn(M, K, generator=g).to(dtype) if with_residual else None
+    nw = (1 + 0.1 * torch.randn(K, generator=g)).to(dtype)
+    w = (0.1 * torch.randn(N, K, generator=g)).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    pos = torch.tensor([5, 900, 17, 3000][:M])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    cos, sin = rope_cos_sin_torch(pos, inv_freq, 1.0, dtype)
+    slots = torch.tensor([7, -1, 0, 19][:M])  # the second token has no slot: nothing stored
+    caches = [torch.full((blocks, page, kv_heads, D), 9.0, dtype=dtype) for _ in range(4)]
+    args = (x, nw, 1e-5, w, b, res, cos, sin, heads, kv_heads)
+    q_ref, res_ref = decode_linear.norm_qkv_rope(*args, caches[0], caches[1], slots, way=("separate", 0))
+    tol = dict(atol=3e-2, rtol=3e-3) if dtype == torch.float16 else dict(atol=1e-4, rtol=1e-5)
+    for pairs in (2, 8):
+        kc, vc = caches[2].clone(), caches[3].clone()
+        q, new_res = decode_linear.norm_qkv_rope(*args, kc, vc, slots, way=("fused", pairs))
+        assert q.shape == (M, heads, D) and q.dtype == dtype
+        torch.testing.assert_close(q, q_ref, **tol)
+        torch.testing.assert_close(kc, caches[0], **tol)
+        torch.testing.assert_close(vc, caches[1], **tol)
+        assert (kc.view(-1, kv_heads, D)[[1, 2, 3, 4]] == 9.0).all()  # slots not written keep their contents
+        if with_residual:
+            torch.testing.assert_close(new_res, res_ref, atol=0, rtol=0)
+        else:
+            assert new_res is None
+    # Qwen3's q/k norm takes the separate ops, whatever was asked
+    qk = (torch.ones(D, dtype=dtype), torch.ones(D, dtype=dtype), 1e-6)
+    q_n, _ = decode_linear.norm_qkv_rope(*args, caches[2], caches[3], slots, qk_norm=qk)
+    q_s, _ = decode_linear.norm_qkv_rope(*args, caches[0], caches[1], slots, qk_norm=qk, way=("separate", 0))
+    torch.testing.assert_close(q_n, q_s, atol=0, rtol=0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from slipstream.kernels import fused_ops
-from slipstream.kernels.fused_ops import (rms_norm, rms_norm_torch, rope_store_kv, rope_store_kv_torch, silu_mul,
-                                          silu_mul_torch)
+from slipstream.kernels.fused_ops import (rms_norm, rms_norm_torch, rope_cos_sin, rope_cos_sin_torch, rope_store_kv,
+                                          rope_store_kv_torch, silu_mul, silu_mul_torch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -59,6 +59,21 @@ def test_rope_store_kv_rotates_q_in_place_on_the_triton_path():
     cache = torch.zeros(2, 4, kv, D), torch.zeros(2, 4, kv, D)
     q = rope_store_kv(qkv, cos, sin, heads, kv, *cache, torch.tensor([0, 1, 2]))
     assert q.data_ptr() == qkv.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # (the interpreter's bf16 casts truncate)
+@pytest.mark.parametrize("scale", [1.0, 1.2])
+def test_rope_cos_sin_matches_torch(dtype, scale):
+    # positions far past 2 pi (full range reduction) and more rows than one program takes
+    pos = torch.cat([torch.arange(70), torch.tensor([4095, 32767, 131071])])
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, 64, 2).float() / 64))
+    cos, sin = rope_cos_sin(pos, inv_freq, scale, dtype)
+    ref_cos, ref_sin = rope_cos_sin_torch(pos, inv_freq, scale, dtype)
+    assert cos.shape == sin.shape == (73, 64) and cos.dtype == dtype
+    tol = dict(atol=1e-6, rtol=0) if dtype == torch.float32 else dict(atol=0, rtol=0)
+    torch.testing.assert_close(cos, ref_cos, **tol)
+    torch.testing.assert_close(sin, ref_sin, **tol)
+    assert rope_cos_sin(pos[:0], inv_freq, scale, dtype)[0].shape == (0, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

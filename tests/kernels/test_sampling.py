@@ -1,5 +1,7 @@
 """The fused sampling kernel (Triton interpreter): exact distribution, log-probs, greedy rows, determinism."""
 
+import math
+
 import pytest
 import torch
 
@@ -53,8 +55,15 @@ def test_same_seed_same_draws_other_seed_other_draws():
     d, _ = fused_sample(logits, torch.ones(64), seed=torch.tensor([1]))  # read by the kernel (CUDA graphs)
     assert torch.equal(a, d)
     assert len(set(a.tolist())) > 20  # rows of one launch draw independently
+    # a graph's step k reads the seed tensor and adds k; its draws land in a float64 [2, N] buffer
+    out = torch.full((2, 64), -1.0, dtype=torch.float64)
+    e, lp = fused_sample(logits, torch.ones(64), seed=torch.tensor([1]), seed_offset=1, out=out)
+    assert e.data_ptr() == out.data_ptr() and torch.equal(e.long(), c) and torch.equal(out[0].long(), c)
+    assert torch.allclose(lp, torch.full((64,), -math.log(50), dtype=torch.float64))
 
 
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="temperature"):
         fused_sample(torch.zeros(3, 5), torch.ones(2), seed=0)
+    with pytest.raises(ValueError, match="float64"):
+        fused_sample(torch.zeros(3, 5), torch.ones(3), seed=0, out=torch.zeros(2, 3))
