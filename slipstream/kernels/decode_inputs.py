@@ -4,6 +4,8 @@ A replay runs several decode steps, each feeding its draws to the next on the de
 token ids, positions, context lengths (int32, for attention) and KV slots follow from the
 replay's inputs: position = position_0 + k, length = length_0 + k, and the slot is the block
 table's entry for that position. In torch that is about ten tiny kernels per step; here it is one.
+A second kernel ends the replay: it writes the next replay's inputs over this one's, so that a
+replay of the same sequences can be launched before the host has read the draws.
 """
 
 from __future__ import annotations
@@ -66,3 +68,45 @@ def decode_inputs(tokens: torch.Tensor, positions: torch.Tensor, seq_lens: torch
             tokens, positions, seq_lens, block_tables, ids, pos, lens, slots, B, block_tables.stride(0), step,
             block_size, BLOCK=block, num_warps=4, **pdl_kwargs(tokens))
     return ids, pos, lens, slots
+
+
+def advance_replay_inputs_torch(ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
+                                seed: torch.Tensor, tokens: torch.Tensor, steps: int) -> None:
+    step = (seq_lens > 1).to(positions.dtype) * steps
+    ids.copy_(tokens)
+    positions.add_(step)
+    seq_lens.add_(step)
+    seed.add_(steps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _advance_kernel(ids_ptr, pos_ptr, len_ptr, seed_ptr, tok_ptr, B, steps, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+        pdl_prologue(PDL)
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = rows < B
+        lens = tl.load(len_ptr + rows, mask=mask, other=1)
+        step = tl.where(lens > 1, steps, 0)
+        tl.store(ids_ptr + rows, tl.load(tok_ptr + rows, mask=mask, other=0).to(ids_ptr.dtype.element_ty), mask=mask)
+        tl.store(pos_ptr + rows, tl.load(pos_ptr + rows, mask=mask, other=0) + step, mask=mask)
+        tl.store(len_ptr + rows, lens + step, mask=mask)
+        if tl.program_id(0) == 0:
+            tl.store(seed_ptr, tl.load(seed_ptr) + steps)
+
+
+def advance_replay_inputs(ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor, seed: torch.Tensor,
+                          tokens: torch.Tensor, steps: int) -> None:
+    """In place, at the end of a replay of `steps` decode steps: the next replay's inputs, so that
+    it can start before the host has read this one's draws. ids [B] <- tokens (the last step's
+    draws); positions and seq_lens [B] advance by `steps`, except on padding rows (seq_lens 1: a
+    decoding sequence has at least 2 tokens), which stay in the scratch block; seed [1] advances
+    by `steps`, as the per-step seeds of the replay did."""
+    B = ids.shape[0]
+    if not use_triton(ids):
+        return advance_replay_inputs_torch(ids, positions, seq_lens, seed, tokens, steps)
+    if B:
+        block = min(1024, triton.next_power_of_2(B))
+        _advance_kernel[(triton.cdiv(B, block),)](ids, positions, seq_lens, seed, tokens, B, steps, BLOCK=block,
+                                                  num_warps=4, **pdl_kwargs(ids))

@@ -31,7 +31,7 @@ from collections.abc import Sequence as Seq
 import numpy as np
 import torch
 
-from slipstream.kernels.decode_inputs import decode_inputs
+from slipstream.kernels.decode_inputs import advance_replay_inputs, decode_inputs
 from slipstream.models.decoder import AttentionMetadata, Decoder
 from slipstream.rollout.sequence import Sequence
 
@@ -81,6 +81,10 @@ class DecodeGraphs:
         self.host = torch.zeros(n, dtype=torch.int64, pin_memory=pin)
         self.host_np = self.host.numpy()
         self.host_f64 = self.host_np.view(np.float64)
+        # block tables of chained replays (`_upload_grown_tables`)
+        self.table_hosts = [torch.zeros(self.max_batch * self.width, dtype=torch.int64, pin_memory=pin)
+                            for _ in range(2)]
+        self.table_flip, self.table_lengths = 0, []
         self.cu_seqlens = torch.arange(self.max_batch + 1, dtype=torch.int32, device=self.device)
         # (bucket, steps) -> (graph, logits, captured hidden states, draws)
         self.graphs: dict[tuple[int, int], tuple] = {}
@@ -126,6 +130,8 @@ class DecodeGraphs:
                 return logits, captured, None  # the caller samples (the CPU engine's torch sampler)
             self._draw(logits, temps, seed, k, sampled[k])
             tokens = sampled[k, 0]
+        if steps > 1:  # the inputs of a chained replay (`replay_steps(..., chained=True)`)
+            advance_replay_inputs(ids0, pos0, lens0, seed, tokens, steps)
         return logits, captured, sampled[0] if steps == 1 else sampled
 
     def _draw(self, logits: torch.Tensor, temps: torch.Tensor, seed: torch.Tensor, step: int,
@@ -187,21 +193,48 @@ class DecodeGraphs:
             graph.replay()
         return logits[:n], {k: v[:n] for k, v in captured.items()}, None if sampled is None else sampled[:, :n]
 
-    def replay_steps(self, seqs: Seq[Sequence], steps: int, seed: int = 0) -> torch.Tensor:
-        """`steps` decode steps of `seqs` in one replay: float64 [steps, 2, n] (tokens; log-probs).
+    def replay_steps(self, seqs: Seq[Sequence], steps: int, seed: int = 0, chained: bool = False) -> torch.Tensor:
+        """`steps` decode steps of `seqs` in one replay: the graph's static draws, float64
+        [steps, 2, bucket] (tokens; log-probs), of which the first len(seqs) columns are `seqs`'.
 
         Every sequence's block table must already cover its next `steps` tokens, and `steps` must
-        not exceed the block size (padding rows stay in the scratch block).
+        not exceed the block size (padding rows stay in the scratch block). `chained`: continue
+        the previous replay of the same `seqs` and `steps` from where it ended, before the host
+        has read its draws: the graph left its last draws, positions, lengths and seed as the
+        next inputs; only the block tables are uploaded again, where one grew (`seed` unused).
         """
         if not 1 < steps <= self.block_size:
             raise ValueError(f"steps must be in 2..{self.block_size} (the block size), got {steps}")
-        B = self._prepare(seqs, seed, steps)
+        if chained:
+            B = self.last_bucket
+            if self.bucket_for(len(seqs)) != B or (B, steps) not in self.graphs:
+                raise ValueError("a chained replay continues the previous replay of the same sequences and steps")
+            self._upload_grown_tables(seqs, B)
+        else:
+            B = self._prepare(seqs, seed, steps)
         graph, _, _, sampled = self.graphs[B, steps]
         if graph is None:
             _, _, sampled = self._forward(B, steps)
         else:
             graph.replay()
-        return sampled[:, :, :len(seqs)]
+        return sampled
+
+    def _upload_grown_tables(self, seqs: Seq[Sequence], B: int) -> None:
+        """Copy the block tables of `seqs` to the device if one grew since the last upload, from
+        the other of two pinned buffers (an earlier copy from this one may still be queued)."""
+        lengths = [len(seq.block_table) for seq in seqs]
+        if lengths == self.table_lengths:
+            return
+        self.table_lengths = lengths
+        self.table_flip ^= 1
+        host, W = self.table_hosts[self.table_flip], self.width
+        h = host.numpy()
+        h[:B * W] = 0
+        for i, seq in enumerate(seqs):
+            h[i * W:i * W + len(seq.block_table)] = seq.block_table
+        h[len(seqs) * W:B * W:W] = self.scratch_block
+        *_, tables = self._views(B)
+        tables.view(-1).copy_(host[:B * W], non_blocking=True)
 
     def _prepare(self, seqs: Seq[Sequence], seed: int, steps: int = 1) -> int:
         """Capture the bucket's graph if needed and move the step's inputs in; returns the bucket."""
@@ -212,6 +245,7 @@ class DecodeGraphs:
         if (B, steps) not in self.graphs:
             self._capture(B, steps)
         self._fill(seqs, B, seed)
+        self.table_lengths = [len(seq.block_table) for seq in seqs]
         size = self._size(B)
         self.staging[:size].copy_(self.host[:size], non_blocking=True)
         self.last_bucket = B

@@ -10,7 +10,7 @@ import torch
 
 from slipstream.models.decoder import Decoder
 from slipstream.rollout.block_manager import BlockManager
-from slipstream.rollout.model_runner import ModelRunner, StepFeatures
+from slipstream.rollout.model_runner import LaunchedSteps, ModelRunner, StepFeatures
 from slipstream.rollout.scheduler import ScheduledBatch, Scheduler
 from slipstream.rollout.sequence import Sequence
 from slipstream.rollout.spec.policy import PolicyConfig
@@ -77,10 +77,13 @@ class Engine:
         self.spec_runner = SpecRunner(self.runner, min(cfg.max_graph_batch, spec.policy.min_batch_for_off)) \
             if spec is not None else None
         self.timeline = Timeline()
+        # decode steps launched and not yet read: (their sequences, the launch); see _decode_steps
+        self._inflight: tuple[list[Sequence], LaunchedSteps] | None = None
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Copy new weights (Hugging Face names) into the decoder in place; returns the seconds it took."""
         t0 = time.perf_counter()
+        self._drain()  # steps in flight were drawn under the old weights: read them first
         with torch.no_grad():
             self.decoder.load_weights(named_tensors)
         self.block_manager.reset_prefix_cache()  # K/V cached under the old weights must not be reused
@@ -91,6 +94,7 @@ class Engine:
     def release_cache(self) -> None:
         """Free the KV cache's memory (a colocated trainer needs it while it updates); cached prefixes
         are forgotten. `restore_cache` allocates it again before the next `generate`."""
+        self._drain()
         self.block_manager.reset_prefix_cache()
         self.runner.release_cache()
         if self.spec_runner is not None:
@@ -124,6 +128,8 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         t0 = time.perf_counter()
+        if self._inflight is not None:  # read the launched steps before anything looks at the sequences
+            return self._decode_steps(t0)
         live = self.scheduler.num_running + self.scheduler.num_waiting
         drafts = self.speculator.propose(self.scheduler) if self.speculator is not None else None
         if not drafts and self._can_decode_steps():
@@ -161,15 +167,51 @@ class Engine:
             need += bm.blocks_to_grow(seq, K - 1)
         return need <= bm.num_free_blocks
 
-    def _decode_steps(self, t0: float) -> list[Sequence]:
+    def _can_chain(self, seqs: list[Sequence]) -> bool:
+        """Whether the next replay of `seqs` may be launched before the host reads the one in
+        flight: they are still all that runs, nothing waits, and none is sure to end inside the
+        replay in flight (by its length); room in the graphs' tables and free blocks for the
+        next replay's tokens too."""
+        K, sch, bm = self.cfg.decode_steps, self.scheduler, self.block_manager
+        if sch.num_waiting or len(seqs) != sch.num_running or any(seq.is_finished for seq in seqs):
+            return False
+        limit = min(self.runner.graphs.width * bm.block_size, sch.max_model_len or 1 << 62)
+        need = 0
+        for seq in seqs:
+            if seq.num_tokens + 2 * K > limit or seq.num_output_tokens + K >= seq.params.max_tokens:
+                return False
+            need += bm.blocks_to_grow(seq, 2 * K - 1)
+        return need <= bm.num_free_blocks
+
+    def _decode_steps(self, t0: float, chain: bool = True) -> list[Sequence]:
         """`decode_steps` decode steps in one replay, applied in one pass per sequence; the
-        timeline and the speculator's bandit still see one record per step."""
-        K, sch = self.cfg.decode_steps, self.scheduler
-        running = list(sch.running)
-        for seq in running:
-            self.block_manager.may_append(seq, K - 1)  # slots for the K tokens the replay computes
-        tokens, logprobs = self.runner.decode_steps(running, K)
-        finished, live = sch.postprocess_steps(running, tokens, logprobs)
+        timeline and the speculator's bandit still see one record per step.
+
+        While the same sequences keep decoding, the next replay is launched (chained on the
+        device) before this one's draws are read, so the GPU does not wait for the host between
+        replays. If a sequence ends in this replay, its draws in the chained one are discarded,
+        and no replay chains from there (its blocks are free again)."""
+        K, sch, bm = self.cfg.decode_steps, self.scheduler, self.block_manager
+        if self._inflight is None:
+            running = list(sch.running)
+            for seq in running:
+                bm.may_append(seq, K - 1)  # slots for the K tokens the replay computes
+            self._inflight = (running, self.runner.launch_decode_steps(running, K))
+        seqs, launched = self._inflight
+        self._inflight = None
+        if chain and self._can_chain(seqs):
+            for seq in seqs:
+                bm.may_append(seq, 2 * K - 1)  # and for the chained replay's K after them
+            self._inflight = (seqs, self.runner.launch_decode_steps(seqs, K, chained=True))
+        tokens, logprobs = self.runner.finish_decode_steps(launched)
+        alive = [i for i, seq in enumerate(seqs) if not seq.is_finished]  # those ended before: discarded
+        if len(alive) < len(seqs):
+            seqs = [seqs[i] for i in alive]
+            tokens = [[row[i] for i in alive] for row in tokens]
+            logprobs = [[row[i] for i in alive] for row in logprobs]
+        finished, live = sch.postprocess_steps(seqs, tokens, logprobs)
+        if self._inflight is not None and all(seq.is_finished for seq in seqs):
+            self._inflight = None  # nothing to read there; the GPU finishes it before any later work
         t_prev, dt = t0, (time.perf_counter() - t0) / K
         for n in live:
             if not n:
@@ -180,6 +222,11 @@ class Engine:
             self.stats["steps"] += 1
             t_prev += dt
         return finished
+
+    def _drain(self) -> None:
+        """Read the decode steps in flight, launching no more."""
+        if self._inflight is not None:
+            self._decode_steps(time.perf_counter(), chain=False)
 
     def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,
                  history: bool = True) -> list[Completion]:

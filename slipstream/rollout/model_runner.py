@@ -36,6 +36,16 @@ class StepFeatures:
     hidden: dict[int, torch.Tensor]
 
 
+@dataclass
+class LaunchedSteps:
+    """Decode steps launched and not yet read: their draws [steps, 2, bucket] land in `draws` (a
+    host buffer) once the event `done` (None on CPU: already there) has passed."""
+
+    draws: torch.Tensor
+    done: torch.cuda.Event | None
+    num_seqs: int
+
+
 class ModelRunner:
     def __init__(self, decoder: Decoder, num_blocks: int, block_size: int, seed: int = 0,
                  capture_layers: tuple[int, ...] = (), feature_sink: Callable[[StepFeatures], None] | None = None,
@@ -59,6 +69,8 @@ class ModelRunner:
         self.allocate_cache()
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.seeds = random.Random(seed)  # seeds of the fused sampling kernel
+        self.draw_hosts: list[torch.Tensor] | None = None  # pinned buffers of launched decode steps' draws
+        self.draw_flip = 0
 
     def allocate_cache(self) -> None:
         """Allocate the KV cache, if released: the block manager's blocks plus one scratch block that
@@ -100,10 +112,29 @@ class ModelRunner:
         return self.graphs is not None and not self.capture_layers
 
     @torch.inference_mode()
-    def decode_steps(self, seqs: list, steps: int) -> tuple[list[list[int]], list[list[float]]]:
-        """`steps` decode steps of `seqs` in one graph replay and one host read: tokens[k][i] and
-        logprobs[k][i] of step k for seqs[i]. Their block tables must cover the `steps` new tokens."""
-        draws = self.graphs.replay_steps(seqs, steps, self.seeds.getrandbits(31)).cpu()
+    def launch_decode_steps(self, seqs: list, steps: int, chained: bool = False) -> "LaunchedSteps":
+        """`steps` decode steps of `seqs` in one graph replay, launched without waiting for it;
+        `finish_decode_steps` reads the draws. Their block tables must cover the `steps` new tokens.
+        `chained`: continue the replay launched just before, of the same `seqs` and `steps`, whose
+        draws the host has not read yet (`DecodeGraphs.replay_steps`)."""
+        sampled = self.graphs.replay_steps(seqs, steps, 0 if chained else self.seeds.getrandbits(31), chained=chained)
+        if self.device.type != "cuda":
+            return LaunchedSteps(sampled.clone(), None, len(seqs))
+        if self.draw_hosts is None:  # two, alternating: a launch may start while the previous one's copy is queued
+            size = self.block_size * 2 * self.graphs.max_batch
+            self.draw_hosts = [torch.empty(size, dtype=torch.float64, pin_memory=True) for _ in range(2)]
+        self.draw_flip ^= 1
+        host = self.draw_hosts[self.draw_flip][:sampled.numel()].view(sampled.shape)
+        host.copy_(sampled, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return LaunchedSteps(host, done, len(seqs))
+
+    def finish_decode_steps(self, launched: "LaunchedSteps") -> tuple[list[list[int]], list[list[float]]]:
+        """Wait for a launch's draws: tokens[k][i] and logprobs[k][i] of step k for its seqs[i]."""
+        if launched.done is not None:
+            launched.done.synchronize()  # the step's one host synchronisation
+        draws = launched.draws[:, :, :launched.num_seqs]
         return draws[:, 0].long().tolist(), draws[:, 1].tolist()
 
     def reseed(self, seed: int) -> None:

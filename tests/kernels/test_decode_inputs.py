@@ -2,7 +2,8 @@
 
 import torch
 
-from slipstream.kernels.decode_inputs import decode_inputs, decode_inputs_torch
+from slipstream.kernels.decode_inputs import (advance_replay_inputs, advance_replay_inputs_torch, decode_inputs,
+                                              decode_inputs_torch)
 
 
 def test_decode_inputs_match_torch_and_the_block_tables():
@@ -22,3 +23,20 @@ def test_decode_inputs_match_torch_and_the_block_tables():
         p = 6 + step
         assert slots[0].item() == tables[0, p // bs].item() * bs + p % bs
         assert slots[2].item() == tables[2, (10 + step) // bs].item() * bs + (10 + step) % bs
+
+
+def test_advance_replay_inputs_moves_real_rows_and_keeps_padding_rows():
+    def state():
+        # rows 0-1 decode (lengths >= 2), rows 2-3 pad (length 1 at position 0)
+        return [torch.tensor([5, 6, 0, 0]), torch.tensor([9, 30, 0, 0]), torch.tensor([10, 31, 1, 1]),
+                torch.tensor([100])]
+
+    tokens = torch.tensor([7.0, 8.0, 3.0, 3.0], dtype=torch.float64)
+    got, want = state(), state()
+    advance_replay_inputs(*got, tokens, 4)
+    advance_replay_inputs_torch(*want, tokens, 4)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    ids, pos, lens, seed = got
+    assert ids.tolist() == [7, 8, 3, 3] and pos.tolist() == [13, 34, 0, 0] and lens.tolist() == [14, 35, 1, 1]
+    assert seed.item() == 104

@@ -84,11 +84,14 @@ def test_several_decode_steps_per_replay_equal_single_steps(tiny_model):
     multi = _engine(model, tok, True, **kw, decode_steps=4)
     single = _engine(model, tok, False, **kw, decode_steps=1)
     calls = []
-    original = multi.runner.decode_steps
-    multi.runner.decode_steps = lambda seqs, k: calls.append(k) or original(seqs, k)
+    original = multi.runner.launch_decode_steps
+    multi.runner.launch_decode_steps = lambda seqs, k, chained=False: calls.append((k, chained)) or original(
+        seqs, k, chained)
     a = multi.generate(_requests(tok, params))
     b = single.generate(_requests(tok, params))
-    assert calls and set(calls) == {4}  # the decode phase did run several steps per replay
+    assert calls and {k for k, _ in calls} == {4}  # the decode phase did run several steps per replay
+    # replays were chained on the device (launched before the previous one was read), not all
+    assert 0 < sum(chained for _, chained in calls) < len(calls)
     assert [c.tokens for c in a] == [c.tokens for c in b]
     assert [c.finish_reason for c in a] == [c.finish_reason for c in b]
     assert all(len(c.tokens) <= 10 for c in a)
@@ -107,7 +110,18 @@ def test_several_decode_steps_wait_for_waiting_sequences(tiny_model):
     engine = _engine(model, tok, True, block_size=4, num_blocks=200, max_model_len=96, max_num_seqs=2,
                      decode_steps=4)
     seen = []
-    original = engine.runner.decode_steps
-    engine.runner.decode_steps = lambda seqs, k: seen.append(engine.scheduler.num_waiting) or original(seqs, k)
+    original = engine.runner.launch_decode_steps
+    engine.runner.launch_decode_steps = lambda seqs, k, chained=False: seen.append(
+        engine.scheduler.num_waiting) or original(seqs, k, chained)
     engine.generate(_requests(tok, SamplingParams(n=1, temperature=0.0, max_tokens=12)))
     assert seen and all(w == 0 for w in seen)
+
+
+def test_chained_replays_are_reproducible_when_sampling(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.9, max_tokens=20, seed=3)
+    kw = dict(block_size=4, num_blocks=120, max_model_len=96, decode_steps=4)
+    runs = [_engine(model, tok, True, **kw).generate(_requests(tok, params)) for _ in range(2)]
+    assert [c.tokens for c in runs[0]] == [c.tokens for c in runs[1]]
+    assert [c.logprobs for c in runs[0]] == [c.logprobs for c in runs[1]]
+    assert len({tuple(c.tokens) for c in runs[0]}) > 1  # it did sample
