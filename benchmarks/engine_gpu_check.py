@@ -83,6 +83,28 @@ def fused_ops(device) -> None:
             check(f"norm_linear fused/{bn}{' swiglu' if swiglu else ''} bf16 {M}x{N}x{K}",
                   diff <= 2 * base + 2e-2 and torch.equal(res, ref_res),
                   f"max err {diff:.2e} (separate kernels {base:.2e}), residual exact: {torch.equal(res, ref_res)}")
+    # the q/k/v projection with RoPE and the K/V store in its epilogue vs norm_linear then rope_store_kv
+    for M, (H, KV, D, K) in ((1, (14, 2, 64, 896)), (4, (12, 2, 128, 1536)), (2, (28, 4, 128, 3584))):
+        xs, rs = (torch.randn(M, K, device=device, generator=g).bfloat16() for _ in range(2))
+        nw = (1 + 0.1 * torch.randn(K, device=device, generator=g)).bfloat16()
+        ws = (torch.randn((H + 2 * KV) * D, K, device=device, generator=g) / K**0.5).bfloat16()
+        bs = torch.randn((H + 2 * KV) * D, device=device, generator=g).bfloat16()
+        inv = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=device).float() / D))
+        cs = F.rope_cos_sin(torch.randint(0, 30000, (M,), device=device, generator=g), inv, 1.0, torch.bfloat16)
+        slots = torch.randperm(64 * 16, device=device, generator=g)[:M]
+        caches = [torch.zeros(64, 16, KV, D, device=device, dtype=torch.bfloat16) for _ in range(4)]
+        q_sep, r_sep = DL.norm_qkv_rope(xs, nw, 1e-6, ws, bs, rs, *cs, H, KV, caches[0], caches[1], slots,
+                                        way=("separate", 0))
+        for pairs in (2, 8):
+            kc, vc = torch.zeros_like(caches[2]), torch.zeros_like(caches[3])
+            q, r = DL.norm_qkv_rope(xs, nw, 1e-6, ws, bs, rs, *cs, H, KV, kc, vc, slots, way=("fused", pairs))
+            # the separate path rounds the projection to bf16 before RoPE as the fused one does; the
+            # fp32 sums differ in order, so a value may round to the neighbouring bf16
+            diff = max((a.float() - b.float()).abs().max().item() for a, b in ((q, q_sep), (kc, caches[0]),
+                                                                               (vc, caches[1])))
+            scale = q_sep.float().abs().max().item()
+            check(f"norm_qkv_rope fused/{pairs} bf16 {M}x{(H + 2 * KV) * D}x{K}",
+                  diff <= 2**-6 * scale and torch.equal(r, r_sep), f"max diff {diff:.2e} (outputs up to {scale:.1f})")
 
 
 def sampler(device) -> None:
