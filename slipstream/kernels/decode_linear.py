@@ -11,7 +11,8 @@ serves it from then on.
 At one row, a kernel launch costs about what reading a small matrix does, so the GEMV kernel can
 also run the op before and after a projection: `norm_linear` computes RMSNorm(x + residual) in
 its prologue (each program recomputes the row norm from L2: a few KB) and, for gate_up, SiLU(gate)
-* up in its epilogue, taking a layer from ten launches to seven. These fused forms are timed
+* up in its epilogue, taking a layer from ten launches to seven; `norm_qkv_rope` also applies
+RoPE and stores K/V in the q/k/v projection's epilogue (six). These fused forms are timed
 against the separate kernels like the rest. (On 16-row tiles the same prologue measured slower
 than the separate launch.) Every form rounds where the torch path (`rms_norm_torch`, F.linear,
 `silu_mul_torch`) rounds, so they agree up to the order of float32 sums.
@@ -314,16 +315,26 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     def fused(block_n):
         return _gemv(x, weight, bias, x.dtype, block_n, norm_weight, eps, residual, swiglu)
 
+    def key():
+        return ("norm_linear", _m_bucket(M), *weight.shape, x.dtype, bias is not None, residual is not None, swiglu,
+                x.device.index)
+
+    return _fused_or_separate(x, fusable, key, fused, separate, (4, 16), 8, way)
+
+
+def _fused_or_separate(x: torch.Tensor, fusable: bool, key, fused, separate, blocks: tuple[int, int],
+                       interpreter_block: int, way: tuple[str, int] | None):
+    """separate(), or fused(block) for the block in `blocks` that measured fastest for the shape
+    (`key()`, asked only on GPU) if that beat separate(); the interpreter takes `interpreter_block`;
+    `way` forces one."""
     if not fusable:
         return separate()
     if way is None:
         if x.device.type != "cuda":
-            way = ("fused", 8)
+            way = ("fused", interpreter_block)
         else:
-            key = ("norm_linear", _m_bucket(M), *weight.shape, x.dtype, bias is not None, residual is not None, swiglu,
-                   x.device.index)
-            way = _fastest(key, {("fused", 4): lambda: fused(4), ("fused", 16): lambda: fused(16),
-                                 ("separate", 0): separate}, ("separate", 0))
+            way = _fastest(key(), {**{("fused", b): (lambda b=b: fused(b)) for b in blocks}, ("separate", 0): separate},
+                           ("separate", 0))
     return fused(way[1]) if way[0] == "fused" else separate()
 
 
@@ -367,14 +378,8 @@ def norm_qkv_rope(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight
                and k_cache.is_contiguous() and v_cache.is_contiguous()
                and cos.stride(-1) == sin.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
                and (residual is None or residual.stride(-1) == 1))
-    if not fusable:
-        return separate()
-    if way is None:
-        if x.device.type != "cuda":
-            way = ("fused", 4)
-        else:
-            key = ("qkv_rope", _m_bucket(M), *weight.shape, D, x.dtype, bias is not None, residual is not None,
-                   x.device.index)
-            way = _fastest(key, {("fused", 2): lambda: fused(2), ("fused", 8): lambda: fused(8),
-                                 ("separate", 0): separate}, ("separate", 0))
-    return fused(way[1]) if way[0] == "fused" else separate()
+    def key():
+        return ("qkv_rope", _m_bucket(M), *weight.shape, D, x.dtype, bias is not None, residual is not None,
+                x.device.index)
+
+    return _fused_or_separate(x, fusable, key, fused, separate, (2, 8), 4, way)
