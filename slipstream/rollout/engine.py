@@ -169,11 +169,14 @@ class Engine:
 
     def _can_chain(self, seqs: list[Sequence]) -> bool:
         """Whether the next replay of `seqs` may be launched before the host reads the one in
-        flight: they are still all that runs, nothing waits, and none is sure to end inside the
-        replay in flight (by its length); room in the graphs' tables and free blocks for the
+        flight: they are still all that runs, nothing waits, the speculator (if any) is off at
+        this batch size (else it must see every step to draft), and none is sure to end inside
+        the replay in flight (by its length); room in the graphs' tables and free blocks for the
         next replay's tokens too."""
         K, sch, bm = self.cfg.decode_steps, self.scheduler, self.block_manager
         if sch.num_waiting or len(seqs) != sch.num_running or any(seq.is_finished for seq in seqs):
+            return False
+        if self.speculator is not None and len(seqs) < self.speculator.policy.config.min_batch_for_off:
             return False
         limit = min(self.runner.graphs.width * bm.block_size, sch.max_model_len or 1 << 62)
         need = 0

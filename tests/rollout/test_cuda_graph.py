@@ -125,3 +125,22 @@ def test_chained_replays_are_reproducible_when_sampling(tiny_model):
     assert [c.tokens for c in runs[0]] == [c.tokens for c in runs[1]]
     assert [c.logprobs for c in runs[0]] == [c.logprobs for c in runs[1]]
     assert len({tuple(c.tokens) for c in runs[0]}) > 1  # it did sample
+
+
+def test_replays_do_not_chain_where_the_speculator_may_draft(tiny_model):
+    from slipstream.rollout.spec.policy import PolicyConfig
+    from slipstream.rollout.spec.speculator import SpecConfig
+
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=24)
+    for min_batch_for_off, expect_chained in ((64, False), (2, True)):
+        engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id],
+                        EngineConfig(block_size=4, num_blocks=200, max_model_len=96, decode_steps=4),
+                        spec=SpecConfig(policy=PolicyConfig(min_batch_for_off=min_batch_for_off)))
+        engine.runner.use_static_decode()
+        calls = []
+        original = engine.runner.launch_decode_steps
+        engine.runner.launch_decode_steps = lambda seqs, k, chained=False: calls.append(chained) or original(
+            seqs, k, chained)
+        engine.generate(_requests(tok, params))  # 8 live sequences
+        assert calls and any(calls) == expect_chained
