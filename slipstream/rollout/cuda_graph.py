@@ -159,6 +159,7 @@ class DecodeGraphs:
         h[B:B + n] = last
         h[2 * B:2 * B + n] = [p + 1 for p in last]
         self.host_f64[3 * B:3 * B + n] = [seq.params.temperature for seq in seqs]
+        h[t0:t0 + B * W] = 0  # no stale entries past a table's end (the CPU attention gathers up to the longest)
         for i, seq in enumerate(seqs):
             h[t0 + i * W:t0 + i * W + len(seq.block_table)] = seq.block_table
         h[n:B] = 0

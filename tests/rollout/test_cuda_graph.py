@@ -144,3 +144,19 @@ def test_replays_do_not_chain_where_the_speculator_may_draft(tiny_model):
             seqs, k, chained)
         engine.generate(_requests(tok, params))  # 8 live sequences
         assert calls and any(calls) == expect_chained
+
+
+def test_chained_replays_under_a_small_cache_preempt_without_changing_outputs(tiny_model):
+    model, tok = tiny_model
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=48)
+    big = _engine(model, tok, False, block_size=4, num_blocks=512).generate(_requests(tok, params))
+    small_engine = _engine(model, tok, True, block_size=4, num_blocks=40, max_num_batched_tokens=64, chunk_size=16,
+                           decode_steps=4)
+    calls = []
+    original = small_engine.runner.launch_decode_steps
+    small_engine.runner.launch_decode_steps = lambda seqs, k, chained=False: calls.append(chained) or original(
+        seqs, k, chained)
+    small = small_engine.generate(_requests(tok, params))
+    assert small_engine.stats["preemptions"] > 0 and any(calls)  # both happened in the one run
+    assert [c.tokens for c in small] == [c.tokens for c in big]
+    assert small_engine.block_manager.num_free_blocks == 40
