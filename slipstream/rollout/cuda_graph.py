@@ -111,11 +111,13 @@ class DecodeGraphs:
                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
         """`steps` > 1: that many decode steps, each feeding its draws to the next on the device
         (positions, lengths and slots advance by one; the block tables must already hold the
-        blocks); returns the last step's logits and the draws of all steps [steps, 2, B]."""
+        blocks); returns the last step's logits, the captured hidden states of every step
+        ({layer: [steps, B, hidden]}) and the draws of all steps [steps, 2, B]."""
         ids0, pos0, lens0, temps, seed, tables = self._views(B)
         tables32 = tables.to(torch.int32)
         sampled = torch.empty(steps, 2, B, dtype=torch.float64, device=self.device)
         tokens = ids0
+        per_step = []
         for k in range(steps):
             ids, pos, lens, slots = decode_inputs(tokens, pos0, lens0, tables, k, self.block_size)
             attn = AttentionMetadata(self.cu_seqlens[:B + 1], lens, tables32, slots,
@@ -130,9 +132,11 @@ class DecodeGraphs:
                 return logits, captured, None  # the caller samples (the CPU engine's torch sampler)
             self._draw(logits, temps, seed, k, sampled[k])
             tokens = sampled[k, 0]
-        if steps > 1:  # the inputs of a chained replay (`replay_steps(..., chained=True)`)
-            advance_replay_inputs(ids0, pos0, lens0, seed, tokens, steps)
-        return logits, captured, sampled[0] if steps == 1 else sampled
+            per_step.append(captured)
+        if steps == 1:
+            return logits, captured, sampled[0]
+        advance_replay_inputs(ids0, pos0, lens0, seed, tokens, steps)  # a chained replay's inputs
+        return logits, {key: torch.stack([c[key] for c in per_step]) for key in captured}, sampled
 
     def _draw(self, logits: torch.Tensor, temps: torch.Tensor, seed: torch.Tensor, step: int,
               out: torch.Tensor) -> None:
@@ -194,9 +198,11 @@ class DecodeGraphs:
             graph.replay()
         return logits[:n], {k: v[:n] for k, v in captured.items()}, None if sampled is None else sampled[:, :n]
 
-    def replay_steps(self, seqs: Seq[Sequence], steps: int, seed: int = 0, chained: bool = False) -> torch.Tensor:
+    def replay_steps(self, seqs: Seq[Sequence], steps: int, seed: int = 0, chained: bool = False
+                     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """`steps` decode steps of `seqs` in one replay: the graph's static draws, float64
-        [steps, 2, bucket] (tokens; log-probs), of which the first len(seqs) columns are `seqs`'.
+        [steps, 2, bucket] (tokens; log-probs), of which the first len(seqs) columns are `seqs`',
+        and the captured hidden states of every step ({layer: [steps, bucket, hidden]}, static too).
 
         Every sequence's block table must already cover its next `steps` tokens, and `steps` must
         not exceed the block size (padding rows stay in the scratch block). `chained`: continue
@@ -213,12 +219,12 @@ class DecodeGraphs:
             self._upload_grown_tables(seqs, B)
         else:
             B = self._prepare(seqs, seed, steps)
-        graph, _, _, sampled = self.graphs[B, steps]
+        graph, _, captured, sampled = self.graphs[B, steps]
         if graph is None:
-            _, _, sampled = self._forward(B, steps)
+            _, captured, sampled = self._forward(B, steps)
         else:
             graph.replay()
-        return sampled
+        return sampled, captured
 
     def _upload_grown_tables(self, seqs: Seq[Sequence], B: int) -> None:
         """Copy the block tables of `seqs` to the device if one grew since the last upload, from

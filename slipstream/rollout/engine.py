@@ -212,7 +212,12 @@ class Engine:
             seqs = [seqs[i] for i in alive]
             tokens = [[row[i] for i in alive] for row in tokens]
             logprobs = [[row[i] for i in alive] for row in logprobs]
+        first = [(seq.last_token, seq.num_tokens - 1) for seq in seqs]  # what the replay's first step fed
+        before = [seq.num_output_tokens for seq in seqs]
         finished, live = sch.postprocess_steps(seqs, tokens, logprobs)
+        if self.runner.capture_layers:
+            self.runner.emit_step_features(launched, seqs, alive, first, tokens,
+                                           [seq.num_output_tokens - n for seq, n in zip(seqs, before)])
         if self._inflight is not None and all(seq.is_finished for seq in seqs):
             self._inflight = None  # nothing to read there; the GPU finishes it before any later work
         t_prev, dt = t0, (time.perf_counter() - t0) / K

@@ -44,6 +44,7 @@ class LaunchedSteps:
     draws: torch.Tensor
     done: torch.cuda.Event | None
     num_seqs: int
+    hidden: dict[int, torch.Tensor]  # captured hidden states {layer: [steps, bucket, hidden]} (feature capture)
 
 
 class ModelRunner:
@@ -108,8 +109,8 @@ class ModelRunner:
 
     @property
     def can_decode_steps(self) -> bool:
-        """Whether `decode_steps` is available (decode graphs, no feature capture)."""
-        return self.graphs is not None and not self.capture_layers
+        """Whether several decode steps per replay are available (decode graphs)."""
+        return self.graphs is not None
 
     @torch.inference_mode()
     def launch_decode_steps(self, seqs: list, steps: int, chained: bool = False) -> "LaunchedSteps":
@@ -117,9 +118,12 @@ class ModelRunner:
         `finish_decode_steps` reads the draws. Their block tables must cover the `steps` new tokens.
         `chained`: continue the replay launched just before, of the same `seqs` and `steps`, whose
         draws the host has not read yet (`DecodeGraphs.replay_steps`)."""
-        sampled = self.graphs.replay_steps(seqs, steps, 0 if chained else self.seeds.getrandbits(31), chained=chained)
+        sampled, captured = self.graphs.replay_steps(seqs, steps, 0 if chained else self.seeds.getrandbits(31),
+                                                     chained=chained)
+        # copies taken in stream order, before a chained replay overwrites the graph's buffers
+        hidden = {key: h.clone() for key, h in captured.items()}
         if self.device.type != "cuda":
-            return LaunchedSteps(sampled.clone(), None, len(seqs))
+            return LaunchedSteps(sampled.clone(), None, len(seqs), hidden)
         if self.draw_hosts is None:  # two, alternating: a launch may start while the previous one's copy is queued
             size = self.block_size * 2 * self.graphs.max_batch
             self.draw_hosts = [torch.empty(size, dtype=torch.float64, pin_memory=True) for _ in range(2)]
@@ -128,7 +132,7 @@ class ModelRunner:
         host.copy_(sampled, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return LaunchedSteps(host, done, len(seqs))
+        return LaunchedSteps(host, done, len(seqs), hidden)
 
     def finish_decode_steps(self, launched: "LaunchedSteps") -> tuple[list[list[int]], list[list[float]]]:
         """Wait for a launch's draws: tokens[k][i] and logprobs[k][i] of step k for its seqs[i]."""
@@ -136,6 +140,24 @@ class ModelRunner:
             launched.done.synchronize()  # the step's one host synchronisation
         draws = launched.draws[:, :, :launched.num_seqs]
         return draws[:, 0].long().tolist(), draws[:, 1].tolist()
+
+    def emit_step_features(self, launched: "LaunchedSteps", seqs: list, columns: list[int],
+                           first: list[tuple[int, int]], tokens: list[list[int]], taken: list[int]) -> None:
+        """Hand the feature sink one StepFeatures per step of a launch, as single steps would:
+        seqs[j] (column columns[j] of the launch) fed first[j] = (token, position) at step 0 and
+        its draw of step k - 1 at step k, and is in the steps before its `taken[j]` draws ended."""
+        for k in range(len(tokens)):
+            rows = [j for j in range(len(seqs)) if taken[j] > k]
+            if not rows:
+                return
+            index = torch.tensor([columns[j] for j in rows], device=self.device)
+            ids = [first[j][0] if k == 0 else tokens[k - 1][j] for j in rows]
+            positions = [first[j][1] + k for j in rows]
+            self.feature_sink(StepFeatures([(seqs[j].request_id, seqs[j].sample_index) for j in rows],
+                                           torch.arange(len(rows), device=self.device),
+                                           torch.tensor(positions, device=self.device),
+                                           torch.tensor(ids, device=self.device),
+                                           {key: h[k].index_select(0, index) for key, h in launched.hidden.items()}))
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)

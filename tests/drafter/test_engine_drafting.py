@@ -182,3 +182,36 @@ def test_a_rollout_without_history_feeds_no_training_data(tiny_model):
     assert engine.rollout_metrics()["spec/drafter/drafted_tokens"] > 0  # it still drafted, from its own capture
     engine.generate(_requests(tok, params, PROMPTS[:2]))
     assert run.buffer.num_pairs() > 0
+
+
+def test_multi_step_replays_feed_the_drafter_and_drafting_follows_losslessly(tiny_model):
+    # While 4+ sequences live the speculator is off and decode steps run 4 per (chained) replay,
+    # their features captured per step; below that the drafter drafts from those features.
+    torch.manual_seed(0)
+    model, tok = tiny_model
+
+    def requests():  # 4 prompts x 2 samples ending one prompt after another: 8, 6, 4, then 2 live
+        return [Request(tok(p, add_special_tokens=False)["input_ids"],
+                        SamplingParams(n=2, temperature=0.0, max_tokens=10 + 20 * i), f"g{i}", f"r{i}")
+                for i, p in enumerate(PROMPTS)]
+
+    cfg = EngineConfig(block_size=4, num_blocks=256, decode_steps=4)
+    plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(requests())
+    policy = PolicyConfig(min_batch_for_off=4, draft_lens=(2, 4), epsilon=1.0, max_step_draft_tokens=10**6)
+    run = RunDrafter(decoder_from_hf_module(model), DrafterConfig(window=16, batch_tokens=256, seq_len=64, lr=1e-2),
+                     online=True)
+    engine = run.build_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, 0, SpecConfig(policy=policy),
+                              SourcePolicyConfig(sources=SOURCES["drafter"], min_batch_for_off=4, epsilon=1.0))
+    engine.runner.use_static_decode()
+    launches = []
+    original = engine.runner.launch_decode_steps
+    engine.runner.launch_decode_steps = lambda seqs, k, chained=False: launches.append(chained) or original(
+        seqs, k, chained)
+    comps = engine.generate(requests())
+    assert [c.tokens for c in comps] == [c.tokens for c in plain]
+    for a, b in zip(comps, plain):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    assert engine.block_manager.num_free_blocks == 256
+    assert launches and any(launches)  # multi-step replays ran, chained ones among them
+    assert engine.rollout_metrics()["spec/drafter/drafted_tokens"] > 0  # and drafting took over below 4 live
+    assert run.buffer.num_pairs() > 0

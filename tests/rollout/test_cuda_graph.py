@@ -66,8 +66,14 @@ def test_features_through_the_static_path_equal_eager_ones(tiny_model):
             for r in range(len(f.positions)):
                 key = (f.seq_keys[int(f.owner[r])], int(f.positions[r]))
                 out[key] = (int(f.token_ids[r]), f.hidden[-1][r].clone())
-        _engine(model, tok, static, sink, block_size=4, num_blocks=128, max_model_len=64).generate(
-            _requests(tok, SamplingParams(n=2, temperature=0.0, max_tokens=10)))
+        engine = _engine(model, tok, static, sink, block_size=4, num_blocks=128, max_model_len=64)
+        calls = []
+        original = engine.runner.launch_decode_steps
+        engine.runner.launch_decode_steps = lambda seqs, k, chained=False: calls.append(chained) or original(
+            seqs, k, chained)
+        engine.generate(_requests(tok, SamplingParams(n=2, temperature=0.0, max_tokens=10)))
+        assert bool(calls) == static  # the static path ran several steps per replay, features captured
+    # the same (sequence, position) keys: no feature of a draw discarded past a sequence's end
     assert got[True].keys() == got[False].keys()
     for key, (token, h) in got[False].items():
         assert got[True][key][0] == token
