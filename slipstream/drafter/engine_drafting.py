@@ -161,11 +161,14 @@ class DraftingSpeculator(Speculator):
                     a[0] += len(out) - 1
                     a[1] += len(e.draft)
                     a[2] += 1
-        finished = [(e.seq.request_id, e.seq.sample_index) for e in batch.entries if e.seq.is_finished]
-        if finished:
-            self.windows.release(finished)
+        self.finished([e.seq for e in batch.entries if e.seq.is_finished])
         if self.side_stream is not None and self.recording:
             self.side_stream.on_step(live)
+
+    def finished(self, seqs: list[Sequence]) -> None:
+        """Give back the drafting windows of sequences that ended."""
+        if seqs:
+            self.windows.release([(s.request_id, s.sample_index) for s in seqs])
 
     def metrics(self) -> dict[str, float]:
         """Per draft source: accepted draft tokens per verification (acceptance length), accepted

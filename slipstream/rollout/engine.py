@@ -220,6 +220,8 @@ class Engine:
                                            [seq.num_output_tokens - n for seq, n in zip(seqs, before)])
         if self._inflight is not None and all(seq.is_finished for seq in seqs):
             self._inflight = None  # nothing to read there; the GPU finishes it before any later work
+        if finished and self.speculator is not None:
+            self.speculator.finished(finished)
         t_prev, dt = t0, (time.perf_counter() - t0) / K
         for n in live:
             if not n:

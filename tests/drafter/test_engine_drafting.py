@@ -207,7 +207,11 @@ def test_multi_step_replays_feed_the_drafter_and_drafting_follows_losslessly(tin
     original = engine.runner.launch_decode_steps
     engine.runner.launch_decode_steps = lambda seqs, k, chained=False: launches.append(chained) or original(
         seqs, k, chained)
+    ended = []
+    release = engine.speculator.finished
+    engine.speculator.finished = lambda seqs: ended.extend(seqs) or release(seqs)
     comps = engine.generate(requests())
+    assert len({(s.request_id, s.sample_index) for s in ended}) == 8  # every window given back as its sequence ended
     assert [c.tokens for c in comps] == [c.tokens for c in plain]
     for a, b in zip(comps, plain):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)

@@ -178,6 +178,10 @@ class Speculator:
         if self._arm is not None and seconds > 0:
             self.policy.record(live, self._arm, batch.num_emitted, seconds)
 
+    def finished(self, seqs: list[Sequence]) -> None:
+        """Sequences that ended in steps run without a ScheduledBatch (several decode steps per
+        replay). Nothing to do here: the trees catch up from the scheduler."""
+
     def metrics(self) -> dict[str, float]:
         """What the speculator itself measured in the last rollout."""
         return {"spec/draft_seconds": self.draft_seconds}
