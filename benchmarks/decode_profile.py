@@ -1,6 +1,7 @@
 """Per-kernel GPU time of decode steps, and how much of a step's wall time the GPU is busy.
 
     python benchmarks/decode_profile.py [--model qwen2.5-0.5b] [--batch 1] [--context 384] [--cuda-graphs]
+                                        [--out benchmarks/results/decode_profile.json]
 
 Builds a random-weight model of the shape, prefills `batch` prompts, then runs 20 engine steps
 under torch.profiler and prints the kernels by total GPU time, then per decoded token: the wall
@@ -9,12 +10,15 @@ CUDA graphs as the engine does by default (`decode_steps` tokens per replay); wi
 eagerly, which shows each kernel by name but adds the host's launch time to the wall time.
 With `--cuda-graphs` it then times, without the profiler, engine steps against bare replays of
 the same graph (the GPU's time alone): the difference is the host's share of a decode step.
+`--out` writes the per-token figures as JSON (device, versions, commit).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,6 +32,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=384)
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--rows", type=int, default=25, help="kernels to list")
+    ap.add_argument("--out", default=None, help="write the per-token figures to this JSON file")
     args = ap.parse_args()
 
     from slipstream.models.weights import decoder_from_hf_module
@@ -66,11 +71,23 @@ def main() -> None:
     print(f"{args.model} batch {args.batch} cuda_graphs={args.cuda_graphs}: {steps} tokens per sequence; "
           f"per token: wall {wall / steps * 1e6:.1f} us, kernels {kernel_us / steps:.1f} us "
           f"({launches / steps:.0f} launches), GPU busy {kernel_us * 1e-6 / wall:.0%}")
+    row = {"model": args.model, "batch": args.batch, "context": args.context, "cuda_graphs": args.cuda_graphs,
+           "profiled_wall_us_per_token": wall / steps * 1e6, "kernel_us_per_token": kernel_us / steps,
+           "launches_per_token": launches / steps}
     if args.cuda_graphs:
-        host_share(engine, args.batch)
+        row.update(host_share(engine, args.batch))
+    if args.out:
+        import triton
+
+        from benchmarks.longtail import commit_of
+
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                "commit": commit_of(None)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": [row]}, indent=2))
 
 
-def host_share(engine, batch: int, reps: int = 50) -> None:
+def host_share(engine, batch: int, reps: int = 50) -> dict:
     """Per token: engine steps (host work + replay) vs replays of the same graph back to back."""
     graphs = engine.runner.graphs
     seqs = list(engine.scheduler.running)
@@ -93,6 +110,7 @@ def host_share(engine, batch: int, reps: int = 50) -> None:
     per_step, per_replay = step_wall / tokens * 1e6, replay_wall / (reps * key[1]) * 1e6
     print(f"per token: engine step {per_step:.1f} us, bare replay {per_replay:.1f} us: "
           f"host share {1 - per_replay / per_step:.0%}")
+    return {"engine_step_us_per_token": per_step, "bare_replay_us_per_token": per_replay}
 
 
 if __name__ == "__main__":
