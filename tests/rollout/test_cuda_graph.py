@@ -166,3 +166,31 @@ def test_chained_replays_under_a_small_cache_preempt_without_changing_outputs(ti
     assert small_engine.stats["preemptions"] > 0 and any(calls)  # both happened in the one run
     assert [c.tokens for c in small] == [c.tokens for c in big]
     assert small_engine.block_manager.num_free_blocks == 40
+
+
+def test_random_requests_through_chained_replays_match_single_eager_steps(tiny_model):
+    # Random prompts, lengths and stop tokens, a cache small enough to preempt, prefix sharing:
+    # chained multi-step replays must give the single-step eager engine's outputs, leak nothing.
+    model, tok = tiny_model
+    g = torch.Generator().manual_seed(7)
+    vocab = model.config.vocab_size
+    requests = []
+    for i in range(40):
+        prompt = torch.randint(3, vocab, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        stop = torch.randint(3, vocab, (3,), generator=g).tolist()
+        params = SamplingParams(n=int(torch.randint(1, 4, (1,), generator=g)), temperature=0.0,
+                                max_tokens=int(torch.randint(1, 40, (1,), generator=g)), stop_token_ids=stop)
+        requests.append(Request(prompt, params, f"g{i % 13}", f"r{i}"))
+    kw = dict(block_size=4, num_blocks=60, max_model_len=72, max_num_batched_tokens=96, chunk_size=24)
+    eager = _engine(model, tok, False, **kw, decode_steps=1).generate(requests)
+    engine = _engine(model, tok, True, **kw, decode_steps=4)
+    calls = []
+    original = engine.runner.launch_decode_steps
+    engine.runner.launch_decode_steps = lambda seqs, k, chained=False: calls.append(chained) or original(
+        seqs, k, chained)
+    chained = engine.generate(requests)
+    assert any(calls) and engine.stats["preemptions"] > 0
+    assert [c.tokens for c in chained] == [c.tokens for c in eager]
+    assert [c.finish_reason for c in chained] == [c.finish_reason for c in eager]
+    assert {c.finish_reason for c in eager} == {"stop", "length"}
+    assert engine.block_manager.num_free_blocks == 60
