@@ -75,7 +75,8 @@ QWEN_SHAPES = {
 
 KEYS = {"step_s": "time/step", "rollout_tokens_per_s_per_gpu": "throughput/rollout_tokens_per_s_per_gpu",
         "train_tokens_per_s_per_gpu": "throughput/train_tokens_per_s_per_gpu", "sync_s": "time/sync",
-        "rollout_s": "time/rollout", "update_s": "time/update"}
+        "rollout_s": "time/rollout", "update_s": "time/update",
+        "rollout_slowest_over_mean": "time/rollout_slowest_over_mean"}
 NEEDED = ["torch", "transformers", "safetensors", "omegaconf", "hydra"]
 
 

@@ -173,13 +173,16 @@ def global_metrics(ctx: DistContext, completions, rewards: list[float], batch, m
     """A step's rollout metrics over every rank's samples; also every rank's lengths and rewards.
 
     Every rank holds the same number of samples, so gathering them is one fixed-size collective.
-    Throughputs divide by the slowest rank's time: the step waits for it.
+    Throughputs divide by the slowest rank's time: the step waits for it. How much longer the
+    slowest rank's rollout took than the ranks' mean is logged too: the long tail of one rank's
+    samples, not the cost of running on several GPUs.
     """
     local = torch.tensor([[len(c.tokens), r, float(c.finish_reason == "length")]
                           for c, r in zip(completions, rewards)], dtype=torch.float64)
     rows = torch.cat(ctx.all_gather(local))
     lengths, rew, truncated = rows[:, 0], rows[:, 1], rows[:, 2]
-    sums = ctx.all_reduce_sum(torch.tensor([mixed_groups, float(batch.attention_mask.sum())], dtype=torch.float64))
+    sums = ctx.all_reduce_sum(torch.tensor([mixed_groups, float(batch.attention_mask.sum()), t_rollout],
+                                           dtype=torch.float64))
     slowest = ctx.all_reduce_max(torch.tensor([t_rollout, t_update], dtype=torch.float64))
     total = float(lengths.sum())
     metrics = {
@@ -193,6 +196,7 @@ def global_metrics(ctx: DistContext, completions, rewards: list[float], batch, m
         "throughput/rollout_tokens_per_s_per_gpu": total / max(float(slowest[0]), 1e-9) / ctx.world_size,
         # prompt + response tokens through the trainer's forward and backward
         "throughput/train_tokens_per_s_per_gpu": float(sums[1]) / max(float(slowest[1]), 1e-9) / ctx.world_size,
+        "time/rollout_slowest_over_mean": float(slowest[0]) / max(float(sums[2]) / ctx.world_size, 1e-9),
     }
     return metrics, [int(x) for x in lengths.tolist()], rew.tolist()
 

@@ -1,0 +1,40 @@
+"""The step's metrics over ranks, with a stand-in for a second rank's collectives."""
+
+from types import SimpleNamespace
+
+import torch
+
+from slipstream.trainer.distributed import global_metrics
+
+
+class TwoRanks:
+    """This rank's collectives, as if a second rank contributed `other` (by collective and call)."""
+
+    world_size = 2
+
+    def __init__(self, gathered: torch.Tensor, summed: list[torch.Tensor], maxed: list[torch.Tensor]):
+        self.gathered, self.summed, self.maxed = gathered, summed, maxed
+
+    def all_gather(self, t):
+        return [t, self.gathered]
+
+    def all_reduce_sum(self, t):
+        return t + self.summed.pop(0)
+
+    def all_reduce_max(self, t):
+        return torch.maximum(t, self.maxed.pop(0))
+
+
+def test_throughputs_divide_by_the_slowest_rank_and_its_tail_is_logged():
+    completions = [SimpleNamespace(tokens=[1] * n, finish_reason=r) for n, r in ((10, "stop"), (30, "length"))]
+    batch = SimpleNamespace(attention_mask=torch.ones(2, 50))
+    # the other rank: 2 samples of 20 and 40 tokens; its rollout took 6 s (ours 2 s), its update 1 s
+    other_rows = torch.tensor([[20.0, 1.0, 0.0], [40.0, 0.0, 0.0]], dtype=torch.float64)
+    ctx = TwoRanks(other_rows, [torch.tensor([0.0, 100.0, 6.0], dtype=torch.float64)],
+                   [torch.tensor([6.0, 1.0], dtype=torch.float64)])
+    m, lengths, _ = global_metrics(ctx, completions, [0.5, 1.0], batch, 0.0, t_rollout=2.0, t_update=0.5)
+    assert lengths == [10, 30, 20, 40] and m["tokens/generated"] == 100
+    assert m["throughput/rollout_tokens_per_s_per_gpu"] == 100 / 6.0 / 2
+    assert m["throughput/train_tokens_per_s_per_gpu"] == 200 / 1.0 / 2
+    assert m["time/rollout_slowest_over_mean"] == 6.0 / 4.0
+    assert m["response/truncated_frac"] == 0.25
