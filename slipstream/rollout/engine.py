@@ -35,8 +35,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
     max_graph_batch: int = 256  # largest decode batch a graph is captured for; larger ones run eagerly
     # Decode steps per graph replay while no sequence waits (GPU): each replay feeds its draws to
-    # the next step on the device, so the host's per-step work is paid once per `decode_steps`.
-    # Tokens drawn after a sequence finishes are discarded (at most decode_steps - 1 per sequence).
+    # the next step on the device, so the host's per-step work is paid once per `decode_steps`,
+    # and the next replay is launched before the host reads this one's (see Engine._decode_steps).
+    # Tokens drawn after a sequence finishes are discarded (at most 2 * decode_steps - 1 per sequence).
     decode_steps: int = 4
 
 
