@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,9 @@ def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_engine(decoder, prompts: torch.Tensor, new_tokens: int, decode_steps: int = 4) -> float:
+def time_engine(decoder, prompts: torch.Tensor, new_tokens: int, decode_steps: int = 4,
+                repeats: int = 1) -> list[float]:
+    """Seconds of each of `repeats` timed runs of the engine over `prompts` (after one warm-up)."""
     from slipstream.rollout.engine import Engine, EngineConfig
     from slipstream.rollout.types import Request, SamplingParams
 
@@ -90,20 +93,23 @@ def time_engine(decoder, prompts: torch.Tensor, new_tokens: int, decode_steps: i
     reqs = [Request(p.tolist(), params, str(i), str(i)) for i, p in enumerate(prompts)]
     # warm-up at the same batch size: compiles the kernels and captures the decode graph of its bucket
     engine.generate([Request(r.prompt_ids, SamplingParams(temperature=0.0, max_tokens=4), "w", "w") for r in reqs])
-    engine.block_manager.reset_prefix_cache()  # the timed run prefills its prompts in full
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    if PROFILE:  # where the host time of a decode step goes
-        import cProfile
-        import pstats
+    times = []
+    for _ in range(repeats):
+        engine.block_manager.reset_prefix_cache()  # a timed run prefills its prompts in full
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if PROFILE:  # where the host time of a decode step goes
+            import cProfile
+            import pstats
 
-        with cProfile.Profile() as prof:
+            with cProfile.Profile() as prof:
+                engine.generate(reqs)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+        else:
             engine.generate(reqs)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
-    else:
-        engine.generate(reqs)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def time_prefill(model, decoder, prompts: torch.Tensor) -> tuple[float, float]:
@@ -157,6 +163,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/engine_decode.json")
     ap.add_argument("--decode-steps", type=int, default=4, help="rollout.decode_steps of the engine")
     ap.add_argument("--profile", action="store_true", help="print the host profile of each engine run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed engine runs per row: the row reports their median, and lists them all")
     args = ap.parse_args()
     global PROFILE
     PROFILE = args.profile
@@ -176,7 +184,8 @@ def main() -> None:
         for batch in args.batches:
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(10, c.vocab_size - 10, (batch, args.prompt), generator=g).to(device)
-            ours = time_engine(decoder, prompts, args.new_tokens, args.decode_steps)
+            runs = time_engine(decoder, prompts, args.new_tokens, args.decode_steps, args.repeats)
+            ours = statistics.median(runs)
             hf_tokens = min(args.hf_new_tokens, args.new_tokens)
             theirs = time_hf(model, prompts, hf_tokens) if batch <= args.skip_hf_above else None
             mean_ctx = args.prompt + args.new_tokens / 2
@@ -185,7 +194,8 @@ def main() -> None:
             tokens = batch * args.new_tokens
             row = {"model": name, "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
                    "decode_steps": args.decode_steps,
-                   "tokens_per_s": tokens / ours, "hf_tokens_per_s": batch * hf_tokens / theirs if theirs else None,
+                   "tokens_per_s": tokens / ours, "tokens_per_s_runs": [tokens / t for t in runs],
+                   "hf_tokens_per_s": batch * hf_tokens / theirs if theirs else None,
                    "hf_new_tokens": hf_tokens,
                    "floor_tokens_per_s": floor, "device": torch.cuda.get_device_name()}
             row["fraction_of_floor"] = row["tokens_per_s"] / floor
