@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slipstream.drafter.config import DrafterConfig
+from slipstream.kernels.fused_ops import rope_cos_sin_torch
 from slipstream.models.decoder import DecoderConfig, rope_inv_freq
 from slipstream.rollout.sampler import shape_logits
 
@@ -241,10 +242,7 @@ class Drafter(nn.Module):
         return other
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        dtype = self.fc.weight.dtype
-        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+        return rope_cos_sin_torch(positions, self.inv_freq, self.rope_scale, self.fc.weight.dtype)
 
     def _inputs(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         dtype = self.fc.weight.dtype

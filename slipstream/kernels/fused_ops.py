@@ -81,7 +81,7 @@ def rope_store_kv_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def rope_cos_sin_torch(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = positions[:, None].float() * inv_freq[None, :]
+    freqs = positions[..., None].float() * inv_freq  # positions of any shape
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
@@ -175,7 +175,8 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, HALF)
         mask = (rows < T)[:, None]
-        freqs = tl.load(pos_ptr + rows, mask=rows < T, other=0).to(tl.float32)[:, None] * tl.load(inv_ptr + cols)[None, :]
+        pos = tl.load(pos_ptr + rows, mask=rows < T, other=0).to(tl.float32)
+        freqs = pos[:, None] * tl.load(inv_ptr + cols)[None, :]
         if LIBDEVICE:  # CUDA's cosf/sinf, as torch's kernels: full range reduction (positions reach
             # tens of thousands of radians), where an approximate instruction would drift
             c, s = libdevice.cos(freqs), libdevice.sin(freqs)

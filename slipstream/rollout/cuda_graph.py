@@ -163,15 +163,22 @@ class DecodeGraphs:
         h[B:B + n] = last
         h[2 * B:2 * B + n] = [p + 1 for p in last]
         self.host_f64[3 * B:3 * B + n] = [seq.params.temperature for seq in seqs]
-        h[t0:t0 + B * W] = 0  # no stale entries past a table's end (the CPU attention gathers up to the longest)
-        for i, seq in enumerate(seqs):
-            h[t0 + i * W:t0 + i * W + len(seq.block_table)] = seq.block_table
+        self._write_tables(h[t0:t0 + B * W], seqs)
         h[n:B] = 0
         h[B + n:2 * B] = 0
         h[2 * B + n:3 * B] = 1
         self.host_f64[3 * B + n:4 * B] = 0.0
         h[4 * B] = seed
-        h[t0 + n * W:t0 + B * W:W] = self.scratch_block  # padding rows: position 0 in the scratch block
+
+    def _write_tables(self, h: np.ndarray, seqs: Seq[Sequence]) -> None:
+        """The block tables of `seqs` into h [B * width], rows past them padding rows (position 0
+        in the scratch block); no stale entry past a table's end (the CPU attention gathers up to
+        the longest table)."""
+        W = self.width
+        h[:] = 0
+        for i, seq in enumerate(seqs):
+            h[i * W:i * W + len(seq.block_table)] = seq.block_table
+        h[len(seqs) * W::W] = self.scratch_block
 
     def _capture(self, B: int, steps: int = 1) -> None:
         self.host_np[:] = 0
@@ -235,11 +242,7 @@ class DecodeGraphs:
         self.table_lengths = lengths
         self.table_flip ^= 1
         host, W = self.table_hosts[self.table_flip], self.width
-        h = host.numpy()
-        h[:B * W] = 0
-        for i, seq in enumerate(seqs):
-            h[i * W:i * W + len(seq.block_table)] = seq.block_table
-        h[len(seqs) * W:B * W:W] = self.scratch_block
+        self._write_tables(host.numpy()[:B * W], seqs)
         *_, tables = self._views(B)
         tables.view(-1).copy_(host[:B * W], non_blocking=True)
 

@@ -213,10 +213,12 @@ class Engine:
             seqs = [seqs[i] for i in alive]
             tokens = [[row[i] for i in alive] for row in tokens]
             logprobs = [[row[i] for i in alive] for row in logprobs]
-        first = [(seq.last_token, seq.num_tokens - 1) for seq in seqs]  # what the replay's first step fed
-        before = [seq.num_output_tokens for seq in seqs]
+        capture = bool(self.runner.capture_layers)
+        if capture:
+            first = [(seq.last_token, seq.num_tokens - 1) for seq in seqs]  # what the replay's first step fed
+            before = [seq.num_output_tokens for seq in seqs]
         finished, live = sch.postprocess_steps(seqs, tokens, logprobs)
-        if self.runner.capture_layers:
+        if capture:
             self.runner.emit_step_features(launched, seqs, alive, first, tokens,
                                            [seq.num_output_tokens - n for seq, n in zip(seqs, before)])
         if self._inflight is not None and all(seq.is_finished for seq in seqs):

@@ -96,8 +96,8 @@ def test_norm_linear_above_four_rows_runs_the_separate_kernels():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M,heads,kv_heads,D,with_residual,bias", [(1, 4, 2, 16, True, True), (3, 6, 2, 32, False, False),
-                                                                   (4, 3, 3, 16, True, False)])
+@pytest.mark.parametrize("M,heads,kv_heads,D,with_residual,bias",
+                         [(1, 4, 2, 16, True, True), (3, 6, 2, 32, False, False), (4, 3, 3, 16, True, False)])
 def test_norm_qkv_rope_fused_equals_the_separate_ops(dtype, M, heads, kv_heads, D, with_residual, bias):
     g = torch.Generator().manual_seed(M * heads + D)
     K, page, blocks = 200, 4, 5

@@ -504,7 +504,8 @@ class SuffixConfig:
     indexed and matched in the windows. live_max_depth: the same for the trees of the current
     step's live outputs (own and siblings), which grow token by token on the decode path, where
     each token updates every indexed suffix that ends at it (a draft's length is capped at `cap`
-    anyway, so longer matches only sharpen the counts). cap: longest draft. alpha: a draft is at most alpha * match length.
+    anyway, so longer matches only sharpen the counts). cap: longest draft. alpha: a draft is at
+    most alpha * match length.
     min_token_prob: a draft stops before its cumulative probability falls below this.
     max_tokens_per_prompt: tokens stored per prompt (oldest rollouts go first; also bounds the
     per-step group index). max_prompts: prompts with a history (least recently used go first).
