@@ -78,15 +78,24 @@ def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def kv_cache_gb(decoder, tokens: int) -> float:
+    """A cache that holds `tokens` tokens with room to spare: the decode rows must not preempt."""
+    c = decoder.config
+    per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * decoder.embed.weight.element_size()
+    return max(1.0, 1.1 * tokens * per_token / 2**30 + 0.25)
+
+
 def time_engine(decoder, prompts: torch.Tensor, new_tokens: int, decode_steps: int = 4,
-                repeats: int = 1) -> list[float]:
-    """Seconds of each of `repeats` timed runs of the engine over `prompts` (after one warm-up)."""
+                repeats: int = 1) -> tuple[list[float], int]:
+    """Seconds of each of `repeats` timed runs of the engine over `prompts` (after one warm-up), and
+    the preemptions of the timed runs."""
     from slipstream.rollout.engine import Engine, EngineConfig
     from slipstream.rollout.types import Request, SamplingParams
 
     batch, plen = prompts.shape
-    cfg = EngineConfig(block_size=16, kv_cache_gb=8.0, max_num_seqs=max(batch, 1),
-                       max_num_batched_tokens=max(8192, batch * plen), max_model_len=plen + new_tokens + 16,
+    max_len = plen + new_tokens + 16
+    cfg = EngineConfig(block_size=16, kv_cache_gb=kv_cache_gb(decoder, batch * max_len), max_num_seqs=max(batch, 1),
+                       max_num_batched_tokens=max(8192, batch * plen), max_model_len=max_len,
                        decode_steps=decode_steps)
     engine = Engine(decoder, eos_token_ids=[], cfg=cfg)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens)
@@ -94,6 +103,7 @@ def time_engine(decoder, prompts: torch.Tensor, new_tokens: int, decode_steps: i
     # warm-up at the same batch size: compiles the kernels and captures the decode graph of its bucket
     engine.generate([Request(r.prompt_ids, SamplingParams(temperature=0.0, max_tokens=4), "w", "w") for r in reqs])
     times = []
+    preempted_before = engine.stats["preemptions"]
     for _ in range(repeats):
         engine.block_manager.reset_prefix_cache()  # a timed run prefills its prompts in full
         torch.cuda.synchronize()
@@ -109,7 +119,7 @@ def time_engine(decoder, prompts: torch.Tensor, new_tokens: int, decode_steps: i
             engine.generate(reqs)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return times
+    return times, engine.stats["preemptions"] - preempted_before
 
 
 def time_prefill(model, decoder, prompts: torch.Tensor) -> tuple[float, float]:
@@ -118,7 +128,8 @@ def time_prefill(model, decoder, prompts: torch.Tensor) -> tuple[float, float]:
     from slipstream.rollout.types import Request, SamplingParams
 
     batch, plen = prompts.shape
-    engine = Engine(decoder, eos_token_ids=[], cfg=EngineConfig(block_size=16, kv_cache_gb=8.0, max_num_seqs=batch,
+    engine = Engine(decoder, eos_token_ids=[], cfg=EngineConfig(block_size=16, kv_cache_gb=kv_cache_gb(decoder, batch * (plen + 16)),
+                                                                max_num_seqs=batch,
                                                                 max_num_batched_tokens=batch * plen,
                                                                 max_model_len=plen + 16, enable_prefix_sharing=False))
     reqs = [Request(p.tolist(), SamplingParams(temperature=0.0, max_tokens=1), str(i), str(i))
@@ -184,7 +195,7 @@ def main() -> None:
         for batch in args.batches:
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(10, c.vocab_size - 10, (batch, args.prompt), generator=g).to(device)
-            runs = time_engine(decoder, prompts, args.new_tokens, args.decode_steps, args.repeats)
+            runs, preemptions = time_engine(decoder, prompts, args.new_tokens, args.decode_steps, args.repeats)
             ours = statistics.median(runs)
             hf_tokens = min(args.hf_new_tokens, args.new_tokens)
             theirs = time_hf(model, prompts, hf_tokens) if batch <= args.skip_hf_above else None
@@ -193,7 +204,7 @@ def main() -> None:
             floor = batch / ((weight_bytes + kv_bytes) / bw)
             tokens = batch * args.new_tokens
             row = {"model": name, "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
-                   "decode_steps": args.decode_steps,
+                   "decode_steps": args.decode_steps, "preemptions": preemptions,
                    "tokens_per_s": tokens / ours, "tokens_per_s_runs": [tokens / t for t in runs],
                    "hf_tokens_per_s": batch * hf_tokens / theirs if theirs else None,
                    "hf_new_tokens": hf_tokens,

@@ -5,8 +5,10 @@
 Random paged batches (shuffled pages, ragged lengths, GQA) with a few strongly attended "sink"
 keys so that skip-softmax really skips: dense prefill and decode vs `paged_attention_ref`, and
 skip-softmax vs `paged_attention_sparse_ref` with the kernels' own tiling (output and skipped-tile
-counts). Also the RoPE table kernel against torch's cos/sin, bit for bit in bf16. Prints one line
-per case and exits non-zero on any failure.
+counts). Also the RoPE table kernel against torch's cos/sin, bit for bit in bf16, and, where the
+kernels launch with PDL, that decode attention sees the K/V that the kernel before it stores (it
+fetches older keys before its PDL wait; a store kernel that is still running must not be missed).
+Prints one line per case and exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def main() -> int:
                 print(f"{phase:7s} dim {dim:3d} skip {skip:5.1f} sparsity kernel {k_sparsity:.3f} ref {r_sparsity:.3f}"
                       f" max|err| {err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     failures += not rope_tables_match()
+    failures += not pdl_sees_new_kv(gen)
     print("all ok" if not failures else f"{failures} failures")
     return 1 if failures else 0
 
@@ -102,6 +105,66 @@ def rope_tables_match() -> bool:
     print(f"rope tables {dtype} positions 0..{2**17 - 1}: {differ} entries differ from torch "
           f"{'ok' if differ == 0 else 'FAIL'}", flush=True)
     return differ == 0
+
+
+def pdl_sees_new_kv(gen) -> bool:
+    """Decode attention launched right after a PDL kernel that stores the step's K/V only after
+    spinning for 50 us: the output must match the reference over the new K/V."""
+    from slipstream.kernels.paged_attention import paged_decode_attention
+    from slipstream.kernels.pdl import pdl_kwargs
+
+    if not pdl_kwargs(torch.empty(0, device=DEVICE))["PDL"]:
+        print("pdl ordering: PDL is off on this device, nothing to check", flush=True)
+        return True
+    import triton
+    import triton.language as tl
+
+    from slipstream.kernels.pdl import pdl_prologue
+
+    @triton.jit
+    def late_store(k_cache, v_cache, k_new, v_new, slots, SPIN_NS: tl.constexpr, WIDTH: tl.constexpr,
+                   PDL: tl.constexpr):
+        pdl_prologue(PDL)
+        i = tl.program_id(0)
+        start = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                          pack=1)
+        now = start
+        while now - start < SPIN_NS:
+            now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                            is_pure=False, pack=1)
+        slot = tl.load(slots + i).to(tl.int64)
+        offs = tl.arange(0, WIDTH)
+        tl.store(k_cache + slot * WIDTH + offs, tl.load(k_new + i * WIDTH + offs))
+        tl.store(v_cache + slot * WIDTH + offs, tl.load(v_new + i * WIDTH + offs))
+
+    ok = True
+    for q_lens in ([1, 1, 1], [1, 4, 16]):
+        lens = [700, 65, 1500]  # the step's tokens start inside a key tile, or on its boundary
+        q, k_cache, v_cache, cu, seq_lens, tables = paged_batch(lens, q_lens, 16, 4, 128, 16, torch.bfloat16, gen)
+        page = k_cache.shape[1]
+        pos = torch.cat([torch.arange(n - m, n) for n, m in zip(lens, q_lens)])
+        seq = torch.cat([torch.full((m,), s) for s, m in enumerate(q_lens)])
+        slots = (tables.cpu()[seq, pos // page].long() * page + pos % page).to(DEVICE)
+        width = k_cache.shape[2] * k_cache.shape[3]
+        k_new = torch.randn(len(pos), width, generator=gen).to(DEVICE, torch.bfloat16)
+        v_new = torch.randn(len(pos), width, generator=gen).to(DEVICE, torch.bfloat16)
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        want_k.view(-1, width)[slots] = k_new
+        want_v.view(-1, width)[slots] = v_new
+        fargs = [a.float() if a.is_floating_point() else a for a in (q, want_k, want_v, cu, seq_lens, tables)]
+        ref = paged_attention_ref(*fargs, 128**-0.5)
+        worst = 0.0
+        for _ in range(5):
+            k_run, v_run = k_cache.clone(), v_cache.clone()  # the step's slots hold stale K/V
+            torch.cuda.synchronize()
+            late_store[(len(pos),)](k_run, v_run, k_new, v_new, slots, SPIN_NS=50_000, WIDTH=width,
+                                    **pdl_kwargs(q))
+            out = paged_decode_attention(q, k_run, v_run, cu, seq_lens, tables, 128**-0.5, max_q_len=max(q_lens))
+            worst = max(worst, (out.float() - ref).abs().max().item())
+        good = worst < 3e-2
+        ok &= good
+        print(f"pdl ordering q_lens {q_lens}: max|err| {worst:.2e} {'ok' if good else 'FAIL'}", flush=True)
+    return ok
 
 
 if __name__ == "__main__":

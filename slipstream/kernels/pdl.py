@@ -3,11 +3,13 @@
 A decode step of a small model is a chain of short kernels, and in a CUDA graph each still pays
 the GPU's launch latency after the one before it drains. Launched with PDL, a kernel's blocks may
 be scheduled while the previous kernel in the stream is still running; the kernel then waits
-(`griddepcontrol.wait`) for that kernel to finish and its writes to be visible before it does
-anything else, and lets its own successor launch early. Every kernel launched this way takes a
-`PDL: tl.constexpr` and starts with `pdl_prologue(PDL)`, so it never touches memory before its
-predecessor is complete: the chain stays ordered as without PDL (a successor launched without
-PDL, e.g. cuBLAS, waits for completion as usual). `SLIPSTREAM_PDL=0` turns it off.
+(`griddepcontrol.wait`) for that kernel to finish and its writes to be visible, and only then
+lets its own successor launch. Every kernel launched this way takes a `PDL: tl.constexpr` and
+calls `pdl_prologue(PDL)` before it reads anything its predecessor writes, so the chain stays
+ordered as without PDL (a successor launched without PDL, e.g. cuBLAS, waits for completion as
+usual). Because a kernel releases its successor only after its own wait, every kernel before the
+predecessor is complete when a kernel starts: what those wrote may be read before the wait (the
+decode attention fetches older keys there). `SLIPSTREAM_PDL=0` turns it off.
 """
 
 from __future__ import annotations
