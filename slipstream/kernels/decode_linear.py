@@ -239,16 +239,29 @@ def linear_candidates(M: int) -> list[tuple[str, int]]:
     return ways + ([("gemv", 4), ("gemv", 16)] if M <= GEMV_MAX_M else [])
 
 
-def _time_us(fn, reps: int = 20) -> float:
-    """GPU microseconds per call of `fn`, launches queued behind a sleep so that the host's launch
-    cost (larger for a Triton launch than for cuBLAS's) does not count: in a graph it does not."""
-    for _ in range(3):
-        fn()
+def _cold_weights(weight: torch.Tensor) -> list[torch.Tensor]:
+    """`weight` and as many copies as make 2x the L2 cache: calls that cycle through them read the
+    weights from HBM, as a decode step does (its layers together are far larger than L2). Timed on
+    one matrix left in L2, the kernels that win are not the ones that stream it fastest from HBM."""
+    l2 = torch.cuda.get_device_properties(weight.device).L2_cache_size
+    n = max(1, -(-2 * l2 // (weight.numel() * weight.element_size())))
+    return [weight] + [weight.clone() for _ in range(n - 1)]
+
+
+def _time_us(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
+    """GPU microseconds per call of `fn(weight)`, cycling through `weights` (`_cold_weights`), with
+    launches queued behind a sleep so that the host's launch cost (larger for a Triton launch than
+    for cuBLAS's) does not count: in a graph it does not."""
+    for w in weights[:3]:
+        fn(w)
+    flush = torch.empty(2 * torch.cuda.get_device_properties(weights[0].device).L2_cache_size, dtype=torch.uint8,
+                        device=weights[0].device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda._sleep(2_000_000)  # ~1 ms: longer than enqueueing the calls
+    flush.zero_()  # nothing of the weights left in L2
     start.record()
-    for _ in range(reps):
-        fn()
+    for i in range(reps):
+        fn(weights[i % len(weights)])
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1000 / reps
@@ -260,12 +273,14 @@ def _m_bucket(M: int) -> int:
     return triton.next_power_of_2(M)
 
 
-def _fastest(key: tuple, runs: dict, default) -> tuple[str, int]:
-    """The way in `runs` (way -> call) that measured fastest for `key`, timed on first use."""
+def _fastest(key: tuple, runs: dict, default, weight: torch.Tensor) -> tuple[str, int]:
+    """The way in `runs` (way -> call taking the weight) that measured fastest for `key`, timed on
+    first use with the weights read from HBM."""
     if key not in _choice:
         if torch.cuda.is_current_stream_capturing():
             return default  # cannot time inside a capture; graphs run an eager warm-up first, which decides
-        times = {way: min(_time_us(fn) for _ in range(3)) for way, fn in runs.items()}
+        weights = _cold_weights(weight)
+        times = {way: min(_time_us(fn, weights) for _ in range(3)) for way, fn in runs.items()}
         _choice[key] = min(times, key=times.get)
     return _choice[key]
 
@@ -289,8 +304,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             way = ("gemv", 8) if M <= GEMV_MAX_M else ("tiled", 0)
         else:
             key = ("linear", _m_bucket(M), *weight.shape, x.dtype, bias is not None, out_dtype, x.device.index)
-            way = _fastest(key, {w: (lambda w=w: _WAYS[w[0]](x, weight, bias, out_dtype, w[1]))
-                                 for w in linear_candidates(M)}, ("tiled", 0))
+            way = _fastest(key, {w: (lambda wt, w=w: _WAYS[w[0]](x, wt, bias, out_dtype, w[1]))
+                                 for w in linear_candidates(M)}, ("tiled", 0), weight)
     return _WAYS[way[0]](x, weight, bias, out_dtype, way[1])
 
 
@@ -307,34 +322,35 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     M = x.shape[0]
     fusable = _serves(x, weight) and M <= GEMV_MAX_M and (residual is None or residual.stride(-1) == 1)
 
-    def separate():
+    def separate(w=weight):
         h, res = rms_norm(x, norm_weight, eps, residual)
-        y = linear(h, weight, bias)
+        y = linear(h, w, bias)
         return (silu_mul(y) if swiglu else y), res
 
-    def fused(block_n):
-        return _gemv(x, weight, bias, x.dtype, block_n, norm_weight, eps, residual, swiglu)
+    def fused(block_n, w=weight):
+        return _gemv(x, w, bias, x.dtype, block_n, norm_weight, eps, residual, swiglu)
 
     def key():
         return ("norm_linear", _m_bucket(M), *weight.shape, x.dtype, bias is not None, residual is not None, swiglu,
                 x.device.index)
 
-    return _fused_or_separate(x, fusable, key, fused, separate, (4, 16), 8, way)
+    return _fused_or_separate(x, weight, fusable, key, fused, separate, (4, 16), 8, way)
 
 
-def _fused_or_separate(x: torch.Tensor, fusable: bool, key, fused, separate, blocks: tuple[int, int],
-                       interpreter_block: int, way: tuple[str, int] | None):
+def _fused_or_separate(x: torch.Tensor, weight: torch.Tensor, fusable: bool, key, fused, separate,
+                       blocks: tuple[int, int], interpreter_block: int, way: tuple[str, int] | None):
     """separate(), or fused(block) for the block in `blocks` that measured fastest for the shape
     (`key()`, asked only on GPU) if that beat separate(); the interpreter takes `interpreter_block`;
-    `way` forces one."""
+    `way` forces one. Both take the projection's weight as an optional last argument (`weight` by
+    default), which the timing varies."""
     if not fusable:
         return separate()
     if way is None:
         if x.device.type != "cuda":
             way = ("fused", interpreter_block)
         else:
-            way = _fastest(key(), {**{("fused", b): (lambda b=b: fused(b)) for b in blocks}, ("separate", 0): separate},
-                           ("separate", 0))
+            runs = {("fused", b): (lambda w, b=b: fused(b, w)) for b in blocks}
+            way = _fastest(key(), {**runs, ("separate", 0): separate}, ("separate", 0), weight)
     return fused(way[1]) if way[0] == "fused" else separate()
 
 
@@ -353,20 +369,20 @@ def norm_qkv_rope(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight
     M, D = x.shape[0], k_cache.shape[-1]
     half = D // 2
 
-    def separate():
-        qkv, res = norm_linear(x, norm_weight, eps, weight, bias, residual)
+    def separate(w=weight):
+        qkv, res = norm_linear(x, norm_weight, eps, w, bias, residual)
         norms = qk_norm if qk_norm is not None else (None, None)
         return rope_store_kv(qkv, cos, sin, num_heads, num_kv_heads, k_cache, v_cache, slot_mapping, *norms), res
 
-    def fused(pairs):
+    def fused(pairs, w=weight):
         q = torch.empty(M, num_heads, D, dtype=x.dtype, device=x.device)
         res_out = torch.empty_like(x) if residual is not None else None
         r = residual if residual is not None else x
         ro = res_out if res_out is not None else x
         kc, vc = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         _qkv_rope_kernel[((num_heads + 2 * num_kv_heads) * (half // pairs),)](
-            x, r, norm_weight, ro, weight, bias if bias is not None else weight, q, cos, sin, slot_mapping, kc, vc,
-            x.shape[1], x.stride(0), r.stride(0), ro.stride(0), weight.stride(0), q.stride(0), cos.stride(0),
+            x, r, norm_weight, ro, w, bias if bias is not None else w, q, cos, sin, slot_mapping, kc, vc,
+            x.shape[1], x.stride(0), r.stride(0), ro.stride(0), w.stride(0), q.stride(0), cos.stride(0),
             kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), float(eps), M=M, M_P2=triton.next_power_of_2(M),
             NORM=True, HAS_RES=residual is not None, HAS_BIAS=bias is not None, H=num_heads, KVH=num_kv_heads,
             HALF=half, BLOCK_N=pairs, BLOCK_K=512, num_warps=4, num_stages=3, **pdl_kwargs(x))
@@ -382,4 +398,4 @@ def norm_qkv_rope(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight
         return ("qkv_rope", _m_bucket(M), *weight.shape, D, x.dtype, bias is not None, residual is not None,
                 x.device.index)
 
-    return _fused_or_separate(x, fusable, key, fused, separate, (2, 8), 4, way)
+    return _fused_or_separate(x, weight, fusable, key, fused, separate, (2, 8), 4, way)
