@@ -57,13 +57,14 @@ def fused_ops(device) -> None:
     gu = torch.randn(37, 2 * 4864, device=device, generator=g).bfloat16()
     diff = (F.silu_mul(gu).float() - F.silu_mul_torch(gu).float()).abs().max().item()
     check("silu_mul bf16", diff <= 1.6e-2, f"max diff {diff:.2e}")
-    for M, N, K in ((1, 1152, 896), (3, 3584, 3584), (7, 9728, 896), (16, 896, 4864)):
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for M, N, K in ((1, 1152, 896), (1, 896, 4864), (3, 3584, 3584), (7, 9728, 896), (16, 896, 4864)):
         xs = torch.randn(M, K, device=device, generator=g).bfloat16()
         ws = (torch.randn(N, K, device=device, generator=g) / K**0.5).bfloat16()
         bs = torch.randn(N, device=device, generator=g).bfloat16()
         ref = torch.nn.functional.linear(xs.float(), ws.float(), bs.float())
         base = (torch.nn.functional.linear(xs, ws, bs).float() - ref).abs().max().item()
-        for way in DL.linear_candidates(M)[1:]:  # the Triton kernels, each forced
+        for way in DL.linear_candidates(M, N, K, sms)[1:]:  # the Triton kernels, each forced
             diff = (DL.linear(xs, ws, bs, way=way).float() - ref).abs().max().item()
             check(f"small-M linear {way[0]}/{way[1]} bf16 {M}x{N}x{K}", diff <= 2 * base + 1e-3,
                   f"max err {diff:.2e} (cuBLAS {base:.2e})")

@@ -6,7 +6,8 @@ For each projection of the model's shape at M rows (decode), times in a CUDA gra
 back-to-back launches (so launch gaps count as they do in the engine's graphs), cycling through
 copies of the weight that together make twice the L2 cache (as in a decode step, each call reads
 its weights from HBM; `--hot` times one matrix, which stays in L2 when it fits): each way
-`decode_linear.linear` times (`linear_candidates`: cuBLAS, the tiled and the GEMV Triton kernels),
+`decode_linear.linear` times (`linear_candidates`: cuBLAS, the tiled and the GEMV Triton kernels,
+split-K GEMVs for tall matrices),
 the norm and SiLU kernels around the projections and `norm_linear`'s fused and separate forms,
 and what `linear` picks. Prints us per call and the bandwidth of the weight read; writes
 benchmarks/results/linear_variants_<model>.json.
@@ -82,7 +83,7 @@ def main() -> None:
         ws = [w] if args.hot else fo._cold_weights(w)
         xin = torch.randn(M, K, device=dev, dtype=dt)
         t = {f"{k}/{bn}": graph_time(lambda wt, k=k, bn=bn: fo.linear(xin, wt, way=(k, bn)), ws)
-             for k, bn in fo.linear_candidates(M)}
+             for k, bn in fo.linear_candidates(M, N, K, torch.cuda.get_device_properties(dev).multi_processor_count)}
         if name in ("qkv", "gate_up"):
             t["rms_norm kernel"] = graph_time(lambda wt: fused_ops.rms_norm(x, nw, 1e-6, res), ws)
             sw = name == "gate_up"

@@ -67,13 +67,14 @@ if triton is not None:
                  mask=(rm[:, None] < M) & n_mask[None, :])
 
     @triton.jit
-    def _gemv_main(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, rn, n_mask, pair_rows, K, stride_xm, stride_rm, stride_rom,
-                   stride_wn, eps, M, write_res, M_P2: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                   PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_main(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, rn, n_mask, pair_rows, K, k_lo, k_hi, stride_xm, stride_rm,
+                   stride_rom, stride_wn, eps, M, write_res, M_P2: tl.constexpr, NORM: tl.constexpr,
+                   HAS_RES: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(acc, acc_pair) [BLOCK_N, M_P2] float32: sum_k h[m, k] * w[n, k] over the weight rows
-        n = rn (and n = rn + pair_rows when PAIR) for up to 4 rows m, streamed along K.
+        n = rn (and n = rn + pair_rows when PAIR) for up to 4 rows m, streamed along k_lo <= k < k_hi.
 
-        NORM: h = RMSNorm(x + residual) * nw (x + residual written to ro where write_res), else h = x.
+        NORM (whole K only): h = RMSNorm(x + residual) * nw (x + residual written to ro where
+        write_res), else h = x.
         """
         rk = tl.arange(0, BLOCK_K)
         cols = tl.arange(0, M_P2)
@@ -93,9 +94,9 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, M_P2), tl.float32)
         acc_pair = tl.zeros((BLOCK_N, M_P2), tl.float32)
         k_store = tl.where(write_res, K, 0)  # one program writes the new residual stream
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
-            k_mask = kk < K
+            k_mask = kk < k_hi
             wp = w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :]
             wm = n_mask[:, None] & k_mask[None, :]
             w = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
@@ -104,7 +105,7 @@ if triton is not None:
             if NORM:
                 nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
             for m in tl.static_range(M_P2):
-                k_row = tl.where(m < M, K, 0)  # rows past M load zeros and store nothing
+                k_row = tl.where(m < M, k_hi, 0)  # rows past M load zeros and store nothing
                 x = tl.load(x_ptr + m * stride_xm + kk, mask=kk < k_row, other=0.0)
                 if NORM:
                     if HAS_RES:
@@ -120,22 +121,40 @@ if triton is not None:
         return acc, acc_pair
 
     @triton.jit
-    def _gemv_kernel(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_rm, stride_rom,
-                     stride_wn, stride_ym, eps, M, M_P2: tl.constexpr, NORM: tl.constexpr,
+    def _gemv_kernel(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, N, K, K_PER, stride_xm,
+                     stride_rm, stride_rom, stride_wn, stride_ym, eps, M, M_P2: tl.constexpr, NORM: tl.constexpr,
                      HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
         """y[m, n] = sum_k h[m, k] * w[n, k] for up to 4 rows m, BLOCK_N rows of W per program.
 
         SWIGLU: W holds 2N rows (gate, then up); y = SiLU(gate) * up of the two products.
+        SPLIT > 1 (plain projections): program (i, s) sums the K range [s * K_PER, (s + 1) * K_PER)
+        into float32 scratch; the last of a row block's programs to arrive adds the parts in split
+        order (the same sums whoever arrives last), writes y and sets the block's counter back to 0.
         """
         pdl_prologue(PDL)
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, M_P2)
         n_mask = rn < N
-        acc, acc_up = _gemv_main(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, rn, n_mask, N, K, stride_xm, stride_rm,
-                                 stride_rom, stride_wn, eps, M, pid == 0, M_P2, NORM, HAS_RES, SWIGLU, BLOCK_N,
-                                 BLOCK_K)
+        k_lo = tl.program_id(1) * K_PER
+        k_hi = tl.minimum(k_lo + K_PER, K)
+        acc, acc_up = _gemv_main(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, rn, n_mask, N, K, k_lo, k_hi, stride_xm,
+                                 stride_rm, stride_rom, stride_wn, eps, M, pid == 0, M_P2, NORM, HAS_RES, SWIGLU,
+                                 BLOCK_N, BLOCK_K)
+        rows = M
+        if SPLIT > 1:
+            parts = part_ptr + rn[:, None] * M_P2 + cols[None, :]  # [SPLIT, N, M_P2]
+            tl.store(parts + tl.program_id(1) * N * M_P2, acc, mask=n_mask[:, None])
+            tl.debug_barrier()  # every thread's part is stored before the release below
+            arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+            last = arrived == SPLIT - 1
+            if last:
+                acc = tl.zeros((BLOCK_N, M_P2), tl.float32)
+                for sp in tl.static_range(SPLIT):
+                    acc += tl.load(parts + sp * N * M_P2, mask=n_mask[:, None], other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(lock_ptr + pid, 0)  # at rest for the next launch (graph replays)
+            rows = tl.where(last, M, 0)  # only the last arrival writes y
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             if SWIGLU:
@@ -147,7 +166,7 @@ if triton is not None:
             act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
             out = (act * acc_up.to(dtype).to(tl.float32)).to(dtype)
         tl.store(y_ptr + cols[None, :] * stride_ym + rn[:, None], out.to(y_ptr.dtype.element_ty),
-                 mask=n_mask[:, None] & (cols[None, :] < M))
+                 mask=n_mask[:, None] & (cols[None, :] < rows))
 
     @triton.jit
     def _qkv_rope_kernel(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, b_ptr, q_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr,
@@ -168,8 +187,9 @@ if triton is not None:
         rn = head * (2 * HALF) + j
         cols = tl.arange(0, M_P2)
         m_mask = (cols < M)[None, :]
-        acc1, acc2 = _gemv_main(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, rn, j < HALF, HALF, K, stride_xm, stride_rm,
-                                stride_rom, stride_wn, eps, M, pid == 0, M_P2, NORM, HAS_RES, True, BLOCK_N, BLOCK_K)
+        acc1, acc2 = _gemv_main(x_ptr, r_ptr, nw_ptr, ro_ptr, w_ptr, rn, j < HALF, HALF, K, 0, K, stride_xm,
+                                stride_rm, stride_rom, stride_wn, eps, M, pid == 0, M_P2, NORM, HAS_RES, True, BLOCK_N,
+                                BLOCK_K)
         if HAS_BIAS:
             acc1 += tl.load(b_ptr + rn).to(tl.float32)[:, None]
             acc2 += tl.load(b_ptr + rn + HALF).to(tl.float32)[:, None]
@@ -204,24 +224,48 @@ def _tiled(x, weight, bias, out_dtype, block_n=0) -> torch.Tensor:
     return y
 
 
+_locks: dict[tuple, torch.Tensor] = {}  # (device index, row blocks) -> arrival counters, zero at rest
+
+
+def _split_locks(device: torch.device, n_blocks: int) -> torch.Tensor:
+    key = (device.index, n_blocks)
+    if key not in _locks:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a split-K projection must run once outside a CUDA graph capture first")
+        _locks[key] = torch.zeros(n_blocks, dtype=torch.int32, device=device)
+    return _locks[key]
+
+
 def _gemv(x, weight, bias, out_dtype, block_n: int = 8, norm_weight=None, eps: float = 0.0, residual=None,
-          swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, x + residual or None): the GEMV kernel, optionally with its norm prologue / SwiGLU epilogue."""
+          swiglu: bool = False, split: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, x + residual or None): the GEMV kernel, optionally with its norm prologue / SwiGLU
+    epilogue, or (plain projections) with K split over `split` programs per row block."""
     M, (N, K) = x.shape[0], weight.shape
     if M > GEMV_MAX_M:
         raise ValueError(f"the GEMV kernel takes up to {GEMV_MAX_M} rows, got {M}")
+    if split > 1 and (swiglu or norm_weight is not None):
+        raise ValueError("split-K serves plain projections only (no norm prologue, no SwiGLU epilogue)")
     if swiglu:
         N //= 2
+    block_k = 512
+    k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per)
+    n_blocks = triton.cdiv(N, block_n)
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else None
     r = residual if residual is not None else x
     ro = res_out if res_out is not None else x
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
+    m_p2 = triton.next_power_of_2(M)
+    if split > 1:
+        part, lock = torch.empty(split, N, m_p2, dtype=torch.float32, device=x.device), _split_locks(x.device, n_blocks)
+    else:
+        part = lock = y  # unused
+    _gemv_kernel[(n_blocks, split)](
         x, r, norm_weight if norm_weight is not None else weight, ro, weight, bias if bias is not None else weight, y,
-        N, K, x.stride(0), r.stride(0), ro.stride(0), weight.stride(0), y.stride(0), float(eps),
-        M=M, M_P2=triton.next_power_of_2(M), NORM=norm_weight is not None, HAS_RES=residual is not None,
-        SWIGLU=swiglu, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=512, num_warps=4, num_stages=3,
-        **pdl_kwargs(x))
+        part, lock, N, K, k_per, x.stride(0), r.stride(0), ro.stride(0), weight.stride(0), y.stride(0), float(eps),
+        M=M, M_P2=m_p2, NORM=norm_weight is not None, HAS_RES=residual is not None,
+        SWIGLU=swiglu, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=4,
+        num_stages=3, **pdl_kwargs(x))
     return y, res_out
 
 
@@ -230,13 +274,22 @@ def _torch(x, weight, bias, out_dtype, block_n=0) -> torch.Tensor:
     return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
 
 
-_WAYS = {"cublas": _torch, "tiled": _tiled, "gemv": lambda *a: _gemv(*a)[0]}
+SPLIT_BLOCK_N = 8  # rows of W per program of the split-K GEMV
+_WAYS = {"cublas": _torch, "tiled": _tiled, "gemv": lambda *a: _gemv(*a)[0],
+         "gemv_split": lambda x, w, b, od, split: _gemv(x, w, b, od, SPLIT_BLOCK_N, split=split)[0]}
 
 
-def linear_candidates(M: int) -> list[tuple[str, int]]:
-    """The (way, BLOCK_N) a projection of M rows is timed with."""
+def linear_candidates(M: int, N: int = 1, K: int = 1, num_sms: int = 132) -> list[tuple[str, int]]:
+    """The (way, BLOCK_N or K splits) a projection of M rows of an [N, K] weight is timed with:
+    split-K GEMVs too where K > N, whose row blocks alone keep few programs in flight."""
     ways = [("cublas", 0), ("tiled", 0)]
-    return ways + ([("gemv", 4), ("gemv", 16)] if M <= GEMV_MAX_M else [])
+    if M > GEMV_MAX_M:
+        return ways
+    ways += [("gemv", 4), ("gemv", 16)]
+    if K > N:
+        base = triton.cdiv(4 * num_sms, triton.cdiv(N, SPLIT_BLOCK_N))  # about four programs per SM
+        ways += [("gemv_split", s) for s in sorted({base, 2 * base}) if 1 < s and K // s >= 256]
+    return ways
 
 
 def _cold_weights(weight: torch.Tensor) -> list[torch.Tensor]:
@@ -304,8 +357,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             way = ("gemv", 8) if M <= GEMV_MAX_M else ("tiled", 0)
         else:
             key = ("linear", _m_bucket(M), *weight.shape, x.dtype, bias is not None, out_dtype, x.device.index)
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
             way = _fastest(key, {w: (lambda wt, w=w: _WAYS[w[0]](x, wt, bias, out_dtype, w[1]))
-                                 for w in linear_candidates(M)}, ("tiled", 0), weight)
+                                 for w in linear_candidates(M, *weight.shape, sms)}, ("tiled", 0), weight)
     return _WAYS[way[0]](x, weight, bias, out_dtype, way[1])
 
 

@@ -51,6 +51,32 @@ def test_gemv_matches_torch(dtype, M, N, K, bias, block_n):
     assert y.dtype == dtype and y.shape == (M, N)
 
 
+@pytest.mark.parametrize("M,N,K,split", [(1, 40, 1100, 2), (3, 21, 1300, 3), (4, 20, 2048, 4)])
+def test_split_k_gemv_matches_torch_and_leaves_its_counters_at_rest(M, N, K, split):
+    g = torch.Generator().manual_seed(M + K)
+    x = torch.randn(M, K, generator=g)
+    w = 0.1 * torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g)
+    y = decode_linear.linear(x, w, b, way=("gemv_split", split))
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    n_blocks = -(-N // decode_linear.SPLIT_BLOCK_N)
+    locks = decode_linear._locks[(x.device.index, n_blocks)]
+    assert locks.shape == (n_blocks,) and not locks.any()  # each row block's last arrival reset its counter
+    # the parts are added in split order whichever program arrives last: the same bits every call
+    assert torch.equal(decode_linear.linear(x, w, b, way=("gemv_split", split)), y)
+    assert torch.equal(decode_linear.linear(x.flip(0), w, b, way=("gemv_split", split)).flip(0), y)
+
+
+def test_split_k_is_offered_for_tall_matrices_only_and_refuses_fused_forms():
+    tall = decode_linear.linear_candidates(1, 896, 4864, 132)
+    assert [w for w in tall if w[0] == "gemv_split"] == [("gemv_split", 5), ("gemv_split", 10)]
+    assert not [w for w in decode_linear.linear_candidates(1, 9728, 896, 132) if w[0] == "gemv_split"]
+    assert not [w for w in decode_linear.linear_candidates(8, 896, 4864, 132) if w[0] == "gemv_split"]
+    with pytest.raises(ValueError, match="plain projections"):
+        decode_linear._gemv(torch.zeros(1, 1024), torch.zeros(8, 1024), None, torch.float32, 8,
+                            norm_weight=torch.ones(1024), split=2)
+
+
 def test_gemv_refuses_more_rows_than_it_serves():
     with pytest.raises(ValueError, match="up to 4 rows"):
         decode_linear._gemv(torch.zeros(5, 8), torch.zeros(3, 8), None, torch.float32)
