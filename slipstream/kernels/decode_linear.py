@@ -1,12 +1,13 @@
 """The projections of decode steps: a few rows times each weight matrix, whose read is the cost.
 
 Which kernel streams a given matrix fastest depends on its shape and the card. On an H200 at one
-row (benchmarks/linear_variants.py): a GEMV Triton kernel for up to 4 rows (multiply-add along
-K, no padding to a 16-row tile) reaches 3.7-4.35 TB/s on the qkv, o and gate_up projections
-where cuBLAS reaches 0.4-3.9; a tiled kernel (tl.dot on 16-row tiles) serves 5-16 rows of small
-matrices; cuBLAS keeps the tall down projections. So each (rows, shape) is timed once, every way,
-on its first call outside a graph capture (a graph's warm-up run decides), and the fastest
-serves it from then on.
+row, with the weights read from HBM as in a decode step (benchmarks/linear_variants.py): a GEMV
+Triton kernel for up to 4 rows (multiply-add along K, no padding to a 16-row tile) beats cuBLAS
+on the qkv, o and gate_up projections; on the tall down projections, whose row blocks alone keep
+too few loads in flight, a split-K GEMV does (0.5B: 5.6 vs 8.1 us); a tiled kernel (tl.dot on
+16-row tiles) serves 5-16 rows of small matrices. So each (rows, shape) is timed once, every way,
+on its first call outside a graph capture (a graph's warm-up run decides), in a CUDA graph that
+cycles through copies of the weight larger than L2 together, and the fastest serves it from then on.
 
 At one row, a kernel launch costs about what reading a small matrix does, so the GEMV kernel can
 also run the op before and after a projection: `norm_linear` computes RMSNorm(x + residual) in
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels.fused_ops import rms_norm, rope_store_kv, silu_mul, use_triton
+from slipstream.kernels.paged_attention import sm_count
 from slipstream.kernels.pdl import pdl_kwargs
 
 try:
@@ -302,22 +304,27 @@ def _cold_weights(weight: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _time_us(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
-    """GPU microseconds per call of `fn(weight)`, cycling through `weights` (`_cold_weights`), with
-    launches queued behind a sleep so that the host's launch cost (larger for a Triton launch than
-    for cuBLAS's) does not count: in a graph it does not."""
-    for w in weights[:3]:
+    """GPU microseconds per call of `fn(weight)`: `reps` calls cycling through `weights`
+    (`_cold_weights`) in one CUDA graph, as the decode step runs them (no host launch cost, the
+    kernels' PDL overlap), best of three replays each started with nothing of the weights in L2."""
+    for w in weights[:3]:  # compiles, and allocates what the calls keep (split-K counters)
         fn(w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(weights[i % len(weights)])
     flush = torch.empty(2 * torch.cuda.get_device_properties(weights[0].device).L2_cache_size, dtype=torch.uint8,
                         device=weights[0].device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(2_000_000)  # ~1 ms: longer than enqueueing the calls
-    flush.zero_()  # nothing of the weights left in L2
-    start.record()
-    for i in range(reps):
-        fn(weights[i % len(weights)])
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / reps
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1000 / reps)
+    return best
 
 
 def _m_bucket(M: int) -> int:
@@ -333,7 +340,7 @@ def _fastest(key: tuple, runs: dict, default, weight: torch.Tensor) -> tuple[str
         if torch.cuda.is_current_stream_capturing():
             return default  # cannot time inside a capture; graphs run an eager warm-up first, which decides
         weights = _cold_weights(weight)
-        times = {way: min(_time_us(fn, weights) for _ in range(3)) for way, fn in runs.items()}
+        times = {way: _time_us(fn, weights) for way, fn in runs.items()}
         _choice[key] = min(times, key=times.get)
     return _choice[key]
 
@@ -357,9 +364,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             way = ("gemv", 8) if M <= GEMV_MAX_M else ("tiled", 0)
         else:
             key = ("linear", _m_bucket(M), *weight.shape, x.dtype, bias is not None, out_dtype, x.device.index)
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
             way = _fastest(key, {w: (lambda wt, w=w: _WAYS[w[0]](x, wt, bias, out_dtype, w[1]))
-                                 for w in linear_candidates(M, *weight.shape, sms)}, ("tiled", 0), weight)
+                                 for w in linear_candidates(M, *weight.shape, sm_count(x.device))}, ("tiled", 0), weight)
     return _WAYS[way[0]](x, weight, bias, out_dtype, way[1])
 
 

@@ -239,16 +239,16 @@ def _combine_splits_kernel(
     tl.store(o_ptr + row * stride_ot + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-_SM_COUNT: dict[int, int] = {}
+_SM_COUNTS: dict[int, int] = {}
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    if idx not in _SM_COUNTS:
+        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNTS[idx]
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int, num_sms: int,
@@ -311,7 +311,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     block_m = max(16, triton.next_power_of_2(max_q_len * group))
     if num_splits is None:
-        num_splits = choose_num_splits(B, KVH, block_tables.shape[1] * page, block_n, _sm_count(q.device),
+        num_splits = choose_num_splits(B, KVH, block_tables.shape[1] * page, block_n, sm_count(q.device),
                                        min_tiles_per_split)
     if num_splits > 1:
         m_part = torch.empty(T, H, num_splits, device=q.device, dtype=torch.float32)
