@@ -95,6 +95,10 @@ class Engine:
     def release_cache(self) -> None:
         """Free the KV cache's memory (a colocated trainer needs it while it updates); cached prefixes
         are forgotten. `restore_cache` allocates it again before the next `generate`."""
+        if self.scheduler.has_work():
+            raise RuntimeError(f"release_cache() while {self.scheduler.num_running} running and "
+                               f"{self.scheduler.num_waiting} waiting sequences still need the cache; "
+                               "call it between generate() calls")
         self._drain()
         self.block_manager.reset_prefix_cache()
         self.runner.release_cache()
@@ -236,6 +240,19 @@ class Engine:
             t_prev += dt
         return finished
 
+    def _abort(self) -> None:
+        """After a failed step (or an interrupt): drop the call's sequences and what is in flight,
+        so that the engine's cache and queues are empty for the next call."""
+        if self._inflight is not None and self.runner.device.type == "cuda":
+            try:  # let the replay in flight finish before the host reuses its pinned buffers
+                torch.cuda.synchronize(self.runner.device)
+            except Exception:  # noqa: BLE001 - the error being handled is the one to report
+                pass
+        self._inflight = None  # its draws are not read
+        self.scheduler.abort_all()
+        if self.speculator is not None:
+            self.speculator.end(record=False)
+
     def _drain(self) -> None:
         """Read the decode steps in flight, launching no more."""
         if self._inflight is not None:
@@ -258,10 +275,14 @@ class Engine:
         self.timeline.begin()
         if self.speculator is not None:
             self.speculator.begin(seqs, record=history)
-        while self.scheduler.has_work():
-            finished = self.step()
-            if progress is not None and finished:
-                progress(len(finished))
+        try:
+            while self.scheduler.has_work():
+                finished = self.step()
+                if progress is not None and finished:
+                    progress(len(finished))
+        except BaseException:
+            self._abort()
+            raise
         if self.speculator is not None:
             self.speculator.end(record=history)
         self.stats["preemptions"] += self.scheduler.num_preemptions - preempted_before

@@ -194,6 +194,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort_all(self) -> list[Sequence]:
+        """Drop every queued and running sequence (their blocks go back to the pool); they end
+        with finish_reason "abort". Returns them."""
+        dropped = [*self.running, *self.waiting]
+        for seq in dropped:
+            if seq.block_table:
+                self.block_manager.deallocate(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "abort"
+        self.running, self.waiting = [], deque()
+        return dropped
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)

@@ -36,7 +36,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None  # "stop" or "length" once finished
+    finish_reason: str | None = None  # "stop" or "length" once finished ("abort": dropped unfinished)
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     num_preemptions: int = 0

@@ -58,5 +58,5 @@ class Completion:
     prompt_ids: list[int]
     tokens: list[int]
     logprobs: list[float]  # sampling logprob of each token in `tokens`
-    finish_reason: str  # "stop" (a stop token was sampled) or "length"
+    finish_reason: str  # "stop" (a stop token was sampled), "length", or "abort" (generate failed)
     timings: dict = field(default_factory=dict)

@@ -41,6 +41,30 @@ def test_a_small_cache_preempts_without_changing_outputs_or_leaking(tiny_model):
     assert small_engine.block_manager.num_free_blocks == 40
 
 
+def test_a_failed_generate_leaves_nothing_behind_and_release_cache_refuses_mid_rollout(tiny_model):
+    model, tok = tiny_model
+    def requests():  # the first prompt's samples end long before the others'
+        reqs = _requests(tok, SamplingParams(n=2, temperature=0.8, max_tokens=32, seed=5))
+        reqs[0].params = SamplingParams(n=2, temperature=0.8, max_tokens=3)
+        return reqs
+
+    want = _engine(model, tok, block_size=4, num_blocks=256).generate(requests())
+    engine = _engine(model, tok, block_size=4, num_blocks=256, enable_prefix_sharing=False)
+
+    def release_mid_rollout(n):
+        engine.release_cache()
+
+    with pytest.raises(RuntimeError, match="release_cache.*running.*waiting sequences still need the cache"):
+        engine.generate(requests(), progress=release_mid_rollout)
+    # the failed call's sequences are gone with their blocks: the next call is as on a fresh engine
+    assert not engine.scheduler.has_work() and engine.block_manager.num_free_blocks == 256
+    got = engine.generate(requests())
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    for a, b in zip(got, want):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    engine.release_cache()  # between calls it is allowed
+
+
 def test_prefix_sharing_changes_nothing_but_memory(tiny_model):
     model, tok = tiny_model
     params = SamplingParams(n=4, temperature=0.8, max_tokens=24, seed=3)
