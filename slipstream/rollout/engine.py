@@ -17,7 +17,7 @@ from slipstream.rollout.spec.policy import PolicyConfig
 from slipstream.rollout.spec.spec_runner import SpecRunner
 from slipstream.rollout.spec.speculator import SpecConfig, Speculator
 from slipstream.rollout.timeline import Timeline
-from slipstream.rollout.types import Completion, Request
+from slipstream.rollout.types import Completion, Request, check_prompt_ids
 
 
 @dataclass
@@ -266,6 +266,7 @@ class Engine:
         `history=False`: the rollout does not feed what the engine learns from past rollouts (the
         drafter's windows), e.g. an evaluation on prompts that are never trained on.
         """
+        check_prompt_ids(requests, self.runner.decoder.config.vocab_size)
         seed = next((r.params.seed for r in requests if r.params.seed is not None), None)
         if seed is not None:
             self.runner.reseed(seed)

@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from slipstream.rollout.sampler import shape_logits
-from slipstream.rollout.types import Completion, Request, SamplingParams
+from slipstream.rollout.types import Completion, Request, SamplingParams, check_prompt_ids
 
 
 def apply_sampling_params(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -62,6 +62,7 @@ class HFRolloutBackend:
                  history: bool = True) -> list[Completion]:
         """One Completion per sample: requests with params.n = k yield k completions, in order.
         `history` is the engine's interface; this backend learns nothing from past rollouts."""
+        check_prompt_ids(requests, self.model.get_input_embeddings().num_embeddings)
         flat = [(req, i) for req in requests for i in range(req.params.n)]
         # Requests with equal params batch together; order of results follows `requests`.
         by_params: dict[SamplingParams, list[int]] = {}

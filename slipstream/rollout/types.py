@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,14 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        bad = [t for t in self.stop_token_ids if not _is_int(t) or t < 0]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids must be token ids (ints >= 0), got {bad}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"SamplingParams.logprobs is a bool here (the log-prob of every sampled token "
+                             f"is returned; top-N alternatives are not), got {self.logprobs!r}")
 
     @property
     def truncates(self) -> bool:
@@ -49,6 +62,17 @@ class Request:
     params: SamplingParams
     group_id: str
     request_id: str
+
+
+def check_prompt_ids(requests, vocab_size: int) -> None:
+    """Refuse prompts with token ids outside [0, vocab_size), naming the request: on a GPU such an
+    id would fault the embedding lookup and take the whole process's CUDA context with it."""
+    for r in requests:
+        ids = r.prompt_ids
+        if len(ids) and (min(ids) < 0 or max(ids) >= vocab_size):
+            bad = next(t for t in ids if not 0 <= t < vocab_size)
+            raise ValueError(f"request {r.request_id!r}: prompt token id {bad} is outside the model's "
+                             f"vocabulary [0, {vocab_size})")
 
 
 @dataclass

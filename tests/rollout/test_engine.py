@@ -65,6 +65,19 @@ def test_a_failed_generate_leaves_nothing_behind_and_release_cache_refuses_mid_r
     engine.release_cache()  # between calls it is allowed
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused_before_anything_runs(tiny_model):
+    model, tok = tiny_model
+    engine = _engine(model, tok, block_size=4, num_blocks=64)
+    vocab = engine.runner.decoder.config.vocab_size
+    for bad in (vocab, -1):
+        reqs = _requests(tok, SamplingParams(max_tokens=4))
+        reqs[2].prompt_ids = reqs[2].prompt_ids + [bad]
+        for backend in (engine, HFRolloutBackend(model, tok)):
+            with pytest.raises(ValueError, match=rf"request 'r2': prompt token id {bad} is outside .*\[0, {vocab}\)"):
+                backend.generate(reqs)
+        assert not engine.scheduler.has_work() and engine.block_manager.num_free_blocks == 64
+
+
 def test_prefix_sharing_changes_nothing_but_memory(tiny_model):
     model, tok = tiny_model
     params = SamplingParams(n=4, temperature=0.8, max_tokens=24, seed=3)

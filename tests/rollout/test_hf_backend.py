@@ -85,6 +85,8 @@ def test_top_k_and_top_p_truncate_the_distribution():
 
 
 def test_sampling_params_reject_bad_values():
-    for bad in (dict(n=0), dict(temperature=-1), dict(top_p=0.0), dict(top_k=0), dict(max_tokens=0)):
+    for bad in (dict(n=0), dict(temperature=-1), dict(top_p=0.0), dict(top_k=0), dict(max_tokens=0),
+                dict(stop_token_ids=(3, -1)), dict(stop_token_ids=("2",)), dict(seed=1.5), dict(logprobs=5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
+    assert SamplingParams(stop_token_ids=(0, 7), seed=3).stop_token_ids == (0, 7)
