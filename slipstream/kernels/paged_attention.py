@@ -251,14 +251,18 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNTS[idx]
 
 
+PROGRAMS_PER_SM = 2  # split-K aims at this many decode programs per SM
+
+
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int, num_sms: int,
                       min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT) -> int:
-    """Context splits per (sequence, kv head): enough programs for about two waves, 1 for short contexts."""
+    """Context splits per (sequence, kv head): enough programs for about PROGRAMS_PER_SM per SM,
+    1 for short contexts."""
     tiles = triton.cdiv(max(max_context, 1), block_n)
     most = min(MAX_SPLITS, tiles // min_tiles_per_split)
     if most <= 1:
         return 1
-    want = triton.cdiv(2 * num_sms, max(batch * kv_heads, 1))
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(batch * kv_heads, 1))
     return max(1, min(want, most))
 
 
