@@ -78,11 +78,14 @@ def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def kv_bytes_per_token(decoder) -> int:
+    c = decoder.config
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * decoder.embed.weight.element_size()
+
+
 def kv_cache_gb(decoder, tokens: int) -> float:
     """A cache that holds `tokens` tokens with room to spare: the decode rows must not preempt."""
-    c = decoder.config
-    per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * decoder.embed.weight.element_size()
-    return max(1.0, 1.1 * tokens * per_token / 2**30 + 0.25)
+    return max(1.0, 1.1 * tokens * kv_bytes_per_token(decoder) / 2**30 + 0.25)
 
 
 def time_engine(decoder, prompts: torch.Tensor, new_tokens: int, decode_steps: int = 4,
@@ -200,7 +203,7 @@ def main() -> None:
             hf_tokens = min(args.hf_new_tokens, args.new_tokens)
             theirs = time_hf(model, prompts, hf_tokens) if batch <= args.skip_hf_above else None
             mean_ctx = args.prompt + args.new_tokens / 2
-            kv_bytes = batch * mean_ctx * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
+            kv_bytes = batch * mean_ctx * kv_bytes_per_token(decoder)
             floor = batch / ((weight_bytes + kv_bytes) / bw)
             tokens = batch * args.new_tokens
             row = {"model": name, "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,

@@ -294,27 +294,29 @@ def linear_candidates(M: int, N: int = 1, K: int = 1, num_sms: int = 132) -> lis
     return ways
 
 
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
 def _cold_weights(weight: torch.Tensor) -> list[torch.Tensor]:
     """`weight` and as many copies as make 2x the L2 cache: calls that cycle through them read the
     weights from HBM, as a decode step does (its layers together are far larger than L2). Timed on
     one matrix left in L2, the kernels that win are not the ones that stream it fastest from HBM."""
-    l2 = torch.cuda.get_device_properties(weight.device).L2_cache_size
-    n = max(1, -(-2 * l2 // (weight.numel() * weight.element_size())))
+    n = max(1, -(-2 * _l2_bytes(weight.device) // (weight.numel() * weight.element_size())))
     return [weight] + [weight.clone() for _ in range(n - 1)]
 
 
-def _time_us(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
+def _time_us(fn, weights: list[torch.Tensor], flush: torch.Tensor, reps: int = 20) -> float:
     """GPU microseconds per call of `fn(weight)`: `reps` calls cycling through `weights`
     (`_cold_weights`) in one CUDA graph, as the decode step runs them (no host launch cost, the
-    kernels' PDL overlap), best of three replays each started with nothing of the weights in L2."""
+    kernels' PDL overlap), best of three replays each started with nothing of the weights in L2
+    (`flush`, a buffer of 2x L2, is overwritten first)."""
     for w in weights[:3]:  # compiles, and allocates what the calls keep (split-K counters)
         fn(w)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(reps):
             fn(weights[i % len(weights)])
-    flush = torch.empty(2 * torch.cuda.get_device_properties(weights[0].device).L2_cache_size, dtype=torch.uint8,
-                        device=weights[0].device)
     best = float("inf")
     for _ in range(3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -327,12 +329,6 @@ def _time_us(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
     return best
 
 
-def _m_bucket(M: int) -> int:
-    """Rows are timed per power-of-two bucket (1, 2, 4, 8, 16): one timing serves every M in it,
-    as the GEMV kernel compiles once per bucket."""
-    return triton.next_power_of_2(M)
-
-
 def _fastest(key: tuple, runs: dict, default, weight: torch.Tensor) -> tuple[str, int]:
     """The way in `runs` (way -> call taking the weight) that measured fastest for `key`, timed on
     first use with the weights read from HBM."""
@@ -340,9 +336,16 @@ def _fastest(key: tuple, runs: dict, default, weight: torch.Tensor) -> tuple[str
         if torch.cuda.is_current_stream_capturing():
             return default  # cannot time inside a capture; graphs run an eager warm-up first, which decides
         weights = _cold_weights(weight)
-        times = {way: _time_us(fn, weights) for way, fn in runs.items()}
+        flush = torch.empty(2 * _l2_bytes(weight.device), dtype=torch.uint8, device=weight.device)
+        times = {way: _time_us(fn, weights, flush) for way, fn in runs.items()}
         _choice[key] = min(times, key=times.get)
     return _choice[key]
+
+
+def _m_bucket(M: int) -> int:
+    """Rows are timed per power-of-two bucket (1, 2, 4, 8, 16): one timing serves every M in it,
+    as the GEMV kernel compiles once per bucket."""
+    return triton.next_power_of_2(M)
 
 
 def _serves(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -194,9 +194,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort_all(self) -> list[Sequence]:
+    def abort_all(self) -> None:
         """Drop every queued and running sequence (their blocks go back to the pool); they end
-        with finish_reason "abort". Returns them."""
+        with finish_reason "abort"."""
         dropped = [*self.running, *self.waiting]
         for seq in dropped:
             if seq.block_table:
@@ -204,7 +204,6 @@ class Scheduler:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
         self.running, self.waiting = [], deque()
-        return dropped
 
     @property
     def num_waiting(self) -> int:
