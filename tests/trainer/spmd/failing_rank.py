@@ -1,6 +1,7 @@
 """A two-rank job in which rank 1 fails: `raise` (an exception), `die` (SIGKILL) or `hang` (stops answering).
 
-Rank 0 meanwhile waits in a collective, as a healthy rank of a training step would. The entry
+Rank 0 meanwhile waits in a collective, as a healthy rank of a training step would: gloo on the
+CPU (the tests), NCCL with `cuda` as the second argument (`benchmarks/spmd_failure_check.py`). The entry
 point is wrapped like slipstream's own (`record`), so torchrun reports the failed rank's error.
 """
 
@@ -16,8 +17,8 @@ from slipstream.trainer.distributed import init_distributed
 
 
 @record
-def main(mode: str) -> None:
-    ctx = init_distributed("cpu", timeout_s=5, need_group=True)
+def main(mode: str, device: str) -> None:
+    ctx = init_distributed(device, timeout_s=5, need_group=True)
     if ctx.rank == 1:
         if mode == "raise":
             raise RuntimeError("reward verifier crashed on rank one")
@@ -25,8 +26,8 @@ def main(mode: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "hang":
             time.sleep(600)
-    ctx.all_reduce_sum(torch.ones(1))  # rank 0: blocks until rank 1 answers, fails, or the timeout
+    ctx.all_reduce_sum(torch.ones(1, device=ctx.device))  # rank 0: blocks until rank 1 answers, fails, or the timeout
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "cpu")
