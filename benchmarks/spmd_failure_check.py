@@ -82,7 +82,7 @@ def _failed_rank(log: str) -> str | None:
 def bare(mode: str, device: str) -> dict:
     t0 = time.time()
     p = subprocess.run(_torchrun([str(FAILING_RANK), mode, device]), env=_env(), capture_output=True, text=True,
-                       timeout=300)
+                       timeout=150)
     log = p.stdout + p.stderr
     says = {"raise": "reward verifier crashed on rank one", "die": "Signal 9", "hang": "Timed out"}[mode]
     return {"case": mode, "returncode": p.returncode, "seconds": time.time() - t0, "limit_s": 60.0,

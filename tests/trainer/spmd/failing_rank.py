@@ -26,7 +26,7 @@ def main(mode: str, device: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "hang":
             time.sleep(600)
-    ctx.all_reduce_sum(torch.ones(1, device=ctx.device))  # rank 0: blocks until rank 1 answers, fails, or the timeout
+    ctx.all_reduce_sum(torch.ones(1))  # rank 0: blocks until rank 1 answers, fails, or the timeout
 
 
 if __name__ == "__main__":
