@@ -81,11 +81,14 @@ def _failed_rank(log: str) -> str | None:
 
 def bare(mode: str, device: str) -> dict:
     t0 = time.time()
-    p = subprocess.run(_torchrun([str(FAILING_RANK), mode, device]), env=_env(), capture_output=True, text=True,
-                       timeout=150)
-    log = p.stdout + p.stderr
+    try:
+        p = subprocess.run(_torchrun([str(FAILING_RANK), mode, device]), env=_env(), capture_output=True, text=True,
+                           timeout=150)
+        code, log = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:  # the job hung: torchrun was killed
+        code, log = None, (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
     says = {"raise": "reward verifier crashed on rank one", "die": "Signal 9", "hang": "Timed out"}[mode]
-    return {"case": mode, "returncode": p.returncode, "seconds": time.time() - t0, "limit_s": 60.0,
+    return {"case": mode, "returncode": code, "seconds": time.time() - t0, "limit_s": 60.0,
             "named_rank": _failed_rank(log), "expected_rank": "0" if mode == "hang" else "1",
             "error_named": says in log, "log": log}
 
