@@ -95,6 +95,25 @@ def test_deepspeed_zero_step_matches_the_single_process_step(tmp_path, single_pr
     _compare(single_process, _distributed_update(tmp_path, "deepspeed", *zero))
 
 
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_mixed_precision_keeps_float32_weights_that_move_by_the_learning_rate(tmp_path, stage):
+    """bf16 compute over float32 weights: DeepSpeed's bf16 mode would round the weights (and the
+    master copy made from them) to bf16, where a 1e-6 step leaves almost every weight unchanged."""
+    out = tmp_path / "precision.pt"
+    p = _run([sys.executable, str(SPMD / "deepspeed_precision.py"), str(stage), str(out)])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    r = torch.load(out)
+    assert r["logits_dtypes"] == ["torch.bfloat16"] * 2  # the forward ran under autocast
+    assert set(r["after"]) == set(r["initial"])
+    for name, before in r["initial"].items():
+        after = r["after"][name]
+        assert after.dtype == torch.float32, name
+        if before.dim() == 2:  # AdamW's first step moves each weight by about lr (sign of its gradient)
+            moved = (after - before).abs() / r["lr"]
+            assert 0.5 < float(moved.median()) < 1.5, (name, float(moved.median()))
+
+
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

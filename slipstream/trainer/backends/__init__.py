@@ -11,8 +11,9 @@ from slipstream.trainer.backends.base import BackendError, OptimizerSpec, TrainB
 
 
 def build_backend(kind: str, module, ctx, optim: OptimizerSpec | None, *, zero_stage: int = 2,
-                  cpu_offload: bool = False) -> TrainBackend:
-    """`optim=None` wraps a frozen module (the reference): no gradients, no optimizer state."""
+                  cpu_offload: bool = False, autocast: bool | None = None) -> TrainBackend:
+    """`optim=None` wraps a frozen module (the reference): no gradients, no optimizer state.
+    `autocast` (DeepSpeed; default: on CUDA) runs its forward passes under bf16 autocast."""
     if kind == "local":
         from slipstream.trainer.backends.local import LocalBackend
 
@@ -24,7 +25,8 @@ def build_backend(kind: str, module, ctx, optim: OptimizerSpec | None, *, zero_s
     if kind == "deepspeed":
         from slipstream.trainer.backends.deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(module, ctx, optim, zero_stage=zero_stage, cpu_offload=cpu_offload)
+        return DeepSpeedBackend(module, ctx, optim, zero_stage=zero_stage, cpu_offload=cpu_offload,
+                                autocast=autocast)
     raise BackendError(f"trainer.backend={kind!r} is not valid; choose one of: local, fsdp2, deepspeed")
 
 
