@@ -81,12 +81,17 @@ def _failed_rank(log: str) -> str | None:
 
 def bare(mode: str, device: str) -> dict:
     t0 = time.time()
+    # its own session: a job that hangs is killed whole, ranks included (a rank left spinning in an
+    # NCCL kernel would hold its GPU for whatever runs next)
+    proc = subprocess.Popen(_torchrun([str(FAILING_RANK), mode, device]), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        p = subprocess.run(_torchrun([str(FAILING_RANK), mode, device]), env=_env(), capture_output=True, text=True,
-                           timeout=150)
-        code, log = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:  # the job hung: torchrun was killed
-        code, log = None, (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        log, _ = proc.communicate(timeout=150)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        code = None
     says = {"raise": "reward verifier crashed on rank one", "die": "Signal 9", "hang": "Timed out"}[mode]
     return {"case": mode, "returncode": code, "seconds": time.time() - t0, "limit_s": 60.0,
             "named_rank": _failed_rank(log), "expected_rank": "0" if mode == "hang" else "1",
@@ -158,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="raise,die,hang,train-kill,train-stop")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo, to try the script")
     p.add_argument("--out", default=None, help="write the report here too")
+    p.add_argument("--logs", default=None, metavar="DIR", help="write each case's whole log here")
     args = p.parse_args(argv)
     import torch
 
@@ -170,6 +176,9 @@ def main(argv=None) -> int:
         for case in args.cases.split(","):
             r = bare(case, args.device) if case in ("raise", "die", "hang") else train(case, Path(tmp), args.device)
             bad = verdict(r)
+            if args.logs:
+                Path(args.logs).mkdir(parents=True, exist_ok=True)
+                (Path(args.logs) / f"{case}.log").write_text(r["log"])
             failures += bool(bad)
             root = r["log"][r["log"].find("Root Cause"):][:1500] if "Root Cause" in r["log"] else r["log"][-1500:]
             lines.append(f"\n== {case}: {'FAIL: ' + '; '.join(bad) if bad else 'ok'} "
