@@ -38,3 +38,15 @@ def test_throughputs_divide_by_the_slowest_rank_and_its_tail_is_logged():
     assert m["throughput/train_tokens_per_s_per_gpu"] == 200 / 1.0 / 2
     assert m["time/rollout_slowest_over_mean"] == 6.0 / 4.0
     assert m["response/truncated_frac"] == 0.25
+
+
+def test_nccl_dump_wait_is_shortened_unless_the_user_set_it():
+    from slipstream.trainer.distributed import NCCL_DUMP_WAIT_MS, shorten_nccl_dump_wait
+
+    env: dict[str, str] = {}
+    shorten_nccl_dump_wait(env)
+    assert env == {"TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": str(NCCL_DUMP_WAIT_MS)}
+    for name in ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "TORCH_FR_WAIT_TIMEOUT_DUMP_MILSEC"):
+        env = {name: "60000"}
+        shorten_nccl_dump_wait(env)
+        assert env == {name: "60000"}
