@@ -47,13 +47,20 @@ T = TypeVar("T")
 
 def drafter_loss(drafter: Drafter, batch: DrafterBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted SmoothL1 on the predicted next feature plus KL(target || drafter) of the next
-    token's distribution, over the batch's valid rows. Stats are detached tensors (no host sync)."""
+    token's distribution, over the batch's valid rows. Stats are detached tensors (no host sync).
+
+    The features are compared after the target's final norm. The drafter's output is only ever read
+    through a norm (the head's, or its own input norm when a draft chains), so its scale carries
+    nothing; the raw residual stream does (values of 15 and more in SmolLM2's last layer), and a
+    loss on it mostly measured that scale.
+    """
     cfg = drafter.config
     predicted = drafter(batch.features, batch.next_tokens, batch.positions, batch.segment_ids)
     valid = batch.valid
     predicted = predicted[valid]
     target = batch.target_features[valid].to(predicted.dtype)
-    feature_loss = F.smooth_l1_loss(predicted, target)
+    head = drafter.head
+    feature_loss = F.smooth_l1_loss(head.normed(predicted), head.normed(target))
     with torch.no_grad():
         target_logp = drafter.logits(target).log_softmax(-1)
     logq = drafter.logits(predicted).log_softmax(-1)

@@ -23,7 +23,8 @@ class DrafterConfig:
     Training: AdamW at `lr`; each optimizer step sees about `batch_tokens` aligned positions, cut
     into pieces of at most `seq_len` packed into rows; `slice_steps` optimizer steps form one
     preemptible slice (the stop condition is checked between slices). The loss is
-    `feature_loss_weight` x SmoothL1(predicted, true next feature) + `token_loss_weight` x
+    `feature_loss_weight` x SmoothL1(predicted, true next feature; both through the target's final
+    norm) + `token_loss_weight` x
     KL(target distribution || drafter distribution) at the next position (EAGLE's 1.0 / 0.1).
 
     Side stream: training overlaps decode only while the live batch is at most

@@ -55,12 +55,15 @@ class TargetHead:
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits of residual-stream states, as the target computes them (final norm, then head)."""
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Residual-stream states through the target's final norm: what its head reads."""
         x = hidden.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        x = self.norm_weight * x.to(self.norm_weight.dtype)
-        return F.linear(x.to(self.lm_head.dtype), self.lm_head).float()
+        return self.norm_weight * x.to(self.norm_weight.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of residual-stream states, as the target computes them (final norm, then head)."""
+        return F.linear(self.normed(hidden).to(self.lm_head.dtype), self.lm_head).float()
 
 
 def attention_mask(segment_ids: torch.Tensor, window: int) -> torch.Tensor:

@@ -174,3 +174,19 @@ def test_a_rank_that_never_finishes_is_named(tmp_path):
     RankBubble(store, rank=2, world_size=3).mark_done(step=4)
     with pytest.raises(BubbleTimeout, match=r"rank 0: ranks \[1\] did not finish the rollout of step 4"):
         bubble.run(_trainer(), step=4)
+
+
+def test_the_loss_reads_features_as_the_head_does():
+    """Scaling the true next features (as a residual stream of another magnitude would) changes
+    neither part of the loss: both compare what the target's final norm makes of them."""
+    from slipstream.drafter.bubble_trainer import drafter_loss
+
+    trainer = _trainer()
+    batch = trainer.buffer.sample(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, base = drafter_loss(trainer.drafter, batch)
+        batch.target_features = batch.target_features * 40.0
+        _, scaled = drafter_loss(trainer.drafter, batch)
+    assert float(base["feature_loss"]) > 0.01  # the untrained drafter is far from the targets
+    assert torch.allclose(scaled["feature_loss"], base["feature_loss"], rtol=1e-4)
+    assert torch.allclose(scaled["token_kl"], base["token_kl"], rtol=1e-4)
