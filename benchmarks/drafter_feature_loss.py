@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
+import os
 import sys
 import time
 from pathlib import Path
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         finally:
             bubble_trainer.drafter_loss = normed_loss
 
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor()})",
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
             "torch": torch.__version__, "commit": commit_of(args.commit), "model": args.model,
             "train_tokens": train_tokens, "heldout_tokens": held_tokens, "args": vars(args)}
     out = Path(args.out)
