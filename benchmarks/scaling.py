@@ -32,7 +32,9 @@ Qwen2-architecture model of the same size, for dry runs).
 
 The JSON (`--out`, default benchmarks/results/scaling.json) is rewritten after every
 configuration, so a run cut short keeps what it measured; a configuration that fails or times out
-keeps its log tail and any steps it logged. The deepspeed backend is skipped, with a message, where
+keeps its log tail and any steps it logged. A row whose GPUs already held other compute
+processes when it started (nvidia-smi) names them in `foreign_gpu_processes`: its timings are
+not comparable. The deepspeed backend is skipped, with a message, where
 deepspeed cannot be imported. Each run's log is in the work directory (`--workdir`, default a
 temporary directory); run checkpoints are deleted after each configuration (a 1.5B model's
 optimizer state is 18 GB).
@@ -210,6 +212,17 @@ def summarize(row: dict, steps: list[dict]) -> None:
     row["tokens_generated_per_step"] = sum(r["tokens/generated"] for r in measured) / len(measured)
 
 
+def gpu_processes() -> list[str]:
+    """Compute processes on the GPUs now (nvidia-smi), e.g. ranks of an earlier job that never
+    exited: a run sharing a GPU with them measures nothing. Empty where nvidia-smi is missing."""
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in p.stdout.splitlines() if line.strip()] if p.returncode == 0 else []
+
+
 def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: dict) -> dict:
     recipe, extra = MODELS[model]
     run_dir = workdir / f"{model}-{backend}-{n}"
@@ -226,6 +239,10 @@ def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: d
     print(f"== {model} {backend} x{n} (log: {log})\n   {' '.join(overrides)}", flush=True)
     row = {"model": model, "backend": backend, "gpus": n, "prompts_per_step": args.prompts_per_rank * n,
            "log": str(log)}
+    if args.device == "cuda" and (busy := gpu_processes()):
+        row["foreign_gpu_processes"] = busy
+        print(f"   WARNING: other processes hold GPUs before this run; its timings are not comparable: {busy}",
+              flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as out:
         # its own session: on timeout the whole group (torchrun and every rank) is killed
@@ -302,6 +319,8 @@ def table(rows: list[dict]) -> str:
             return f"{r[key]:.2f}" if key in r else "-"
 
         note = f"  ({r['error']}, {r['steps_measured']} steps)" if "error" in r else ""
+        if "foreign_gpu_processes" in r:
+            note += "  (GPUs shared with other processes)"
         lines.append(f"{lead} {r['step_s']:8.3f} {r['rollout_tokens_per_s_per_gpu']:17.1f} "
                      f"{r['train_tokens_per_s_per_gpu']:15.1f} {r['sync_s']:7.3f} "
                      f"{eff('rollout_tokens_per_s_per_gpu_efficiency'):>11s} "
