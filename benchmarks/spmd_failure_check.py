@@ -21,7 +21,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,19 +28,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.scaling import child_env, free_port  # noqa: E402
+
 FAILING_RANK = ROOT / "tests" / "trainer" / "spmd" / "failing_rank.py"
 
 
-def _env() -> dict:
-    path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=f"{ROOT}{os.pathsep}{path}" if path else str(ROOT))
-
-
 def _torchrun(args: list[str]) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            *args]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -83,7 +80,7 @@ def bare(mode: str, device: str) -> dict:
     t0 = time.time()
     # its own session: a job that hangs is killed whole, ranks included (a rank left spinning in an
     # NCCL kernel would hold its GPU for whatever runs next)
-    proc = subprocess.Popen(_torchrun([str(FAILING_RANK), mode, device]), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_torchrun([str(FAILING_RANK), mode, device]), env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=150)
@@ -106,7 +103,7 @@ def train(mode: str, workdir: Path, device: str) -> dict:
                      "logger.wandb=false", f"trainer.dist_timeout_s={timeout_s}", f"trainer.run_dir={run_dir}"])
     log_file = workdir / f"{mode}.log"
     with open(log_file, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         metrics = run_dir / "metrics.jsonl"
         deadline = time.time() + 240
@@ -115,8 +112,9 @@ def train(mode: str, workdir: Path, device: str) -> dict:
                 break
             time.sleep(0.5)
         victim = _rank_pid(proc.pid, 1) if proc.poll() is None else None
-        if victim is None:
-            proc.kill()
+        if victim is None:  # the whole job: ranks left behind would hold the GPUs
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             return {"case": mode, "error": "the run did not reach step 2 with rank 1 alive",
                     "log": log_file.read_text(errors="replace")}
         os.kill(victim, signal.SIGKILL if mode == "train-kill" else signal.SIGSTOP)
@@ -127,12 +125,11 @@ def train(mode: str, workdir: Path, device: str) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             code = None
         elapsed = time.time() - t0
-    if mode == "train-stop":  # whatever is left of the stopped rank
-        for sig in (signal.SIGKILL, signal.SIGCONT):
-            try:
-                os.kill(victim, sig)
-            except ProcessLookupError:
-                pass
+    if mode == "train-stop":  # whatever is left of the stopped rank (SIGKILL ends a stopped process too)
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     log = log_file.read_text(errors="replace")
     return {"case": mode, "returncode": code, "seconds": elapsed,
             "limit_s": 60.0 + (timeout_s if mode == "train-stop" else 0.0), "named_rank": _failed_rank(log),
