@@ -8,8 +8,11 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and torch.distribut
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,12 +24,23 @@ class DistributedSetupError(RuntimeError):
     """The process layout does not fit the configuration (e.g. a batch that cannot be split)."""
 
 
+class CollectiveTimeoutError(RuntimeError):
+    """A collective got no answer from the other ranks in time: one of them crashed, hangs or was stopped."""
+
+
+# The backend's own timeout (gloo's, NCCL's watchdog) normally ends a stuck collective first, with
+# its own message; the host-side deadline is the backstop for when it does not (an NCCL rank blocked
+# reading a result that never comes), a little later.
+COLLECTIVE_GRACE_S = 2.0
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    timeout_s: float | None = None  # bounds every collective below; None waits as long as the backend does
 
     @property
     def is_main(self) -> bool:
@@ -42,14 +56,14 @@ class DistContext:
         if not self.active or self.world_size == 1:
             return t
         out = t.detach().clone().to(self._comm_device())
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        self._wait(dist.all_reduce(out, op=dist.ReduceOp.SUM, async_op=True), "all_reduce (sum)")
         return out.to(t.device)
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         if not self.active or self.world_size == 1:
             return t
         out = t.detach().clone().to(self._comm_device())
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        self._wait(dist.all_reduce(out, op=dist.ReduceOp.MAX, async_op=True), "all_reduce (max)")
         return out.to(t.device)
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
@@ -58,7 +72,7 @@ class DistContext:
             return [t]
         src = t.detach().contiguous().to(self._comm_device())
         parts = [torch.empty_like(src) for _ in range(self.world_size)]
-        dist.all_gather(parts, src)
+        self._wait(dist.all_gather(parts, src, async_op=True), "all_gather")
         return [p.to(t.device) for p in parts]
 
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -80,11 +94,54 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.active and self.world_size > 1:
-            dist.barrier()
+            self._wait(dist.barrier(async_op=True), "barrier")
+
+    def _wait(self, work, what: str) -> None:
+        """Wait for `work` on the host, at most timeout_s + COLLECTIVE_GRACE_S.
+
+        The deadline is kept here, not only by the backend: a rank whose NCCL peer stops answering
+        can otherwise stay blocked reading the result long after NCCL's own timeout. Polling waits
+        for the GPU, which the callers do anyway to read the result on the host (all but PPO's
+        advantage whitening, twice a step).
+        """
+        if self.timeout_s is not None:
+            deadline = time.monotonic() + self.timeout_s + COLLECTIVE_GRACE_S
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    _abort_nccl()
+                    atexit.register(_exit_skipping_teardown)
+                    raise CollectiveTimeoutError(
+                        f"rank {self.rank}: {what} got no answer from the other ranks within "
+                        f"{self.timeout_s:g} s (trainer.dist_timeout_s): a rank crashed, hangs or was stopped; "
+                        f"the other ranks' logs say which")
+                time.sleep(0.0002)
+        try:
+            work.wait()
+        except Exception:  # the backend's own timeout, or a peer that died: nothing is left in flight
+            _abort_nccl()
+            raise
 
     def _comm_device(self) -> torch.device:
         # NCCL moves CUDA tensors only; gloo moves CPU tensors only.
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _abort_nccl() -> None:
+    """Abort NCCL's communicators, so that its kernels in flight stop. Best effort: the error about
+    to be raised is what matters. (gloo has no abort that does not wait for the operation.)"""
+    if dist.get_backend() == "nccl":
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:
+            pass
+
+
+def _exit_skipping_teardown() -> None:
+    """Registered when a collective is abandoned in flight: the interpreter's teardown would destroy
+    the process group and so wait for that collective (gloo: until its own, longer timeout)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def launched_by_torchrun() -> bool:
@@ -134,7 +191,7 @@ def init_distributed(device_name: str, timeout_s: float, need_group: bool) -> Di
             dist.init_process_group(backend, timeout=timeout, device_id=device if use_cuda else None)
         else:  # one process, no launcher: a private in-memory store
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, timeout_s=timeout_s)
 
 
 def shutdown_distributed() -> None:
