@@ -22,7 +22,10 @@ over the slowest rank's rollout time), training tokens/s per GPU (prompt + respo
 forward and backward over the slowest rank's update time) and the time of the weight sync into
 the rollout engine (every rank gathers the full weights and loads them into its engine). Efficiency
 is the per-GPU throughput at N ranks over the one at 1 rank of the same backend and model (target
->= 0.85 at 4 GPUs; weight sync < 1 s for 1.5B).
+>= 0.85 at 4 GPUs; weight sync < 1 s for 1.5B); the rollout's is also given as the ratio of its
+times, which the answers' lengths do not move as much (a policy that learns from N times the batch
+shortens its answers at another pace: add `trainer.lr=1e-30` to the overrides to hold every
+configuration's policy fixed while running the same computation).
 
 Models: `smollm2` (the smollm2-gpu recipe on SmolLM2-135M-Instruct, from `--smollm2 DIR` or the
 model registry), `qwen1.5b` (random bf16 weights in the shape of Qwen2.5-1.5B with a byte
@@ -279,6 +282,9 @@ def add_efficiency(rows: list[dict]) -> None:
             r[f"{key}_efficiency"] = r[key] / b[key]
         # per-GPU work is constant, so the step time's ratio is the whole step's weak-scaling efficiency
         r["step_efficiency"] = b["step_s"] / r["step_s"]
+        # The same for the rollout alone: unlike its tokens/s, not moved by how long the answers of
+        # a policy that learned differently (from 4x the batch) have become.
+        r["rollout_time_efficiency"] = b["rollout_s"] / r["rollout_s"]
 
 
 def _version(dist: str) -> str | None:
@@ -304,7 +310,8 @@ def environment(device: str, commit: str | None) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'model':10s} {'backend':9s} {'gpus':>4s} {'step s':>8s} {'rollout tok/s/gpu':>17s} "
-            f"{'train tok/s/gpu':>15s} {'sync s':>7s} {'eff rollout':>11s} {'eff train':>9s} {'eff step':>8s}")
+            f"{'train tok/s/gpu':>15s} {'sync s':>7s} {'eff rollout':>11s} {'(time)':>6s} {'eff train':>9s} "
+            f"{'eff step':>8s} {'answer len':>10s}")
     lines = [head]
     for r in rows:
         lead = f"{r['model']:10s} {r['backend']:9s} {r['gpus']:4d}"
@@ -323,8 +330,9 @@ def table(rows: list[dict]) -> str:
             note += "  (GPUs shared with other processes)"
         lines.append(f"{lead} {r['step_s']:8.3f} {r['rollout_tokens_per_s_per_gpu']:17.1f} "
                      f"{r['train_tokens_per_s_per_gpu']:15.1f} {r['sync_s']:7.3f} "
-                     f"{eff('rollout_tokens_per_s_per_gpu_efficiency'):>11s} "
-                     f"{eff('train_tokens_per_s_per_gpu_efficiency'):>9s} {eff('step_efficiency'):>8s}{note}")
+                     f"{eff('rollout_tokens_per_s_per_gpu_efficiency'):>11s} {eff('rollout_time_efficiency'):>6s} "
+                     f"{eff('train_tokens_per_s_per_gpu_efficiency'):>9s} {eff('step_efficiency'):>8s} "
+                     f"{r['response_length']:10.1f}{note}")
     return "\n".join(lines)
 
 
