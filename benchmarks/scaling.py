@@ -100,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-rank", type=int, default=16, help="prompts (GRPO groups) per rank and step")
     p.add_argument("--steps", type=int, default=4, help="RL steps per run; the first is warm-up")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo, for a dry run")
+    p.add_argument("--no-warmup-run", dest="warmup_run", action="store_false",
+                   help="skip the unmeasured 1-rank run that first compiles the kernels")
     p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
     p.add_argument("--commit", default=os.environ.get("SLIPSTREAM_COMMIT"), help="commit being measured")
     p.add_argument("--workdir", default=None, help="run directories, logs and built models (default: a temp dir)")
@@ -211,6 +213,10 @@ def summarize(row: dict, steps: list[dict]) -> None:
     for out_key, key in KEYS.items():
         row[out_key] = sum(r[key] for r in measured) / len(measured)
     row["sync_max_s"] = max(r["time/sync"] for r in measured)
+    # time/rollout is rank 0's; the step waits for the slowest rank (logged since 2c4e09c, before
+    # that recovered from the throughput, which divides by it)
+    row["rollout_slowest_s"] = sum(r.get("time/rollout_slowest") or r["tokens/generated"] / (
+        r["throughput/rollout_tokens_per_s_per_gpu"] * row["gpus"]) for r in measured) / len(measured)
     row["response_length"] = sum(r["response_length/mean"] for r in measured) / len(measured)
     row["tokens_generated_per_step"] = sum(r["tokens/generated"] for r in measured) / len(measured)
 
@@ -284,7 +290,7 @@ def add_efficiency(rows: list[dict]) -> None:
         r["step_efficiency"] = b["step_s"] / r["step_s"]
         # The same for the rollout alone: unlike its tokens/s, not moved by how long the answers of
         # a policy that learned differently (from 4x the batch) have become.
-        r["rollout_time_efficiency"] = b["rollout_s"] / r["rollout_s"]
+        r["rollout_time_efficiency"] = b["rollout_slowest_s"] / r["rollout_slowest_s"]
 
 
 def _version(dist: str) -> str | None:
@@ -384,6 +390,13 @@ def main(argv=None) -> int:
             model_dirs[m] = str(build_qwen_shape(workdir / f"{m}-shape", QWEN_SHAPES[m], args.device))
     rows: list[dict] = []
     t_start = time.perf_counter()
+    if args.warmup_run:
+        # A fresh machine compiles the Triton kernels during the first run, at every new batch size
+        # and length, well past its first step: whichever configuration came first would be slowed.
+        print("== warm-up run (compiles kernels; not measured)", flush=True)
+        warm = argparse.Namespace(**{**vars(args), "steps": 3})
+        run_one(args.models[0], next((b for b in args.backends if b not in skip), "fsdp2"), 1, warm, workdir,
+                model_dirs)
     for m in args.models:
         for b in args.backends:
             for n in args.gpus:

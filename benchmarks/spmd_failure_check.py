@@ -58,6 +58,24 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _kill_job(proc: subprocess.Popen) -> None:
+    """End a job that outlived its limit: torchrun and its ranks, which torchrun starts in sessions of
+    their own (so killing torchrun's group leaves them holding their GPUs). The ranks first get
+    SIGABRT, on which Python's faulthandler (PYTHONFAULTHANDLER=1) writes where every thread was."""
+    ranks = _descendants(proc.pid)
+    for sig in (signal.SIGABRT, signal.SIGKILL):
+        for pid in ranks:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _rank_pid(torchrun_pid: int, rank: int) -> int | None:
     for pid in _descendants(torchrun_pid):
         try:
@@ -80,13 +98,13 @@ def bare(mode: str, device: str) -> dict:
     t0 = time.time()
     # its own session: a job that hangs is killed whole, ranks included (a rank left spinning in an
     # NCCL kernel would hold its GPU for whatever runs next)
-    proc = subprocess.Popen(_torchrun([str(FAILING_RANK), mode, device]), env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(_torchrun([str(FAILING_RANK), mode, device]), env=dict(child_env(), PYTHONFAULTHANDLER="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        log, _ = proc.communicate(timeout=150)
+        log, _ = proc.communicate(timeout=90)
         code = proc.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_job(proc)
         log, _ = proc.communicate()
         code = None
     says = {"raise": "reward verifier crashed on rank one", "die": "Signal 9", "hang": "Timed out"}[mode]
@@ -103,8 +121,8 @@ def train(mode: str, workdir: Path, device: str) -> dict:
                      "logger.wandb=false", f"trainer.dist_timeout_s={timeout_s}", f"trainer.run_dir={run_dir}"])
     log_file = workdir / f"{mode}.log"
     with open(log_file, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(child_env(), PYTHONFAULTHANDLER="1"), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         metrics = run_dir / "metrics.jsonl"
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -113,7 +131,7 @@ def train(mode: str, workdir: Path, device: str) -> dict:
             time.sleep(0.5)
         victim = _rank_pid(proc.pid, 1) if proc.poll() is None else None
         if victim is None:  # the whole job: ranks left behind would hold the GPUs
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_job(proc)
             proc.wait()
             return {"case": mode, "error": "the run did not reach step 2 with rank 1 alive",
                     "log": log_file.read_text(errors="replace")}
@@ -122,7 +140,7 @@ def train(mode: str, workdir: Path, device: str) -> dict:
         try:
             code = proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_job(proc)
             code = None
         elapsed = time.time() - t0
     if mode == "train-stop":  # whatever is left of the stopped rank (SIGKILL ends a stopped process too)

@@ -268,6 +268,7 @@ def global_metrics(ctx: DistContext, completions, rewards: list[float], batch, m
         "throughput/rollout_tokens_per_s_per_gpu": total / max(float(slowest[0]), 1e-9) / ctx.world_size,
         # prompt + response tokens through the trainer's forward and backward
         "throughput/train_tokens_per_s_per_gpu": float(sums[1]) / max(float(slowest[1]), 1e-9) / ctx.world_size,
+        "time/rollout_slowest": float(slowest[0]),
         "time/rollout_slowest_over_mean": float(slowest[0]) / max(float(sums[2]) / ctx.world_size, 1e-9),
     }
     return metrics, [int(x) for x in lengths.tolist()], rew.tolist()
