@@ -229,7 +229,11 @@ def gpu_processes() -> list[str]:
                            capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [line.strip() for line in p.stdout.splitlines() if line.strip()] if p.returncode == 0 else []
+    if p.returncode != 0:
+        return []
+    # not this script's own process (it holds a CUDA context once it has built a model on the GPU)
+    return [line.strip() for line in p.stdout.splitlines()
+            if line.strip() and line.split(",")[1].strip() != str(os.getpid())]
 
 
 def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: dict) -> dict:

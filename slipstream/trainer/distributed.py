@@ -148,17 +148,26 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-# Between a collective's timeout and ending the process, NCCL's watchdog waits four times this
-# long for the ranks' debug dumps: 15 s by default, a minute in which the job does nothing.
-NCCL_DUMP_WAIT_VARIABLES = ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "TORCH_FR_WAIT_TIMEOUT_DUMP_MILSEC")
-NCCL_DUMP_WAIT_MS = 2000
+# NCCL settings that decide how a job with a failing rank ends; a value the user set is kept.
+NCCL_FAILURE_DEFAULTS = {
+    # Between a collective's timeout and ending the process, PyTorch's watchdog waits four times
+    # this long for the ranks' debug dumps: 15 s by default, a minute in which the job does nothing.
+    "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": "2000",
+    # Connect the peers when the communicator is made, while every rank is there, instead of inside
+    # the first collective that uses them: that connecting blocks the calling thread, with no
+    # timeout and before the watchdog sees any work, so a rank that never reached its first
+    # collective kept the others waiting for good (2 H200s: rank 0's first all-reduce never returned).
+    "NCCL_RUNTIME_CONNECT": "0",
+}
+# the dump wait's older name
+NCCL_ALIASES = {"TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": ("TORCH_FR_WAIT_TIMEOUT_DUMP_MILSEC",)}
 
 
-def shorten_nccl_dump_wait(environ=os.environ) -> None:
-    """Let a timed-out NCCL job end about 8 s after the timeout, not 60 s (a value set by the
-    user is kept). Read when the process group is created, so this runs before."""
-    if not any(v in environ for v in NCCL_DUMP_WAIT_VARIABLES):
-        environ[NCCL_DUMP_WAIT_VARIABLES[0]] = str(NCCL_DUMP_WAIT_MS)
+def set_nccl_failure_defaults(environ=os.environ) -> None:
+    """Read when the process group is created, so this runs before."""
+    for name, value in NCCL_FAILURE_DEFAULTS.items():
+        if not any(v in environ for v in (name, *NCCL_ALIASES.get(name, ()))):
+            environ[name] = value
 
 
 def init_distributed(device_name: str, timeout_s: float, need_group: bool) -> DistContext:
@@ -185,13 +194,18 @@ def init_distributed(device_name: str, timeout_s: float, need_group: bool) -> Di
     if (world > 1 or need_group) and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
-            shorten_nccl_dump_wait()
+            set_nccl_failure_defaults()
         timeout = datetime.timedelta(seconds=timeout_s)
         if launched_by_torchrun():
             dist.init_process_group(backend, timeout=timeout, device_id=device if use_cuda else None)
         else:  # one process, no launcher: a private in-memory store
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, timeout_s=timeout_s)
+    ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, timeout_s=timeout_s)
+    # One collective now, while every rank is here: NCCL makes its communicator at the first one
+    # where it has not already, and a rank that hangs before the first collective of the run must
+    # leave the others in one that can time out, not in the making of a communicator.
+    ctx.barrier()
+    return ctx
 
 
 def shutdown_distributed() -> None:

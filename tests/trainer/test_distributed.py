@@ -36,17 +36,20 @@ def test_throughputs_divide_by_the_slowest_rank_and_its_tail_is_logged():
     assert lengths == [10, 30, 20, 40] and m["tokens/generated"] == 100
     assert m["throughput/rollout_tokens_per_s_per_gpu"] == 100 / 6.0 / 2
     assert m["throughput/train_tokens_per_s_per_gpu"] == 200 / 1.0 / 2
+    assert m["time/rollout_slowest"] == 6.0
     assert m["time/rollout_slowest_over_mean"] == 6.0 / 4.0
     assert m["response/truncated_frac"] == 0.25
 
 
-def test_nccl_dump_wait_is_shortened_unless_the_user_set_it():
-    from slipstream.trainer.distributed import NCCL_DUMP_WAIT_MS, shorten_nccl_dump_wait
+def test_nccl_failure_defaults_are_set_unless_the_user_set_them():
+    from slipstream.trainer.distributed import NCCL_FAILURE_DEFAULTS, set_nccl_failure_defaults
 
     env: dict[str, str] = {}
-    shorten_nccl_dump_wait(env)
-    assert env == {"TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": str(NCCL_DUMP_WAIT_MS)}
-    for name in ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "TORCH_FR_WAIT_TIMEOUT_DUMP_MILSEC"):
-        env = {name: "60000"}
-        shorten_nccl_dump_wait(env)
-        assert env == {name: "60000"}
+    set_nccl_failure_defaults(env)
+    assert env == NCCL_FAILURE_DEFAULTS
+    assert env["NCCL_RUNTIME_CONNECT"] == "0" and int(env["TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC"]) <= 5000
+    for name in ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "TORCH_FR_WAIT_TIMEOUT_DUMP_MILSEC", "NCCL_RUNTIME_CONNECT"):
+        env = {name: "7"}
+        set_nccl_failure_defaults(env)
+        assert env[name] == "7"
+        assert ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC" in env) == (name != "TORCH_FR_WAIT_TIMEOUT_DUMP_MILSEC")
