@@ -29,8 +29,7 @@ class CollectiveTimeoutError(RuntimeError):
 
 
 # The backend's own timeout (gloo's, NCCL's watchdog) normally ends a stuck collective first, with
-# its own message; the host-side deadline is the backstop for when it does not (an NCCL rank blocked
-# reading a result that never comes), a little later.
+# its own message; the host-side deadline is the backstop for when it does not, a little later.
 COLLECTIVE_GRACE_S = 2.0
 
 
@@ -99,10 +98,10 @@ class DistContext:
     def _wait(self, work, what: str) -> None:
         """Wait for `work` on the host, at most timeout_s + COLLECTIVE_GRACE_S.
 
-        The deadline is kept here, not only by the backend: a rank whose NCCL peer stops answering
-        can otherwise stay blocked reading the result long after NCCL's own timeout. Polling waits
-        for the GPU, which the callers do anyway to read the result on the host (all but PPO's
-        advantage whitening, twice a step).
+        The deadline is kept here, not only by the backend: NCCL's watchdog ends a timed-out job
+        only after waiting for debug dumps, with SIGABRT and no error of ours; this raises one that
+        names the rank and the operation. Polling waits for the GPU, which the callers do anyway to
+        read the result on the host (all but PPO's advantage whitening, twice a step).
         """
         if self.timeout_s is not None:
             deadline = time.monotonic() + self.timeout_s + COLLECTIVE_GRACE_S
