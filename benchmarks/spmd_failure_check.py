@@ -107,10 +107,12 @@ def bare(mode: str, device: str) -> dict:
         _kill_job(proc)
         log, _ = proc.communicate()
         code = None
-    says = {"raise": "reward verifier crashed on rank one", "die": "Signal 9", "hang": "Timed out"}[mode]
+    # a silent rank: gloo's "Timed out", NCCL's watchdog "timeout", or slipstream's own deadline
+    says = {"raise": "reward verifier crashed on rank one", "die": "Signal 9",
+            "hang": r"timed out|timeout|CollectiveTimeoutError"}[mode]
     return {"case": mode, "returncode": code, "seconds": time.time() - t0, "limit_s": 60.0,
             "named_rank": _failed_rank(log), "expected_rank": "0" if mode == "hang" else "1",
-            "error_named": says in log, "log": log}
+            "error_named": re.search(says, log, re.I) is not None, "log": log}
 
 
 def train(mode: str, workdir: Path, device: str) -> dict:
