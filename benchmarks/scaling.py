@@ -218,6 +218,8 @@ def summarize(row: dict, steps: list[dict]) -> None:
     row["rollout_slowest_s"] = sum(r.get("time/rollout_slowest") or r["tokens/generated"] / (
         r["throughput/rollout_tokens_per_s_per_gpu"] * row["gpus"]) for r in measured) / len(measured)
     row["response_length"] = sum(r["response_length/mean"] for r in measured) / len(measured)
+    # the longest answer of the step's global batch: what the slowest rank's rollout waits for
+    row["response_length_max"] = sum(r["response_length/max"] for r in measured) / len(measured)
     row["tokens_generated_per_step"] = sum(r["tokens/generated"] for r in measured) / len(measured)
 
 
