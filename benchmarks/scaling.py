@@ -176,18 +176,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """torchrun and its ranks (one process group): SIGTERM, then SIGKILL after 15 s."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_job(proc: subprocess.Popen, first: signal.Signals = signal.SIGTERM, grace_s: float = 15.0) -> None:
+    """End a torchrun job and its ranks. torchrun starts the ranks in sessions of their own, so
+    killing torchrun's process group alone leaves them holding their GPUs. The ranks get `first`,
+    then, once torchrun has exited or `grace_s` has passed, everything left gets SIGKILL."""
+    ranks = descendants(proc.pid)
+    for pid in ranks:
         try:
-            os.killpg(proc.pid, sig)
+            os.kill(pid, first)
         except ProcessLookupError:
-            return
+            pass
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in ranks:
         try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _read_steps(run_dir: Path) -> list[dict]:
@@ -213,10 +242,8 @@ def summarize(row: dict, steps: list[dict]) -> None:
     for out_key, key in KEYS.items():
         row[out_key] = sum(r[key] for r in measured) / len(measured)
     row["sync_max_s"] = max(r["time/sync"] for r in measured)
-    # time/rollout is rank 0's; the step waits for the slowest rank (logged since 2c4e09c, before
-    # that recovered from the throughput, which divides by it)
-    row["rollout_slowest_s"] = sum(r.get("time/rollout_slowest") or r["tokens/generated"] / (
-        r["throughput/rollout_tokens_per_s_per_gpu"] * row["gpus"]) for r in measured) / len(measured)
+    # time/rollout is rank 0's; the step waits for the slowest rank
+    row["rollout_slowest_s"] = sum(r["time/rollout_slowest"] for r in measured) / len(measured)
     row["response_length"] = sum(r["response_length/mean"] for r in measured) / len(measured)
     # the longest answer of the step's global batch: what the slowest rank's rollout waits for
     row["response_length_max"] = sum(r["response_length/max"] for r in measured) / len(measured)
@@ -266,7 +293,7 @@ def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: d
         try:
             code = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_job(proc)
             code = None
     row["wall_s"] = time.perf_counter() - t0
     summarize(row, _read_steps(run_dir))

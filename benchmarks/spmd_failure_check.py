@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.scaling import child_env, free_port  # noqa: E402
+from benchmarks.scaling import child_env, descendants, free_port, kill_job  # noqa: E402
 
 FAILING_RANK = ROOT / "tests" / "trainer" / "spmd" / "failing_rank.py"
 
@@ -41,43 +41,8 @@ def _torchrun(args: list[str]) -> list[str]:
             *args]
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _kill_job(proc: subprocess.Popen) -> None:
-    """End a job that outlived its limit: torchrun and its ranks, which torchrun starts in sessions of
-    their own (so killing torchrun's group leaves them holding their GPUs). The ranks first get
-    SIGABRT, on which Python's faulthandler (PYTHONFAULTHANDLER=1) writes where every thread was."""
-    ranks = _descendants(proc.pid)
-    for sig in (signal.SIGABRT, signal.SIGKILL):
-        for pid in ranks:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(3)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _rank_pid(torchrun_pid: int, rank: int) -> int | None:
-    for pid in _descendants(torchrun_pid):
+    for pid in descendants(torchrun_pid):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -104,7 +69,7 @@ def bare(mode: str, device: str) -> dict:
         log, _ = proc.communicate(timeout=90)
         code = proc.returncode
     except subprocess.TimeoutExpired:
-        _kill_job(proc)
+        kill_job(proc, signal.SIGABRT, grace_s=3)  # faulthandler: where every thread was
         log, _ = proc.communicate()
         code = None
     # a silent rank: gloo's "Timed out", NCCL's watchdog "timeout", or slipstream's own deadline
@@ -133,7 +98,7 @@ def train(mode: str, workdir: Path, device: str) -> dict:
             time.sleep(0.5)
         victim = _rank_pid(proc.pid, 1) if proc.poll() is None else None
         if victim is None:  # the whole job: ranks left behind would hold the GPUs
-            _kill_job(proc)
+            kill_job(proc, signal.SIGABRT, grace_s=3)  # faulthandler: where every thread was
             proc.wait()
             return {"case": mode, "error": "the run did not reach step 2 with rank 1 alive",
                     "log": log_file.read_text(errors="replace")}
@@ -142,7 +107,7 @@ def train(mode: str, workdir: Path, device: str) -> dict:
         try:
             code = proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            _kill_job(proc)
+            kill_job(proc, signal.SIGABRT, grace_s=3)  # faulthandler: where every thread was
             code = None
         elapsed = time.time() - t0
     if mode == "train-stop":  # whatever is left of the stopped rank (SIGKILL ends a stopped process too)

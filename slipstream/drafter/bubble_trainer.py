@@ -60,10 +60,11 @@ def drafter_loss(drafter: Drafter, batch: DrafterBatch) -> tuple[torch.Tensor, d
     predicted = predicted[valid]
     target = batch.target_features[valid].to(predicted.dtype)
     head = drafter.head
-    feature_loss = F.smooth_l1_loss(head.normed(predicted), head.normed(target))
+    predicted, target = head.normed(predicted), head.normed(target)  # normed once, for both terms
+    feature_loss = F.smooth_l1_loss(predicted, target)
     with torch.no_grad():
-        target_logp = drafter.logits(target).log_softmax(-1)
-    logq = drafter.logits(predicted).log_softmax(-1)
+        target_logp = head.read(target).log_softmax(-1)
+    logq = head.read(predicted).log_softmax(-1)
     token_kl = (target_logp.exp() * (target_logp - logq)).sum(-1).mean()
     loss = cfg.feature_loss_weight * feature_loss + cfg.token_loss_weight * token_kl
     top1 = (logq.argmax(-1) == target_logp.argmax(-1)).float().mean()

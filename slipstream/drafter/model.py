@@ -61,9 +61,13 @@ class TargetHead:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.norm_weight * x.to(self.norm_weight.dtype)
 
+    def read(self, normed: torch.Tensor) -> torch.Tensor:
+        """float32 logits of states already through the final norm."""
+        return F.linear(normed.to(self.lm_head.dtype), self.lm_head).float()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits of residual-stream states, as the target computes them (final norm, then head)."""
-        return F.linear(self.normed(hidden).to(self.lm_head.dtype), self.lm_head).float()
+        return self.read(self.normed(hidden))
 
 
 def attention_mask(segment_ids: torch.Tensor, window: int) -> torch.Tensor:
