@@ -187,6 +187,9 @@ class TrainerConfig:
     backend: str = "local"  # local (one process) | fsdp2 | deepspeed (under torchrun)
     zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
     cpu_offload: bool = False  # deepspeed: optimizer state and step on the CPU (ZeRO-Offload)
+    # fsdp2: free a trainable layer's gathered weights after its forward (true: least memory) or keep
+    # them for its backward (false: one all-gather per layer and micro-batch instead of two)
+    reshard_after_forward: bool = True
     # Colocation on CUDA: optimizer state moves to the CPU while the engine generates, and the
     # engine's KV cache is freed while the trainer updates.
     offload_during_rollout: bool = False

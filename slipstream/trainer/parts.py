@@ -53,7 +53,8 @@ def build_parts(cfg: SlipstreamConfig, model, ctx: DistContext) -> TrainParts:
     critic_module = ValueModel.from_policy(model) if ac.advantage in CRITIC_ADVANTAGES else None
 
     def wrap(module, optim: OptimizerSpec | None) -> TrainBackend:
-        return build_backend(tc.backend, module, ctx, optim, zero_stage=tc.zero_stage, cpu_offload=tc.cpu_offload)
+        return build_backend(tc.backend, module, ctx, optim, zero_stage=tc.zero_stage, cpu_offload=tc.cpu_offload,
+                             reshard_after_forward=tc.reshard_after_forward)
 
     actor_backend = wrap(model, OptimizerSpec(tc.lr, tuple(tc.betas), tc.weight_decay, tc.max_grad_norm))
     ref = wrap(ref_module, None) if ref_module is not None else None

@@ -11,9 +11,11 @@ from slipstream.trainer.backends.base import BackendError, OptimizerSpec, TrainB
 
 
 def build_backend(kind: str, module, ctx, optim: OptimizerSpec | None, *, zero_stage: int = 2,
-                  cpu_offload: bool = False, autocast: bool | None = None) -> TrainBackend:
+                  cpu_offload: bool = False, autocast: bool | None = None,
+                  reshard_after_forward: bool = True) -> TrainBackend:
     """`optim=None` wraps a frozen module (the reference): no gradients, no optimizer state.
-    `autocast` (DeepSpeed; default: on CUDA) runs its forward passes under bf16 autocast."""
+    `autocast` (DeepSpeed; default: on CUDA) runs its forward passes under bf16 autocast.
+    `reshard_after_forward` (FSDP2, trainable modules) frees gathered layers between forward and backward."""
     if kind == "local":
         from slipstream.trainer.backends.local import LocalBackend
 
@@ -21,7 +23,7 @@ def build_backend(kind: str, module, ctx, optim: OptimizerSpec | None, *, zero_s
     if kind == "fsdp2":
         from slipstream.trainer.backends.fsdp2 import FSDP2Backend
 
-        return FSDP2Backend(module, ctx, optim)
+        return FSDP2Backend(module, ctx, optim, reshard_after_forward=reshard_after_forward)
     if kind == "deepspeed":
         from slipstream.trainer.backends.deepspeed import DeepSpeedBackend
 

@@ -1,6 +1,7 @@
 """`trainer.backend=fsdp2`: PyTorch FSDP2 (`fully_shard`), parameters sharded across ranks.
 
-Each decoder layer is its own FSDP unit (gathered just before it runs, freed right after), the
+Each decoder layer is its own FSDP unit (gathered just before it runs, freed right after; with
+`trainer.reshard_after_forward=false` a trainable model keeps it gathered until its backward), the
 embeddings, final norm and head belong to the root unit. On CUDA, layers compute in bf16 and
 gradients are reduced in fp32 while the sharded master weights and AdamW state stay fp32.
 """
@@ -38,7 +39,7 @@ def sharding_units(module: torch.nn.Module) -> list[torch.nn.Module]:
 class FSDP2Backend(TrainBackend):
     format = "dcp"
 
-    def __init__(self, module: torch.nn.Module, ctx, optim: OptimizerSpec | None):
+    def __init__(self, module: torch.nn.Module, ctx, optim: OptimizerSpec | None, reshard_after_forward: bool = True):
         if not ctx.active:
             raise BackendError("trainer.backend=fsdp2 needs a process group (init_distributed was not called)")
         self.ctx = ctx
@@ -49,9 +50,11 @@ class FSDP2Backend(TrainBackend):
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if ctx.device.type == "cuda" else MixedPrecisionPolicy())
+        # A frozen module has no backward to keep the gathered weights for.
+        reshard = reshard_after_forward or not self.trainable
         for unit in sharding_units(module):
-            fully_shard(unit, mesh=mesh, mp_policy=mp)
-        fully_shard(module, mesh=mesh, mp_policy=mp)
+            fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         self.module = module
         self.optimizer = None
         self.max_grad_norm = optim.max_grad_norm if optim is not None else 0.0

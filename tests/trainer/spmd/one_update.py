@@ -62,8 +62,12 @@ def main(kind: str, out: str) -> None:
     # REINFORCE++ (global normalisation) and token-mean (global token count): both need the global batch.
     acfg = AlgorithmConfig(advantage="reinforce_pp", loss_agg="token-mean", kl_coef=0.1, critic_lr=1e-2,
                            gamma=0.9, lam=0.8, value_clip=0.05)
-    # deepspeed: argv[3] is the ZeRO stage, argv[4] (optional) "offload" for ZeRO-Offload
-    extra = {"zero_stage": int(sys.argv[3]), "cpu_offload": sys.argv[4:] == ["offload"]} if len(sys.argv) > 3 else {}
+    # deepspeed: argv[3] is the ZeRO stage, argv[4] (optional) "offload" for ZeRO-Offload;
+    # fsdp2: argv[3] "keep-gathered" keeps the layers gathered from forward to backward
+    if kind == "fsdp2":
+        extra = {"reshard_after_forward": sys.argv[3:] != ["keep-gathered"]}
+    else:
+        extra = {"zero_stage": int(sys.argv[3]), "cpu_offload": sys.argv[4:] == ["offload"]} if len(sys.argv) > 3 else {}
     ref = build_backend(kind, LlamaForCausalLM(tiny_config(32, 2)).float(), ctx, None, **extra)
     actor_backend = build_backend(kind, model, ctx, OptimizerSpec(tcfg.lr, max_grad_norm=1.0), **extra)
     actor = Actor(actor_backend, tcfg, acfg, ctx, ref=ref)
