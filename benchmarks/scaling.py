@@ -16,10 +16,10 @@ Each configuration is one `torchrun --nproc_per_node=N -m slipstream.train` run 
 the per-rank batch held constant (`trainer.prompts_per_step = prompts_per_rank * N`: weak
 scaling; by default 16 prompts x 8 samples x up to 256 tokens per rank), evaluation off, under a
 per-configuration timeout (`--timeout`; the whole process group is killed when it runs out). From
-the run's metrics.jsonl, averaged over the steps after the first (warm-up: allocation, CUDA graph
-capture, kernel compilation), it reports the step time, rollout tokens/s per GPU (generated tokens
-over the slowest rank's rollout time), training tokens/s per GPU (prompt + response tokens through
-forward and backward over the slowest rank's update time) and the time of the weight sync into
+the run's metrics.jsonl, over the steps after the first (warm-up: allocation, CUDA graph
+capture, kernel compilation), it reports the mean step time, rollout tokens/s per GPU (the steps'
+generated tokens over the sum of the slowest rank's rollout times), training tokens/s per GPU
+(prompt + response tokens through forward and backward over the slowest rank's update times) and the time of the weight sync into
 the rollout engine (every rank gathers the full weights and loads them into its engine). Efficiency
 is the per-GPU throughput at N ranks over the one at 1 rank of the same backend and model (target
 >= 0.85 at 4 GPUs; weight sync < 1 s for 1.5B); the rollout's is also given as the ratio of its
@@ -78,10 +78,16 @@ QWEN_SHAPES = {
     "qwen-tiny": (64, 2, 4, 2, 128, 1024, True),
 }
 
-KEYS = {"step_s": "time/step", "rollout_tokens_per_s_per_gpu": "throughput/rollout_tokens_per_s_per_gpu",
-        "train_tokens_per_s_per_gpu": "throughput/train_tokens_per_s_per_gpu", "sync_s": "time/sync",
-        "rollout_s": "time/rollout", "update_s": "time/update",
-        "rollout_slowest_over_mean": "time/rollout_slowest_over_mean"}
+# means over the measured steps
+KEYS = {"step_s": "time/step", "sync_s": "time/sync", "rollout_s": "time/rollout", "update_s": "time/update",
+        "rollout_slowest_s": "time/rollout_slowest", "update_slowest_s": "time/update_slowest",
+        "rollout_slowest_over_mean": "time/rollout_slowest_over_mean", "response_length": "response_length/mean",
+        # the longest answer of the step's global batch: what the slowest rank's rollout waits for
+        "response_length_max": "response_length/max", "tokens_generated_per_step": "tokens/generated"}
+# kept per step in the JSON, to tell a slow configuration from a few slow steps
+STEP_KEYS = ["time/step", "time/rollout_slowest", "time/update_slowest", "time/sync", "tokens/generated",
+             "tokens/trained", "response_length/mean", "response_length/max", "spec/drafted_tokens",
+             "spec/accepted_tokens", "spec/time_spec_steps", "spec/time_plain_steps"]
 NEEDED = ["torch", "transformers", "safetensors", "omegaconf", "hydra"]
 
 
@@ -242,12 +248,14 @@ def summarize(row: dict, steps: list[dict]) -> None:
     for out_key, key in KEYS.items():
         row[out_key] = sum(r[key] for r in measured) / len(measured)
     row["sync_max_s"] = max(r["time/sync"] for r in measured)
-    # time/rollout is rank 0's; the step waits for the slowest rank
-    row["rollout_slowest_s"] = sum(r["time/rollout_slowest"] for r in measured) / len(measured)
-    row["response_length"] = sum(r["response_length/mean"] for r in measured) / len(measured)
-    # the longest answer of the step's global batch: what the slowest rank's rollout waits for
-    row["response_length_max"] = sum(r["response_length/max"] for r in measured) / len(measured)
-    row["tokens_generated_per_step"] = sum(r["tokens/generated"] for r in measured) / len(measured)
+    # Throughput is the measured steps' tokens over their time (the slowest rank's: the step waits
+    # for it), not a mean of per-step rates, which a few quick steps would dominate.
+    gpus = row["gpus"]
+    row["rollout_tokens_per_s_per_gpu"] = (sum(r["tokens/generated"] for r in measured)
+                                           / sum(r["time/rollout_slowest"] for r in measured) / gpus)
+    row["train_tokens_per_s_per_gpu"] = (sum(r["tokens/trained"] for r in measured)
+                                         / sum(r["time/update_slowest"] for r in measured) / gpus)
+    row["steps"] = [{k: r[k] for k in ["step", *STEP_KEYS] if k in r} for r in steps]
 
 
 def gpu_processes() -> list[str]:

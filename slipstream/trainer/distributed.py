@@ -277,11 +277,13 @@ def global_metrics(ctx: DistContext, completions, rewards: list[float], batch, m
         "response_length/min": float(lengths.min()),
         "response/truncated_frac": float(truncated.mean()),
         "tokens/generated": total,
+        "tokens/trained": float(sums[1]),
         "throughput/rollout_tokens_per_s": total / max(float(slowest[0]), 1e-9),
         "throughput/rollout_tokens_per_s_per_gpu": total / max(float(slowest[0]), 1e-9) / ctx.world_size,
         # prompt + response tokens through the trainer's forward and backward
         "throughput/train_tokens_per_s_per_gpu": float(sums[1]) / max(float(slowest[1]), 1e-9) / ctx.world_size,
         "time/rollout_slowest": float(slowest[0]),
+        "time/update_slowest": float(slowest[1]),
         "time/rollout_slowest_over_mean": float(slowest[0]) / max(float(sums[2]) / ctx.world_size, 1e-9),
     }
     return metrics, [int(x) for x in lengths.tolist()], rew.tolist()

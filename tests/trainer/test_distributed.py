@@ -37,6 +37,7 @@ def test_throughputs_divide_by_the_slowest_rank_and_its_tail_is_logged():
     assert m["throughput/rollout_tokens_per_s_per_gpu"] == 100 / 6.0 / 2
     assert m["throughput/train_tokens_per_s_per_gpu"] == 200 / 1.0 / 2
     assert m["time/rollout_slowest"] == 6.0
+    assert m["tokens/trained"] == 200 and m["time/update_slowest"] == 1.0
     assert m["time/rollout_slowest_over_mean"] == 6.0 / 4.0
     assert m["response/truncated_frac"] == 0.25
 
