@@ -342,6 +342,11 @@ def _fastest(key: tuple, runs: dict, default, weight: torch.Tensor) -> tuple[str
     return _choice[key]
 
 
+def timings_so_far() -> int:
+    """Projection shapes timed in this process (each timing stalls the step that meets the shape)."""
+    return len(_choice)
+
+
 def _m_bucket(M: int) -> int:
     """Rows are timed per power-of-two bucket (1, 2, 4, 8, 16): one timing serves every M in it,
     as the GEMV kernel compiles once per bucket."""

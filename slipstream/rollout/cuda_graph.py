@@ -36,6 +36,18 @@ from slipstream.models.decoder import AttentionMetadata, Decoder
 from slipstream.rollout.sequence import Sequence
 
 
+_captures = 0  # bucket graphs made in this process (static buffers only on CPU): one made mid-rollout stalls it
+
+
+def captures_so_far() -> int:
+    return _captures
+
+
+def count_capture() -> None:
+    global _captures
+    _captures += 1
+
+
 def capture_graph(fn, device: torch.device, pool=None):
     """(graph, fn's outputs) of `fn` captured in a CUDA graph: one eager warm-up run on a side
     stream first (it compiles the Triton kernels outside the capture); `pool` shares memory
@@ -181,6 +193,7 @@ class DecodeGraphs:
         h[len(seqs) * W::W] = self.scratch_block
 
     def _capture(self, B: int, steps: int = 1) -> None:
+        count_capture()
         self.host_np[:] = 0
         self._fill([], B)
         self.staging.copy_(self.host)

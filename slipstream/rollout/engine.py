@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from slipstream.kernels.decode_linear import timings_so_far
 from slipstream.models.decoder import Decoder
 from slipstream.rollout.block_manager import BlockManager
+from slipstream.rollout.cuda_graph import captures_so_far
 from slipstream.rollout.model_runner import LaunchedSteps, ModelRunner, StepFeatures
 from slipstream.rollout.scheduler import ScheduledBatch, Scheduler
 from slipstream.rollout.sequence import Sequence
@@ -78,6 +80,7 @@ class Engine:
         self.spec_runner = SpecRunner(self.runner, min(cfg.max_graph_batch, spec.policy.min_batch_for_off)) \
             if spec is not None else None
         self.timeline = Timeline()
+        self._one_time_work_at_begin = self._one_time_work()
         # decode steps launched and not yet read: (their sequences, the launch); see _decode_steps
         self._inflight: tuple[list[Sequence], LaunchedSteps] | None = None
 
@@ -125,11 +128,18 @@ class Engine:
             self.speculator.load_state_dict(state["spec"])
 
     def rollout_metrics(self, small_batch: int = 16) -> dict[str, float]:
-        """Speculation and live-batch metrics of the last `generate` (see `Timeline.metrics`)."""
+        """Speculation and live-batch metrics of the last `generate` (see `Timeline.metrics`), and
+        the one-time work it did: CUDA graphs captured and projection shapes timed."""
+        graphs, timings = (now - then for now, then in zip(self._one_time_work(), self._one_time_work_at_begin))
+        out = {"rollout/graphs_captured": float(graphs), "rollout/kernel_timings": float(timings)}
         if self.speculator is None:
-            return self.timeline.metrics(PolicyConfig().bucket_edges, small_batch)
-        return {**self.timeline.metrics(self.speculator.policy.config.bucket_edges, small_batch),
+            return {**out, **self.timeline.metrics(PolicyConfig().bucket_edges, small_batch)}
+        return {**out, **self.timeline.metrics(self.speculator.policy.config.bucket_edges, small_batch),
                 **self.speculator.metrics()}
+
+    @staticmethod
+    def _one_time_work() -> tuple[int, int]:
+        return captures_so_far(), timings_so_far()
 
     def step(self) -> list[Sequence]:
         t0 = time.perf_counter()
@@ -274,6 +284,7 @@ class Engine:
         preempted_before = self.scheduler.num_preemptions
         self.scheduler.add(seqs)
         self.timeline.begin()
+        self._one_time_work_at_begin = self._one_time_work()
         if self.speculator is not None:
             self.speculator.begin(seqs, record=history)
         try:

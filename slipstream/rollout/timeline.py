@@ -66,6 +66,8 @@ class Timeline:
             "spec/drafted_tokens": float(drafted),
             "spec/accepted_tokens": float(accepted),
             f"rollout/time_below_batch_{small_batch}": sum(s.seconds for s in self.steps if s.live < small_batch),
+            # one slow step in a fast rollout is a one-time cost (a graph captured, a kernel compiled)
+            "rollout/slowest_step_s": max((s.seconds for s in self.steps), default=0.0),
         }
         if drafted:
             out["spec/acceptance_rate"] = accepted / drafted

@@ -22,6 +22,7 @@ from slipstream.rollout.hf_backend import HFRolloutBackend
 from slipstream.rollout.types import Request, SamplingParams
 from slipstream.tasks import Problem, build_task
 from slipstream.telemetry import MetricsLogger, progress_bar, write_report
+from slipstream.telemetry.gc_time import GCTime
 from slipstream.trainer.batch import build_batch
 from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_drafter_state, load_rollout_state
 from slipstream.trainer.distributed import (
@@ -210,13 +211,15 @@ def train(cfg: SlipstreamConfig) -> dict:
             if drafter is not None:
                 drafter.start_step(step)
             t0 = time.perf_counter()
-            with parts.generating(engine, colocate):  # optimizer state off the GPU while the KV cache is in use
+            # optimizer state off the GPU while the KV cache is in use
+            with parts.generating(engine, colocate), GCTime() as gc_time:
                 bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
                 completions = engine.generate(requests, progress=bar.update)
                 bar.close()
             t_rollout = time.perf_counter() - t0
             native = isinstance(engine, Engine)
             spec_metrics, timeline = (engine.rollout_metrics(), engine.timeline.to_columns()) if native else ({}, None)
+            spec_metrics["rollout/gc_s"] = gc_time.seconds
             sparsity = engine.sparsity() if cfg.attention.kind == "blasst" else {}
             if drafter is not None:  # bubble: ranks done early train until every rank is
                 drafter.rank_idle(step)

@@ -221,3 +221,16 @@ def test_a_weight_load_first_reads_the_replay_in_flight(tiny_model):
     for s, c in zip(seqs, plain):  # log-probs depend on the whole cached context
         torch.testing.assert_close(torch.tensor(s.output_logprobs), torch.tensor(c.logprobs), atol=1e-5, rtol=0)
     assert engine.block_manager.num_free_blocks == 120
+
+
+def test_rollout_metrics_count_the_buckets_made_during_that_rollout(tiny_model):
+    model, tok = tiny_model
+    engine = _engine(model, tok, True, block_size=4, num_blocks=200, max_model_len=128)
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=12)
+    engine.generate(_requests(tok, params))
+    first = engine.rollout_metrics()
+    made = len(engine.runner.graphs.graphs)
+    assert made and first["rollout/graphs_captured"] == made
+    assert first["rollout/slowest_step_s"] == max(s.seconds for s in engine.timeline.steps)
+    engine.generate(_requests(tok, params))  # the same batch sizes: every bucket is there already
+    assert engine.rollout_metrics()["rollout/graphs_captured"] == 0

@@ -32,7 +32,7 @@ import torch
 
 from slipstream.kernels.attention import MAX_DECODE_Q_LEN
 from slipstream.models.decoder import AttentionMetadata, Decoder
-from slipstream.rollout.cuda_graph import capture_graph, default_buckets
+from slipstream.rollout.cuda_graph import capture_graph, count_capture, default_buckets
 from slipstream.rollout.scheduler import ScheduledSeq
 
 QUERY_WIDTHS = (2, 4, 8, 16)
@@ -116,6 +116,7 @@ class VerifyGraphs:
         tables[n:] = self.scratch_block
 
     def _capture(self, B: int, Q: int) -> None:
+        count_capture()
         self.host_np[:] = 0
         self._fill([], B, Q)
         self.staging.copy_(self.host)
