@@ -92,6 +92,7 @@ class RolloutConfig:
     max_model_len: int = 4096  # prompt + response cap
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU)
     decode_steps: int = 4  # decode steps per graph replay while no sequence waits (GPU)
+    capture_graphs_at_start: bool = True  # every batch size's graphs before the first rollout (GPU)
 
 
 @dataclass

@@ -205,6 +205,12 @@ class DecodeGraphs:
         self.pool = graph.pool()
         self.graphs[B, steps] = (graph, logits, captured, sampled)
 
+    def capture_all(self, steps: int) -> None:
+        """Every bucket's graph of `steps` decode steps (1: the single-step one)."""
+        for B in self.buckets:
+            if (B, steps) not in self.graphs:
+                self._capture(B, steps)
+
     def replay(self, seqs: Seq[Sequence], seed: int = 0
                ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
         """One decode step of `seqs`: logits [n, vocab], captured hidden states, and (GPU) the fused

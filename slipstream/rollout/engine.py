@@ -41,6 +41,11 @@ class EngineConfig:
     # and the next replay is launched before the host reads this one's (see Engine._decode_steps).
     # Tokens drawn after a sequence finishes are discarded (at most 2 * decode_steps - 1 per sequence).
     decode_steps: int = 4
+    # Capture the graphs of every batch-size bucket when the engine starts (with speculation, the
+    # verification graphs too), instead of the first time a rollout needs one: a capture (and the
+    # projection timings its warm-up run does) stalls the rollout it happens in for tens of ms per
+    # bucket, and with several ranks the step waits for whichever rank met a new bucket.
+    capture_graphs_at_start: bool = True
 
 
 def kv_blocks_for(decoder: Decoder, cfg: EngineConfig) -> int:
@@ -80,9 +85,22 @@ class Engine:
         self.spec_runner = SpecRunner(self.runner, min(cfg.max_graph_batch, spec.policy.min_batch_for_off)) \
             if spec is not None else None
         self.timeline = Timeline()
+        if cfg.capture_graphs_at_start and self.runner.graphs is not None:
+            self.capture_graphs()
         self._one_time_work_at_begin = self._one_time_work()
         # decode steps launched and not yet read: (their sequences, the launch); see _decode_steps
         self._inflight: tuple[list[Sequence], LaunchedSteps] | None = None
+
+    def capture_graphs(self) -> float:
+        """Capture every bucket's decode graph (the multi-step one the default decode path replays)
+        and, when speculating, every verification graph; returns the seconds it took. Graphs made
+        after the KV cache is released and allocated again are captured when first needed."""
+        t0 = time.perf_counter()
+        self.runner.graphs.capture_all(self.cfg.decode_steps if self.cfg.decode_steps > 1 else 1)
+        if self.spec_runner is not None:
+            self.spec_runner.capture_all()
+        self.stats["capture_s"] = time.perf_counter() - t0
+        return self.stats["capture_s"]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Copy new weights (Hugging Face names) into the decoder in place; returns the seconds it took."""

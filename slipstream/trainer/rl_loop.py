@@ -87,6 +87,7 @@ def build_rollout_and_drafter(cfg: SlipstreamConfig, model, tokenizer, device: t
     ecfg = EngineConfig(block_size=rc.block_size, kv_cache_gb=rc.kv_cache_gb, max_num_seqs=rc.max_num_seqs,
                         max_num_batched_tokens=rc.max_num_batched_tokens, max_model_len=rc.max_model_len,
                         cuda_graphs=rc.cuda_graphs, decode_steps=rc.decode_steps,
+                        capture_graphs_at_start=rc.capture_graphs_at_start,
                         prefill_skip_scale=0.0 if dense else cfg.attention.prefill_scale,
                         decode_skip_scale=0.0 if dense else cfg.attention.decode_scale)
     spec = engine_spec_config(cfg.spec, cfg.trainer.seed)

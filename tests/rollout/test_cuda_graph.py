@@ -234,3 +234,25 @@ def test_rollout_metrics_count_the_buckets_made_during_that_rollout(tiny_model):
     assert first["rollout/slowest_step_s"] == max(s.seconds for s in engine.timeline.steps)
     engine.generate(_requests(tok, params))  # the same batch sizes: every bucket is there already
     assert engine.rollout_metrics()["rollout/graphs_captured"] == 0
+
+
+def test_graphs_captured_at_start_leave_nothing_for_the_rollouts(tiny_model):
+    from slipstream.rollout.spec.speculator import SpecConfig
+    from slipstream.rollout.spec.verify_graphs import QUERY_WIDTHS
+
+    model, tok = tiny_model
+    engine = _engine(model, tok, True, block_size=4, num_blocks=400, max_model_len=128, max_num_seqs=24)
+    engine.capture_graphs()
+    buckets = default_buckets(24)
+    assert set(engine.runner.graphs.graphs) == {(b, 4) for b in buckets}  # the default path: 4 steps a replay
+    for params in (SamplingParams(n=6, temperature=1.0, max_tokens=40, seed=1),
+                   SamplingParams(n=2, temperature=0.0, max_tokens=9)):  # 4 x 6 = 24 draining, then 8
+        engine.generate(_requests(tok, params))
+        assert engine.rollout_metrics()["rollout/graphs_captured"] == 0
+    speculating = Engine(decoder_from_hf_module(model), [tok.eos_token_id],
+                         EngineConfig(block_size=4, num_blocks=400, max_model_len=128), spec=SpecConfig())
+    speculating.runner.use_static_decode()
+    speculating.spec_runner.use_static_verify()
+    speculating.capture_graphs()
+    verify = speculating.spec_runner.graphs
+    assert set(verify.graphs) == {(b, q) for b in verify.buckets for q in QUERY_WIDTHS}

@@ -48,6 +48,12 @@ class SpecRunner:
         CPU tests check the padding and the buffer layout this way."""
         self._static = True
 
+    def capture_all(self) -> None:
+        """Every verification graph, where verification replays graphs."""
+        graphs = self._verify_graphs()
+        if graphs is not None:
+            graphs.capture_all()
+
     def release_graphs(self) -> None:
         """Drop the verification graphs (and with them the last references to a released cache)."""
         self.graphs = None

@@ -127,6 +127,12 @@ class VerifyGraphs:
         self.pool = graph.pool()
         self.graphs[(B, Q)] = (graph, logits, captured)
 
+    def capture_all(self) -> None:
+        for B in self.buckets:
+            for Q in QUERY_WIDTHS:
+                if (B, Q) not in self.graphs:
+                    self._capture(B, Q)
+
     def replay(self, entries: list[ScheduledSeq], B: int, Q: int) -> torch.Tensor:
         """Logits [B, Q, vocab] of a verification step (a static tensor: read it before the next
         replay); row (i, j) is entry i's j-th query token: the last sampled token, then its draft."""
