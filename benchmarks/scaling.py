@@ -88,7 +88,7 @@ KEYS = {"step_s": "time/step", "sync_s": "time/sync", "rollout_s": "time/rollout
 STEP_KEYS = ["time/step", "time/rollout_slowest", "time/update_slowest", "time/sync", "tokens/generated",
              "tokens/trained", "response_length/mean", "response_length/max", "spec/drafted_tokens",
              "spec/accepted_tokens", "spec/time_spec_steps", "spec/time_plain_steps", "rollout/slowest_step_s",
-             "rollout/graphs_captured", "rollout/kernel_timings", "rollout/gc_s"]
+             "rollout/graphs_captured", "rollout/kernel_timings", "rollout/gc_s", "time/gc"]
 NEEDED = ["torch", "transformers", "safetensors", "omegaconf", "hydra"]
 
 

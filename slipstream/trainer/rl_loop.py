@@ -185,7 +185,7 @@ def train(cfg: SlipstreamConfig) -> dict:
     show = cfg.logger.progress and ctx.is_main
     colocate = tc.offload_during_rollout and device.type == "cuda" and isinstance(engine, Engine)
     summary: dict = {}
-    with logger:
+    with logger, GCTime() as gc_time:
         if state.step == 0:
             t0 = time.perf_counter()
             with parts.generating(engine, colocate):
@@ -197,7 +197,7 @@ def train(cfg: SlipstreamConfig) -> dict:
                       f"({len(eval_problems)} problems)")
         while state.step < tc.steps:
             step = state.step + 1
-            t_step = time.perf_counter()
+            t_step, gc_step = time.perf_counter(), gc_time.seconds
             # 1. prompts: whole GRPO groups, this rank's share of them
             problems = shard_groups(stream.take(tc.prompts_per_step), ctx)
             params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -213,14 +213,15 @@ def train(cfg: SlipstreamConfig) -> dict:
                 drafter.start_step(step)
             t0 = time.perf_counter()
             # optimizer state off the GPU while the KV cache is in use
-            with parts.generating(engine, colocate), GCTime() as gc_time:
+            gc_rollout = gc_time.seconds
+            with parts.generating(engine, colocate):
                 bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
                 completions = engine.generate(requests, progress=bar.update)
                 bar.close()
             t_rollout = time.perf_counter() - t0
             native = isinstance(engine, Engine)
             spec_metrics, timeline = (engine.rollout_metrics(), engine.timeline.to_columns()) if native else ({}, None)
-            spec_metrics["rollout/gc_s"] = gc_time.seconds
+            spec_metrics["rollout/gc_s"] = gc_time.seconds - gc_rollout
             sparsity = engine.sparsity() if cfg.attention.kind == "blasst" else {}
             if drafter is not None:  # bubble: ranks done early train until every rank is
                 drafter.rank_idle(step)
@@ -289,6 +290,7 @@ def train(cfg: SlipstreamConfig) -> dict:
                 metrics.update(after)
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
+            metrics["time/gc"] = gc_time.seconds - gc_step  # in Python's garbage collector, this rank
             logger.log(step, metrics)
             logger.log_rollouts(step, all_lengths, all_rewards, timeline=timeline)
             if (tc.save_every and step % tc.save_every == 0) or step == tc.steps:
