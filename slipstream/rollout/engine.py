@@ -95,11 +95,12 @@ class Engine:
         """Capture every bucket's decode graph (the multi-step one the default decode path replays)
         and, when speculating, every verification graph; returns the seconds it took. Graphs made
         after the KV cache is released and allocated again are captured when first needed."""
-        t0 = time.perf_counter()
+        t0, made = time.perf_counter(), captures_so_far()
         self.runner.graphs.capture_all(self.cfg.decode_steps if self.cfg.decode_steps > 1 else 1)
         if self.spec_runner is not None:
             self.spec_runner.capture_all()
         self.stats["capture_s"] = time.perf_counter() - t0
+        self.stats["graphs_at_start"] = captures_so_far() - made
         return self.stats["capture_s"]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:

@@ -157,6 +157,9 @@ def train(cfg: SlipstreamConfig) -> dict:
     model, tokenizer = load_model_and_tokenizer(model_cfg, device)
     # from the full weights, before they are sharded
     engine, drafter = build_rollout_and_drafter(cfg, model, tokenizer, device, ctx.world_size)
+    if ctx.is_main and isinstance(engine, Engine) and "capture_s" in engine.stats:
+        print(f"rollout engine: {engine.stats['graphs_at_start']} CUDA graphs captured in "
+              f"{engine.stats['capture_s']:.1f} s")
     parts = build_parts(cfg, model, ctx)
     actor, critic = parts.actor, parts.critic
     scorer = RewardScorer(task, cfg.reward, device)

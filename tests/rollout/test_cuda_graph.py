@@ -244,6 +244,7 @@ def test_graphs_captured_at_start_leave_nothing_for_the_rollouts(tiny_model):
     engine = _engine(model, tok, True, block_size=4, num_blocks=400, max_model_len=128, max_num_seqs=24)
     engine.capture_graphs()
     buckets = default_buckets(24)
+    assert engine.stats["graphs_at_start"] == len(buckets)
     assert set(engine.runner.graphs.graphs) == {(b, 4) for b in buckets}  # the default path: 4 steps a replay
     for params in (SamplingParams(n=6, temperature=1.0, max_tokens=40, seed=1),
                    SamplingParams(n=2, temperature=0.0, max_tokens=9)):  # 4 x 6 = 24 draining, then 8
