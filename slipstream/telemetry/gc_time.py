@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
+from contextlib import contextmanager
 
 
 class GCTime:
@@ -27,3 +28,19 @@ class GCTime:
 
     def __exit__(self, *exc) -> None:
         gc.callbacks.remove(self._callback)
+
+
+@contextmanager
+def frozen_startup_heap():
+    """Collect, then keep every object alive now (imported modules, the model's Python objects,
+    the dataset) out of the collector's reach until the block ends: they live for the whole run,
+    and a full collection that walks them (about 0.2 s for the 420k objects of a SmolLM2 run's
+    start-up on a 2-core CPU) stalls whichever step it lands in. Cycles made inside the block are
+    still collected; at its end the frozen objects are handed back to the collector. Yields the
+    number of objects frozen."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield gc.get_freeze_count()
+    finally:
+        gc.unfreeze()

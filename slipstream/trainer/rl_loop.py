@@ -22,7 +22,7 @@ from slipstream.rollout.hf_backend import HFRolloutBackend
 from slipstream.rollout.types import Request, SamplingParams
 from slipstream.tasks import Problem, build_task
 from slipstream.telemetry import MetricsLogger, progress_bar, write_report
-from slipstream.telemetry.gc_time import GCTime
+from slipstream.telemetry.gc_time import GCTime, frozen_startup_heap
 from slipstream.trainer.batch import build_batch
 from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_drafter_state, load_rollout_state
 from slipstream.trainer.distributed import (
@@ -188,7 +188,8 @@ def train(cfg: SlipstreamConfig) -> dict:
     show = cfg.logger.progress and ctx.is_main
     colocate = tc.offload_during_rollout and device.type == "cuda" and isinstance(engine, Engine)
     summary: dict = {}
-    with logger, GCTime() as gc_time:
+    # what lives for the whole run is walked by no full collection while it trains
+    with logger, frozen_startup_heap(), GCTime() as gc_time:
         if state.step == 0:
             t0 = time.perf_counter()
             with parts.generating(engine, colocate):
