@@ -33,6 +33,10 @@ tokenizer, built once into the work directory: responses run to max_tokens, so e
 generates the same number of tokens), `tiny` and `qwen-tiny` (the smoke recipe's model and a
 Qwen2-architecture model of the same size, for dry runs).
 
+Under each configuration the table names the steps whose slowest rollout or update took 1.5x
+its median, with what the rollout did once (graphs captured, projection shapes timed) and the
+time in Python's garbage collector; the JSON keeps every step.
+
 The JSON (`--out`, default benchmarks/results/scaling.json) is rewritten after every
 configuration, so a run cut short keeps what it measured; a configuration that fails or times out
 keeps its log tail and any steps it logged. A row whose GPUs already held other compute
@@ -356,6 +360,25 @@ def environment(device: str, commit: str | None) -> dict:
     return meta
 
 
+def slow_steps(row: dict, factor: float = 1.5) -> list[str]:
+    """Measured steps whose slowest rollout or update took `factor` times the configuration's
+    median, with the rollout's one-time work (graphs captured, kernel shapes timed) and GC time."""
+    steps = [s for s in row.get("steps", []) if s["step"] >= 2]
+    out = []
+    rollout_work = (("rollout/graphs_captured", "graphs"), ("rollout/kernel_timings", "timings"), ("rollout/gc_s", "gc s"))
+    for key, what, work in (("time/rollout_slowest", "rollout", rollout_work),
+                            ("time/update_slowest", "update", (("time/gc", "step gc s"),))):
+        times = sorted(s[key] for s in steps if key in s)
+        if len(times) < 3:
+            continue
+        median = times[len(times) // 2]
+        for s in steps:
+            if s.get(key, 0.0) > factor * median:
+                extra = "".join(f", {label} {s[k]:.3g}" for k, label in work if k in s)
+                out.append(f"step {s['step']} {what} {s[key]:.2f} s (median {median:.2f}{extra})")
+    return out
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'model':10s} {'backend':9s} {'gpus':>4s} {'step s':>8s} {'rollout tok/s/gpu':>17s} "
             f"{'train tok/s/gpu':>15s} {'sync s':>7s} {'eff rollout':>11s} {'(time)':>6s} {'eff train':>9s} "
@@ -381,6 +404,7 @@ def table(rows: list[dict]) -> str:
                      f"{eff('rollout_tokens_per_s_per_gpu_efficiency'):>11s} {eff('rollout_time_efficiency'):>6s} "
                      f"{eff('train_tokens_per_s_per_gpu_efficiency'):>9s} {eff('step_efficiency'):>8s} "
                      f"{r['response_length']:10.1f}{note}")
+        lines += [f"{'':25s} slow {line}" for line in slow_steps(r)]
     return "\n".join(lines)
 
 
