@@ -92,7 +92,9 @@ KEYS = {"step_s": "time/step", "sync_s": "time/sync", "rollout_s": "time/rollout
 STEP_KEYS = ["time/step", "time/rollout_slowest", "time/update_slowest", "time/sync", "tokens/generated",
              "tokens/trained", "response_length/mean", "response_length/max", "spec/drafted_tokens",
              "spec/accepted_tokens", "spec/time_spec_steps", "spec/time_plain_steps", "rollout/slowest_step_s",
-             "rollout/graphs_captured", "rollout/kernel_timings", "rollout/gc_s", "time/gc"]
+             "rollout/graphs_captured", "rollout/kernel_timings", "rollout/gc_s", "time/gc",
+             "memory/alloc_retries", "memory/cuda_mallocs", "memory/cuda_frees", "memory/peak_allocated_gb",
+             "memory/reserved_gb"]
 NEEDED = ["torch", "transformers", "safetensors", "omegaconf", "hydra"]
 
 
@@ -367,7 +369,9 @@ def slow_steps(row: dict, factor: float = 1.5) -> list[str]:
     out = []
     rollout_work = (("rollout/graphs_captured", "graphs"), ("rollout/kernel_timings", "timings"), ("rollout/gc_s", "gc s"))
     for key, what, work in (("time/rollout_slowest", "rollout", rollout_work),
-                            ("time/update_slowest", "update", (("time/gc", "step gc s"),))):
+                            ("time/update_slowest", "update", (("time/gc", "step gc s"),
+                                                               ("memory/alloc_retries", "alloc retries"),
+                                                               ("memory/cuda_mallocs", "cudaMallocs")))):
         times = sorted(s[key] for s in steps if key in s)
         if len(times) < 3:
             continue

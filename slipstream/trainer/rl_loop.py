@@ -22,6 +22,7 @@ from slipstream.rollout.hf_backend import HFRolloutBackend
 from slipstream.rollout.types import Request, SamplingParams
 from slipstream.tasks import Problem, build_task
 from slipstream.telemetry import MetricsLogger, progress_bar, write_report
+from slipstream.telemetry.cuda_memory import CudaMemoryMeter
 from slipstream.telemetry.gc_time import GCTime, frozen_startup_heap
 from slipstream.trainer.batch import build_batch
 from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_drafter_state, load_rollout_state
@@ -199,6 +200,7 @@ def train(cfg: SlipstreamConfig) -> dict:
             if ctx.is_main:
                 print(f"held-out accuracy before training: {before['eval/accuracy']:.3f} "
                       f"({len(eval_problems)} problems)")
+        memory = CudaMemoryMeter(device)
         while state.step < tc.steps:
             step = state.step + 1
             t_step, gc_step = time.perf_counter(), gc_time.seconds
@@ -295,6 +297,7 @@ def train(cfg: SlipstreamConfig) -> dict:
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
             metrics["time/gc"] = gc_time.seconds - gc_step  # in Python's garbage collector, this rank
+            metrics.update(memory.step())  # this rank's
             logger.log(step, metrics)
             logger.log_rollouts(step, all_lengths, all_rewards, timeline=timeline)
             if (tc.save_every and step % tc.save_every == 0) or step == tc.steps:
