@@ -176,7 +176,9 @@ def calibrate(decoder, contexts: list[list[int]], targets: list[float], decode_t
         out = {}
         for phase, reqs in requests.items():
             def make(scale, phase=phase):
-                return Engine(decoder, [], dataclasses.replace(base, **{f"{phase}_skip_scale": scale}))
+                # one rollout per engine: only the graphs it uses are captured
+                return Engine(decoder, [], dataclasses.replace(base, capture_graphs_at_start=False,
+                                                               **{f"{phase}_skip_scale": scale}))
 
             lo = max([sc for sc, sp in probed[phase] if sp < target], default=SCALE_RANGE[0])
             hi = min([sc for sc, sp in probed[phase] if sp >= target], default=SCALE_RANGE[1])

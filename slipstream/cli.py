@@ -101,8 +101,10 @@ def cmd_calibrate(overrides: list[str], target: float, num_prompts: int, name: s
     problems = build_task(cfg.task).eval_problems()[:num_prompts]
     requests = [Request(encode_prompt(tok, p, cfg.task.system_prompt), params, p.uid, p.uid) for p in problems]
     rc = cfg.rollout
+    # one rollout per engine: capturing only the graphs it uses is cheaper than every bucket's
     base = EngineConfig(block_size=rc.block_size, kv_cache_gb=rc.kv_cache_gb, max_num_seqs=rc.max_num_seqs,
-                        max_num_batched_tokens=rc.max_num_batched_tokens, max_model_len=rc.max_model_len)
+                        max_num_batched_tokens=rc.max_num_batched_tokens, max_model_len=rc.max_model_len,
+                        capture_graphs_at_start=False)
     scales = {}
     for phase in ("prefill", "decode"):
         def make(scale, phase=phase):
