@@ -96,7 +96,9 @@ class Engine:
         and, when speculating, every verification graph; returns the seconds it took. Graphs made
         after the KV cache is released and allocated again are captured when first needed."""
         t0, made = time.perf_counter(), captures_so_far()
-        self.runner.graphs.capture_all(self.cfg.decode_steps if self.cfg.decode_steps > 1 else 1)
+        K = self.cfg.decode_steps
+        # several steps per replay only up to the block size (Engine._can_decode_steps); else one
+        self.runner.graphs.capture_all(K if 1 < K <= self.block_manager.block_size else 1)
         if self.spec_runner is not None:
             self.spec_runner.capture_all()
         self.stats["capture_s"] = time.perf_counter() - t0

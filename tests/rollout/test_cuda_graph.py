@@ -250,6 +250,12 @@ def test_graphs_captured_at_start_leave_nothing_for_the_rollouts(tiny_model):
                    SamplingParams(n=2, temperature=0.0, max_tokens=9)):  # 4 x 6 = 24 draining, then 8
         engine.generate(_requests(tok, params))
         assert engine.rollout_metrics()["rollout/graphs_captured"] == 0
+    one_step = _engine(model, tok, True, block_size=4, num_blocks=400, max_model_len=128, max_num_seqs=24,
+                       decode_steps=8)  # more steps than a block holds: decoding replays one step at a time
+    one_step.capture_graphs()
+    assert set(one_step.runner.graphs.graphs) == {(b, 1) for b in buckets}
+    one_step.generate(_requests(tok, SamplingParams(n=6, temperature=1.0, max_tokens=20, seed=2)))
+    assert one_step.rollout_metrics()["rollout/graphs_captured"] == 0
     speculating = Engine(decoder_from_hf_module(model), [tok.eos_token_id],
                          EngineConfig(block_size=4, num_blocks=400, max_model_len=128), spec=SpecConfig())
     speculating.runner.use_static_decode()
