@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.scaling import child_env, environment, free_port  # noqa: E402
+from benchmarks.scaling import child_env, environment, torchrun  # noqa: E402
 
 MARK = "NCCL_MEMORY "
 
@@ -64,8 +64,7 @@ def worker() -> None:
 
 
 def run(runtime_connect: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           __file__, "--worker"]
+    cmd = torchrun(2, [__file__, "--worker"])
     env = dict(child_env(), NCCL_RUNTIME_CONNECT=runtime_connect)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     rows = [json.loads(line[len(MARK):]) for line in out.stdout.splitlines() if line.startswith(MARK)]

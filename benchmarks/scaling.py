@@ -189,6 +189,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(nproc: int, args: list[str]) -> list[str]:
+    """The command of a one-host torchrun job of `nproc` ranks running `args`, on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", *args]
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -291,8 +297,7 @@ def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: d
                  "trainer.eval_every=0", "task.num_eval=0", "trainer.resume=never", "logger.wandb=false",
                  "logger.progress=false", "rollout=native",
                  *(o.format(model_dir=model_dirs.get(model)) for o in extra), *args.overrides]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
-           "-m", "slipstream.train", *overrides]
+    cmd = torchrun(n, ["-m", "slipstream.train", *overrides])
     print(f"== {model} {backend} x{n} (log: {log})\n   {' '.join(overrides)}", flush=True)
     row = {"model": model, "backend": backend, "gpus": n, "prompts_per_step": args.prompts_per_rank * n,
            "log": str(log)}

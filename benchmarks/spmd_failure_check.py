@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.scaling import child_env, descendants, free_port, kill_job  # noqa: E402
+from benchmarks.scaling import child_env, descendants, kill_job, torchrun  # noqa: E402
 
 FAILING_RANK = ROOT / "tests" / "trainer" / "spmd" / "failing_rank.py"
 
 
-def _torchrun(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-            *args]
+def _env() -> dict:
+    # a rank killed by SIGABRT (or a timed-out job ended so) prints where every thread was
+    return dict(child_env(), PYTHONFAULTHANDLER="1")
 
 
 def _rank_pid(torchrun_pid: int, rank: int) -> int | None:
@@ -63,7 +63,7 @@ def bare(mode: str, device: str) -> dict:
     t0 = time.time()
     # its own session: a job that hangs is killed whole, ranks included (a rank left spinning in an
     # NCCL kernel would hold its GPU for whatever runs next)
-    proc = subprocess.Popen(_torchrun([str(FAILING_RANK), mode, device]), env=dict(child_env(), PYTHONFAULTHANDLER="1"),
+    proc = subprocess.Popen(torchrun(2, [str(FAILING_RANK), mode, device]), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=90)
@@ -83,12 +83,12 @@ def bare(mode: str, device: str) -> dict:
 def train(mode: str, workdir: Path, device: str) -> dict:
     run_dir = workdir / mode
     timeout_s = 10.0
-    cmd = _torchrun(["-m", "slipstream.train", "recipe=smoke", f"trainer.device={device}", "trainer.backend=fsdp2",
+    cmd = torchrun(2, ["-m", "slipstream.train", "recipe=smoke", f"trainer.device={device}", "trainer.backend=fsdp2",
                      "trainer.steps=100000", "trainer.save_every=0", "task.num_eval=0", "rollout=native",
                      "logger.wandb=false", f"trainer.dist_timeout_s={timeout_s}", f"trainer.run_dir={run_dir}"])
     log_file = workdir / f"{mode}.log"
     with open(log_file, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(child_env(), PYTHONFAULTHANDLER="1"), stdout=out,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         metrics = run_dir / "metrics.jsonl"
         deadline = time.time() + 240

@@ -218,9 +218,8 @@ def train(cfg: SlipstreamConfig) -> dict:
             if drafter is not None:
                 drafter.start_step(step)
             t0 = time.perf_counter()
-            # optimizer state off the GPU while the KV cache is in use
             gc_rollout = gc_time.seconds
-            with parts.generating(engine, colocate):
+            with parts.generating(engine, colocate):  # optimizer state off the GPU while the KV cache is in use
                 bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
                 completions = engine.generate(requests, progress=bar.update)
                 bar.close()
