@@ -34,10 +34,10 @@ class GCTime:
 def frozen_startup_heap():
     """Collect, then keep every object alive now (imported modules, the model's Python objects,
     the dataset) out of the collector's reach until the block ends: they live for the whole run,
-    and a full collection that walks them (about 0.2 s for the 420k objects of a SmolLM2 run's
-    start-up on a 2-core CPU) stalls whichever step it lands in. Cycles made inside the block are
-    still collected; at its end the frozen objects are handed back to the collector. Yields the
-    number of objects frozen."""
+    and a full collection that walks them (0.20 s for the 423k objects of a SmolLM2 run's
+    start-up on a 2-core CPU, benchmarks/gc_heap.py) stalls whichever step it lands in. Cycles
+    made inside the block are still collected; at its end the frozen objects are handed back to
+    the collector. Yields the number of objects frozen."""
     gc.collect()
     gc.freeze()
     try:
