@@ -191,6 +191,9 @@ class TrainerConfig:
     # fsdp2: free a trainable layer's gathered weights after its forward (true: least memory) or keep
     # them for its backward (false: one all-gather per layer and micro-batch instead of two)
     reshard_after_forward: bool = True
+    # fsdp2: consecutive layers share one unit (one all-gather, one reduce-scatter) until it holds
+    # this many parameters; 0: one unit per layer
+    fsdp_min_unit_params: int = 0
     # Colocation on CUDA: optimizer state moves to the CPU while the engine generates, and the
     # engine's KV cache is freed while the trainer updates.
     offload_during_rollout: bool = False
@@ -299,6 +302,7 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
         _positive(key, getattr(getattr(cfg, section), name))
     for key in ("trainer.steps", "trainer.eval_every", "trainer.save_every", "rollout.temperature",
                 "algorithm.kl_coef", "task.num_eval", "trainer.warmup_steps", "trainer.threads",
+                "trainer.fsdp_min_unit_params",
                 "attention.prefill_scale", "attention.decode_scale", "algorithm.value_clip",
                 "reward.rule_weight", "reward.model_weight"):
         section, name = key.split(".")

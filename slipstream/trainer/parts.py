@@ -54,7 +54,8 @@ def build_parts(cfg: SlipstreamConfig, model, ctx: DistContext) -> TrainParts:
 
     def wrap(module, optim: OptimizerSpec | None) -> TrainBackend:
         return build_backend(tc.backend, module, ctx, optim, zero_stage=tc.zero_stage, cpu_offload=tc.cpu_offload,
-                             reshard_after_forward=tc.reshard_after_forward)
+                             reshard_after_forward=tc.reshard_after_forward,
+                             fsdp_min_unit_params=tc.fsdp_min_unit_params)
 
     actor_backend = wrap(model, OptimizerSpec(tc.lr, tuple(tc.betas), tc.weight_decay, tc.max_grad_norm))
     ref = wrap(ref_module, None) if ref_module is not None else None

@@ -65,3 +65,20 @@ def test_the_generation_window_swaps_optimizer_state_and_kv_cache_even_on_error(
     with parts.generating(engine, colocate=False):  # CPU, or colocation off: nothing moves
         events.append("generate")
     assert events == ["generate"]
+
+
+def test_fsdp2_groups_consecutive_layers_until_a_unit_holds_the_minimum():
+    from transformers import LlamaForCausalLM
+
+    from slipstream.models.tiny import tiny_config
+    from slipstream.trainer.backends.fsdp2 import sharding_units
+
+    model = LlamaForCausalLM(tiny_config(32, 5))
+    layers = list(model.model.layers)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    assert sharding_units(model) == [[layer] for layer in layers]
+    # two layers reach the minimum; the fifth, short of it alone, joins the unit before it
+    assert sharding_units(model, 2 * per_layer) == [layers[0:2], layers[2:5]]
+    assert sharding_units(model, per_layer + 1) == [layers[0:2], layers[2:5]]
+    # three layers reach it, the last two do not: one unit
+    assert sharding_units(model, 2 * per_layer + 1) == [layers]

@@ -78,9 +78,9 @@ def _distributed_update(tmp_path, *backend_args: str) -> dict:
     return rank0
 
 
-@pytest.mark.parametrize("gathered", [[], ["keep-gathered"]], ids=["reshard", "keep-gathered"])
-def test_fsdp2_step_matches_the_single_process_step(tmp_path, single_process, gathered):
-    _compare(single_process, _distributed_update(tmp_path, "fsdp2", *gathered))
+@pytest.mark.parametrize("options", [[], ["keep-gathered"], ["grouped"]], ids=["reshard", "keep-gathered", "grouped"])
+def test_fsdp2_step_matches_the_single_process_step(tmp_path, single_process, options):
+    _compare(single_process, _distributed_update(tmp_path, "fsdp2", *options))
 
 
 # deepspeed is in the dev extra, so these tests run (and fail without it) wherever the suite does;

@@ -12,10 +12,11 @@ from slipstream.trainer.backends.base import BackendError, OptimizerSpec, TrainB
 
 def build_backend(kind: str, module, ctx, optim: OptimizerSpec | None, *, zero_stage: int = 2,
                   cpu_offload: bool = False, autocast: bool | None = None,
-                  reshard_after_forward: bool = True) -> TrainBackend:
+                  reshard_after_forward: bool = True, fsdp_min_unit_params: int = 0) -> TrainBackend:
     """`optim=None` wraps a frozen module (the reference): no gradients, no optimizer state.
     `autocast` (DeepSpeed; default: on CUDA) runs its forward passes under bf16 autocast.
-    `reshard_after_forward` (FSDP2, trainable modules) frees gathered layers between forward and backward."""
+    `reshard_after_forward` (FSDP2, trainable modules) frees gathered layers between forward and backward;
+    `fsdp_min_unit_params` (FSDP2) groups consecutive layers into units of at least that many parameters."""
     if kind == "local":
         from slipstream.trainer.backends.local import LocalBackend
 
@@ -23,7 +24,8 @@ def build_backend(kind: str, module, ctx, optim: OptimizerSpec | None, *, zero_s
     if kind == "fsdp2":
         from slipstream.trainer.backends.fsdp2 import FSDP2Backend
 
-        return FSDP2Backend(module, ctx, optim, reshard_after_forward=reshard_after_forward)
+        return FSDP2Backend(module, ctx, optim, reshard_after_forward=reshard_after_forward,
+                            min_unit_params=fsdp_min_unit_params)
     if kind == "deepspeed":
         from slipstream.trainer.backends.deepspeed import DeepSpeedBackend
 

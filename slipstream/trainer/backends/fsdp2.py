@@ -1,8 +1,10 @@
 """`trainer.backend=fsdp2`: PyTorch FSDP2 (`fully_shard`), parameters sharded across ranks.
 
-Each decoder layer is its own FSDP unit (gathered just before it runs, freed right after; with
-`trainer.reshard_after_forward=false` a trainable model keeps it gathered until its backward), the
-embeddings, final norm and head belong to the root unit. On CUDA, layers compute in bf16 and
+Consecutive decoder layers form one FSDP unit (gathered just before the first runs, freed after
+the last; with `trainer.reshard_after_forward=false` a trainable model keeps it gathered until its
+backward): one layer each by default, or as many as reach `trainer.fsdp_min_unit_params`, since a
+small model's layers are too small for a collective each to pay. The embeddings, final norm and
+head belong to the root unit. On CUDA, layers compute in bf16 and
 gradients are reduced in fp32 while the sharded master weights and AdamW state stay fp32.
 """
 
@@ -30,16 +32,33 @@ from slipstream.trainer.backends.base import (
 )
 
 
-def sharding_units(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a model: every member of a `ModuleList` (HF decoders keep their
-    layers in one), so a layer's weights are gathered only while that layer runs."""
-    return [layer for m in module.modules() if isinstance(m, torch.nn.ModuleList) for layer in m]
+def sharding_units(module: torch.nn.Module, min_params: int = 0) -> list[list[torch.nn.Module]]:
+    """The repeated blocks of a model (the members of each `ModuleList`: HF decoders keep their
+    layers in one), consecutive ones grouped until a group holds `min_params` parameters; a
+    remainder short of it joins the group before it. Each group's weights are gathered only while
+    its layers run, in one collective."""
+    units = []
+    for m in module.modules():
+        if not isinstance(m, torch.nn.ModuleList):
+            continue
+        groups, size = [[]], 0
+        for layer in m:
+            if size >= max(min_params, 1):
+                groups.append([])
+                size = 0
+            groups[-1].append(layer)
+            size += sum(p.numel() for p in layer.parameters())
+        if len(groups) > 1 and size < min_params:
+            groups[-2].extend(groups.pop())
+        units.extend(g for g in groups if g)
+    return units
 
 
 class FSDP2Backend(TrainBackend):
     format = "dcp"
 
-    def __init__(self, module: torch.nn.Module, ctx, optim: OptimizerSpec | None, reshard_after_forward: bool = True):
+    def __init__(self, module: torch.nn.Module, ctx, optim: OptimizerSpec | None, reshard_after_forward: bool = True,
+                 min_unit_params: int = 0):
         if not ctx.active:
             raise BackendError("trainer.backend=fsdp2 needs a process group (init_distributed was not called)")
         self.ctx = ctx
@@ -52,8 +71,9 @@ class FSDP2Backend(TrainBackend):
               if ctx.device.type == "cuda" else MixedPrecisionPolicy())
         # A frozen module has no backward to keep the gathered weights for.
         reshard = reshard_after_forward or not self.trainable
-        for unit in sharding_units(module):
-            fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        self.units = sharding_units(module, min_unit_params)
+        for unit in self.units:
+            fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         self.module = module
         self.optimizer = None

@@ -63,9 +63,11 @@ def main(kind: str, out: str) -> None:
     acfg = AlgorithmConfig(advantage="reinforce_pp", loss_agg="token-mean", kl_coef=0.1, critic_lr=1e-2,
                            gamma=0.9, lam=0.8, value_clip=0.05)
     # deepspeed: argv[3] is the ZeRO stage, argv[4] (optional) "offload" for ZeRO-Offload;
-    # fsdp2: argv[3] "keep-gathered" keeps the layers gathered from forward to backward
+    # fsdp2: argv[3:] may hold "keep-gathered" (the layers stay gathered from forward to backward)
+    # and "grouped" (both layers of the tiny model in one unit)
     if kind == "fsdp2":
-        extra = {"reshard_after_forward": sys.argv[3:] != ["keep-gathered"]}
+        extra = {"reshard_after_forward": "keep-gathered" not in sys.argv[3:],
+                 "fsdp_min_unit_params": 10**9 if "grouped" in sys.argv[3:] else 0}
     else:
         extra = {"zero_stage": int(sys.argv[3]), "cpu_offload": sys.argv[4:] == ["offload"]} if len(sys.argv) > 3 else {}
     ref = build_backend(kind, LlamaForCausalLM(tiny_config(32, 2)).float(), ctx, None, **extra)
