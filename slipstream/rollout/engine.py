@@ -92,13 +92,18 @@ class Engine:
         self._inflight: tuple[list[Sequence], LaunchedSteps] | None = None
 
     def capture_graphs(self) -> float:
-        """Capture every bucket's decode graph (the multi-step one the default decode path replays)
-        and, when speculating, every verification graph; returns the seconds it took. Graphs made
-        after the KV cache is released and allocated again are captured when first needed."""
+        """Capture every bucket's decode graphs (the multi-step one the default decode path replays
+        and the single-step one) and, when speculating, every verification graph; returns the
+        seconds it took. Graphs made after the KV cache is released and allocated again are
+        captured when first needed."""
         t0, made = time.perf_counter(), captures_so_far()
         K = self.cfg.decode_steps
-        # several steps per replay only up to the block size (Engine._can_decode_steps); else one
-        self.runner.graphs.capture_all(K if 1 < K <= self.block_manager.block_size else 1)
+        # several steps per replay only up to the block size (Engine._can_decode_steps)
+        if 1 < K <= self.block_manager.block_size:
+            self.runner.graphs.capture_all(K)
+        # single steps: while prompts wait, near a sequence's limit, and a speculating engine's
+        # steps that verify no draft (on 4 GPUs these bucket graphs were still captured mid-rollout)
+        self.runner.graphs.capture_all(1)
         if self.spec_runner is not None:
             self.spec_runner.capture_all()
         self.stats["capture_s"] = time.perf_counter() - t0

@@ -244,12 +244,19 @@ def test_graphs_captured_at_start_leave_nothing_for_the_rollouts(tiny_model):
     engine = _engine(model, tok, True, block_size=4, num_blocks=400, max_model_len=128, max_num_seqs=24)
     engine.capture_graphs()
     buckets = default_buckets(24)
-    assert engine.stats["graphs_at_start"] == len(buckets)
-    assert set(engine.runner.graphs.graphs) == {(b, 4) for b in buckets}  # the default path: 4 steps a replay
+    assert engine.stats["graphs_at_start"] == 2 * len(buckets)
+    # the default path replays 4 steps at a time; single steps while prompts wait
+    assert set(engine.runner.graphs.graphs) == {(b, s) for b in buckets for s in (1, 4)}
     for params in (SamplingParams(n=6, temperature=1.0, max_tokens=40, seed=1),
                    SamplingParams(n=2, temperature=0.0, max_tokens=9)):  # 4 x 6 = 24 draining, then 8
         engine.generate(_requests(tok, params))
         assert engine.rollout_metrics()["rollout/graphs_captured"] == 0
+    # prompts waiting for a free slot (8 of 24 run at once) or for free blocks: single steps
+    for seqs, blocks in ((8, 400), (24, 60)):
+        waiting = _engine(model, tok, True, block_size=4, num_blocks=blocks, max_model_len=128, max_num_seqs=seqs)
+        waiting.capture_graphs()
+        waiting.generate(_requests(tok, SamplingParams(n=6, temperature=1.0, max_tokens=40, seed=1)))
+        assert waiting.rollout_metrics()["rollout/graphs_captured"] == 0
     one_step = _engine(model, tok, True, block_size=4, num_blocks=400, max_model_len=128, max_num_seqs=24,
                        decode_steps=8)  # more steps than a block holds: decoding replays one step at a time
     one_step.capture_graphs()
