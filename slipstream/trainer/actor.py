@@ -10,6 +10,7 @@ one a single process would take on the whole batch.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -129,45 +130,65 @@ class Actor:
         counts = self.ctx.all_reduce_sum(torch.tensor([float(mini.response_mask.sum()), float(mini.size)]))
         num_tokens, num_seqs = max(int(counts[0]), 1), int(counts[1])
         scale = self.ctx.world_size  # the backends average gradients over ranks; the loss is already global
-        loss_sum, olds = 0.0, []
+        # Micro-batches of rows of similar length, each cut to its longest response: the padding
+        # past it would cost forward and backward compute for nothing. The losses are per row with
+        # global normalisers, so the grouping changes no gradient.
+        lengths = mini.response_mask.sum(-1).long()
+        order = torch.argsort(lengths, stable=True)
+        widths = lengths[order].tolist()
+        # On the device once: a pageable copy per micro-batch would wait for the GPU each time.
+        rows = mini.select(order).to(self.device)
+        advantages = advantages[order].to(self.device)
+        old_all = old_all[order].to(self.device) if old_all is not None else None
+        R = mini.response_width
+        # Loss and metric sums stay on the device until the last micro-batch: one host
+        # synchronisation per optimizer step, not one per micro-batch and metric.
+        sums: dict[str, torch.Tensor] = {}
 
-        def add(key: str, value: float) -> None:
-            totals[key] = totals.get(key, 0.0) + value
+        def add(key: str, value: torch.Tensor) -> None:
+            sums[key] = sums[key] + value if key in sums else value
 
         starts = list(range(0, mini.size, mb))
+        olds = []
         for s in starts:
-            part = mini.rows(s, s + mb)
-            mask = part.response_mask.to(self.device)
+            width = max(1, max(widths[s : s + mb]))
+            part = rows.rows(s, s + mb).trimmed(width)
+            mask = part.response_mask
             lp = response_logprobs(self.model, part, self.device, self.temperature)
-            old = lp.detach() if old_all is None else old_all[s : s + mb].to(self.device)
-            is_w = (alg.tis_weights(old, part.rollout_logprobs.to(self.device), self.acfg.tis_cap)
-                    if self.acfg.tis else None)
-            token_loss, metrics = self.policy_loss(
-                lp, old, advantages[s : s + mb].to(self.device), mask,
-                clip_low=self.acfg.clip_low, clip_high=self.acfg.clip_high, is_weights=is_w,
-            )
+            old = lp.detach() if old_all is None else old_all[s : s + mb, :width]
+            adv = advantages[s : s + mb]
+            if adv.dim() == 2:  # per token (PPO)
+                adv = adv[:, :width]
+            is_w = alg.tis_weights(old, part.rollout_logprobs, self.acfg.tis_cap) if self.acfg.tis else None
+            token_loss, metrics = self.policy_loss(lp, old, adv, mask, clip_low=self.acfg.clip_low,
+                                                   clip_high=self.acfg.clip_high, is_weights=is_w)
             if self.ref is not None and self.acfg.kl_coef > 0:
                 with torch.no_grad():
                     ref_lp = response_logprobs(self.ref.module, part, self.device, self.temperature)
                 kl = alg.kl_k3(lp, ref_lp)
                 token_loss = token_loss + self.acfg.kl_coef * kl
-                add("kl_ref", float((kl.detach() * mask).sum()))
+                add("kl_ref", (kl.detach() * mask).sum())
             loss = self.aggregate(token_loss, mask, num_seqs=num_seqs, num_tokens=num_tokens, max_tokens=max_tokens)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()}")
             self.backend.backward(loss * scale, last=s == starts[-1])
-            loss_sum += float(loss.detach())
-            weight = float(mask.sum())
+            add("loss", loss.detach())
+            weight = mask.sum()
             for k, v in metrics.items():
-                add(k, float(v) * weight)
+                add(k, v.detach() * weight)
             if is_w is not None:
-                add("tis/weight_mean", float((is_w * mask).sum()))
-                add("tis/capped_frac", float(((is_w >= self.acfg.tis_cap) * mask).sum()))
-            olds.append(old.cpu())
+                add("tis/weight_mean", (is_w * mask).sum())
+                add("tis/capped_frac", ((is_w >= self.acfg.tis_cap) * mask).sum())
+            olds.append(torch.nn.functional.pad(old, (0, R - width)))
             if on_micro_batch is not None:
                 on_micro_batch(part.size)
+        keys = list(sums)
+        values = dict(zip(keys, torch.stack([sums[k].float() for k in keys]).tolist()))
+        loss_sum = values.pop("loss")
+        if not math.isfinite(loss_sum):  # before the optimizer step: the weights stay as they were
+            raise FloatingPointError(f"non-finite loss at step {step}: {loss_sum}")
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0.0) + v
         try:
             grad_norm = self.backend.step()
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}") from None
-        return loss_sum, grad_norm, torch.cat(olds)
+        return loss_sum, grad_norm, torch.cat(olds)[torch.argsort(order).to(self.device)].cpu()

@@ -46,6 +46,46 @@ class RolloutBatch:
         )
 
 
+    def select(self, index: torch.Tensor) -> "RolloutBatch":
+        """The rows at `index`, in that order."""
+        return RolloutBatch(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            position_ids=self.position_ids[index],
+            response_mask=self.response_mask[index],
+            rollout_logprobs=self.rollout_logprobs[index],
+            rewards=self.rewards[index],
+            group_ids=self.group_ids[index],
+            prompt_width=self.prompt_width,
+        )
+
+    def trimmed(self, width: int) -> "RolloutBatch":
+        """The batch cut to `width` response columns (the right padding past its rows' longest response)."""
+        P = self.prompt_width
+        return RolloutBatch(
+            input_ids=self.input_ids[:, : P + width],
+            attention_mask=self.attention_mask[:, : P + width],
+            position_ids=self.position_ids[:, : P + width],
+            response_mask=self.response_mask[:, :width],
+            rollout_logprobs=self.rollout_logprobs[:, :width],
+            rewards=self.rewards,
+            group_ids=self.group_ids,
+            prompt_width=P,
+        )
+
+    def to(self, device: torch.device) -> "RolloutBatch":
+        return RolloutBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            position_ids=self.position_ids.to(device),
+            response_mask=self.response_mask.to(device),
+            rollout_logprobs=self.rollout_logprobs.to(device),
+            rewards=self.rewards.to(device),
+            group_ids=self.group_ids.to(device),
+            prompt_width=self.prompt_width,
+        )
+
+
 def build_batch(completions: list[Completion], rewards: list[float], pad_id: int) -> RolloutBatch:
     group_index: dict[str, int] = {}
     gids = [group_index.setdefault(c.group_id, len(group_index)) for c in completions]

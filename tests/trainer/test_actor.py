@@ -46,7 +46,7 @@ def test_grpo_update_moves_probability_towards_rewarded_samples(tiny_model):
 
 def test_micro_batching_gives_the_full_batch_gradient(tiny_model):
     grads = []
-    for mb in (4, 1):
+    for mb in (4, 2, 1):  # 2 and 1: rows grouped by length, each micro-batch cut to its longest response
         model = copy.deepcopy(tiny_model[0])
         actor = _actor(model, TrainerConfig(lr=0.0 + 1e-12, micro_batch_size=mb, max_grad_norm=1e9),
                        AlgorithmConfig(loss_agg="token-mean"))
@@ -60,7 +60,21 @@ def test_micro_batching_gives_the_full_batch_gradient(tiny_model):
 
         actor.backend.step = step_recording_grads
         actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)
-    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    for g in grads[1:]:
+        assert torch.allclose(grads[0], g, atol=1e-6, rtol=1e-4)
+
+
+def test_a_non_finite_loss_raises_before_the_optimizer_step(tiny_model):
+    model = copy.deepcopy(tiny_model[0])
+    actor = _actor(model, TrainerConfig(lr=1e-2, micro_batch_size=2), AlgorithmConfig())
+    real = actor.policy_loss
+    actor.policy_loss = lambda lp, *a, **kw: (lambda out: (out[0] * float("nan"), out[1]))(real(lp, *a, **kw))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    batch = _batch(model)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3: nan"):
+        actor.update(batch, actor.advantages(batch), step=3, max_tokens=4)
+    for k, v in model.named_parameters():
+        assert torch.equal(v, before[k]), k
 
 
 def test_kl_to_reference_pulls_back(tiny_model):
