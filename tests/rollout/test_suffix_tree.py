@@ -1,3 +1,4 @@
+import gc
 import json
 import random
 import time
@@ -151,6 +152,29 @@ def test_random_sequences_match_a_brute_force_index():
     assert t.num_nodes == 1 and t.root.count == 0
 
 
+def test_removed_live_sequences_that_labels_point_into_are_kept_until_unused():
+    # A live sequence that grows after a newer one was stored may still label nodes of the newer
+    # strings once it is removed: its tokens stay until a scan finds no label pointing there.
+    rng = random.Random(7)
+    t = SuffixTree(max_depth=6)
+    for i in range(400):
+        t.extend(i, [rng.randrange(3) for _ in range(10)])
+        if i:
+            t.extend(i - 1, [rng.randrange(3) for _ in range(20)])  # grows after i was stored
+            t.finish(i - 1)
+        if t.num_sequences > 3:
+            t.pop_oldest()
+    t._validate()
+    assert t._kept and len(t._tok) < 200  # of 400: scans dropped the unused ones again
+    fresh = SuffixTree(max_depth=6)
+    fresh.load_state_dict(t.state_dict())
+    assert fresh.num_nodes == t.num_nodes
+    for _ in range(200):
+        ctx = [rng.randrange(3) for _ in range(rng.randint(1, 8))]
+        assert t.propose(ctx, 8) == fresh.propose(ctx, 8)
+        assert t.continuations(ctx[:5]) == fresh.continuations(ctx[:5])
+
+
 def test_tree_state_dict_round_trip_keeps_live_sequences_growing():
     rng = random.Random(2)
     t = SuffixTree(max_depth=6)
@@ -193,6 +217,38 @@ def test_tree_extend_costs_well_under_a_millisecond_per_token():
     mean = (time.perf_counter() - start) / len(live)
     assert t.num_tokens == 18000
     assert mean < 0.5e-3, f"extend took {mean * 1e6:.0f} us per token"
+
+
+def test_the_index_gives_the_garbage_collector_almost_nothing_to_track():
+    # A full collection walks every tracked object: nodes are ids into flat lists of ints and child
+    # dicts hold only ints (untracked by CPython), so the trees add ~no tracked object per token.
+    rng = random.Random(6)
+    phrases = [[rng.randrange(500) for _ in range(rng.randint(3, 12))] for _ in range(40)]
+
+    def text(n):
+        out = []
+        while len(out) < n:
+            out += rng.choice(phrases) if rng.random() < 0.6 else [rng.randrange(500)]
+        return out[:n]
+
+    seqs = [text(2500) for _ in range(8)]
+    live = text(1500)
+    gc.collect()
+    before = len(gc.get_objects())
+    t = SuffixTree(max_depth=64)
+    for s in seqs:
+        t.add(s)
+    t.extend("live", live[:500])
+    for tok in live[500:]:
+        t.extend("live", (tok,))
+    t.pop_oldest()
+    t.add(text(2500))
+    added = len(gc.get_objects()) - before
+    assert t.num_tokens == 8 * 2500 + 1500 and t.num_nodes > t.num_tokens
+    assert added / t.num_tokens < 0.05, f"{added / t.num_tokens:.2f} tracked objects per token"
+    children = [ch for ch in t._kid if ch]
+    assert len(children) > 1000 and not any(gc.is_tracked(ch) for ch in children)
+    t._validate()
 
 
 # ---------------------------------------------------------------- SuffixDrafter

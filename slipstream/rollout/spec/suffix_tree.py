@@ -20,10 +20,17 @@ So ``count - ends`` is the number of occurrences with a known next token, and th
 a continuation is ``child.count / (node.count - node.ends)``. Following the most frequent child k
 times multiplies out to the frequency of the k-token continuation over that of the matched suffix.
 
-Edges are labelled by a reference into one stored sequence (``seq``, ``start``: an occurrence of
-the node's whole path), so the tree has O(stored tokens) nodes. Every string ends at a node and
-every other non-root node branches, which makes the shape a function of the stored strings
-alone: rebuilding from the same sequences gives the same counts and the same proposals.
+Edges are labelled by a reference into one stored sequence (a sequence id and ``start``: an
+occurrence of the node's whole path), so the tree has O(stored tokens) nodes. Every string ends at
+a node and every other non-root node branches, which makes the shape a function of the stored
+strings alone: rebuilding from the same sequences gives the same counts and the same proposals.
+
+Nodes are not objects: a node is an int id into flat per-field lists of ints (parent, count, ends,
+depth, label sequence id and start), its children a dict first token -> child id, and a growing
+sequence's endpoints are ids too. CPython does not track dicts that hold only ints, so the garbage
+collector sees a few containers per tree and one list per sequence instead of about one node and
+child dict per token (1.1-1.3 tracked objects per token before, which a full collection walks).
+Removed nodes' ids are reused.
 
 Costs, for D = max_depth:
 
@@ -36,14 +43,16 @@ Costs, for D = max_depth:
 * a proposal of k tokens is k steps down the tree after the match; a path that reaches
   max_depth goes on from a shorter suffix of context + draft (one more walk).
 
-Sequences are removed oldest first only (`pop_oldest`): each node keeps a reference to the
-newest string that went through it, so with first-in-first-out removal a node's label never
-points into a sequence that has left the tree while the node lives. (Where live sequences grow
-interleaved, a label may still point into a removed sequence: it stays correct, as token lists
-are only ever appended to, and merely keeps that list alive.)
+Sequences are removed oldest first only (`pop_oldest`): each node's label is the newest string
+that went through it, so with first-in-first-out removal a node's label never points into a
+sequence that has left the tree while the node lives. (Where a live sequence grows after a newer
+one was stored, a label may still point into it once it is removed: its tokens stay correct, as
+token lists are only ever appended to, and the tree keeps them until a scan of the labels, run
+once such kept tokens outgrow the stored ones, finds no label pointing there.)
 
-Memory is roughly 250-400 bytes per stored token (nodes, their child dicts and the token lists),
-which is what `SuffixConfig.max_tokens_per_prompt` and `max_prompts` bound.
+Memory is roughly 250-400 bytes per stored token (the entries of the per-field lists and the ints
+they hold, the child dicts and the token lists; 1.2-1.8 nodes per token), which is what
+`SuffixConfig.max_tokens_per_prompt` and `max_prompts` bound.
 """
 
 from __future__ import annotations
@@ -77,37 +86,64 @@ def _tail(context: Any, n: int) -> list[int]:
 
 
 class SuffixNode:
-    """A node of `SuffixTree`: the path from the root to it, ``depth`` tokens long.
+    """A read-only view of one node of a `SuffixTree` (``match`` and ``root`` make one on demand;
+    it stays valid until the tree changes).
 
-    ``count``: strings passing through or ending here (the path's frequency); ``ends``: strings
-    ending here; ``children``: first token of the child's edge -> child (None for a leaf). The
-    path is ``seq[start : start + depth]``.
+    ``id``: the node's index in the tree's storage; ``count``: strings passing through or ending
+    here (the path's frequency); ``ends``: strings ending here; ``children``: first token of the
+    child's edge -> child (None for a leaf). The path is ``seq[start : start + depth]``.
     """
 
-    __slots__ = ("parent", "children", "count", "ends", "depth", "seq", "start")
+    __slots__ = ("_tree", "id")
 
-    def __init__(self, parent: SuffixNode | None, depth: int, count: int, ends: int,
-                 seq: list[int] | None, start: int):
-        self.parent = parent
-        self.children: dict[int, SuffixNode] | None = None
-        self.count = count
-        self.ends = ends
-        self.depth = depth
-        self.seq = seq
-        self.start = start
+    def __init__(self, tree: SuffixTree, node_id: int):
+        self._tree = tree
+        self.id = node_id
+
+    @property
+    def parent(self) -> SuffixNode | None:
+        p = self._tree._par[self.id]
+        return None if p < 0 else SuffixNode(self._tree, p)
+
+    @property
+    def children(self) -> dict[int, SuffixNode] | None:
+        ch = self._tree._kid[self.id]
+        return None if ch is None else {t: SuffixNode(self._tree, c) for t, c in ch.items()}
+
+    @property
+    def count(self) -> int:
+        return self._tree._cnt[self.id]
+
+    @property
+    def ends(self) -> int:
+        return self._tree._end[self.id]
+
+    @property
+    def depth(self) -> int:
+        return self._tree._dep[self.id]
+
+    @property
+    def seq(self) -> list[int] | None:
+        return self._tree._tok.get(self._tree._sid[self.id])
+
+    @property
+    def start(self) -> int:
+        return self._tree._st[self.id]
+
+    @property
+    def path(self) -> list[int]:
+        seq = self.seq
+        return [] if seq is None else seq[self.start:self.start + self.depth]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SuffixNode) and other._tree is self._tree and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash((id(self._tree), self.id))
 
     def __repr__(self) -> str:
-        path = [] if self.seq is None else self.seq[self.start:self.start + self.depth]
-        return f"SuffixNode(depth={self.depth}, count={self.count}, ends={self.ends}, path={path})"
-
-
-class _Seq:
-    __slots__ = ("tokens", "active", "finished")
-
-    def __init__(self, tokens: list[int], finished: bool):
-        self.tokens = tokens
-        self.active: list[SuffixNode] = []  # endpoints of the strings that can still grow
-        self.finished = finished
+        return (f"SuffixNode(id={self.id}, depth={self.depth}, count={self.count}, "
+                f"ends={self.ends}, path={self.path})")
 
 
 class SuffixTree:
@@ -117,6 +153,12 @@ class SuffixTree:
     on first use), ``pop_oldest()`` removes the oldest sequence. ``match(context)`` finds the
     longest suffix of the context that occurs with a continuation, ``propose(context, ...)`` the
     most frequent continuation from there.
+
+    Node v (0 is the root) is the v-th entry of the per-field lists ``_par`` (parent, -1 for the
+    root), ``_cnt`` (count), ``_end`` (ends), ``_dep`` (depth), ``_sid`` and ``_st`` (the label:
+    sequence id, -1 for the root and free ids, and start) and ``_kid`` (None or a dict first token
+    -> child id). Removed nodes' ids go back to ``_free``, which new nodes take from; the storage
+    grows by blocks of free ids.
     """
 
     def __init__(self, max_depth: int = 64):
@@ -126,11 +168,29 @@ class SuffixTree:
         self.clear()
 
     def clear(self) -> None:
-        self.root = SuffixNode(None, 0, 0, 0, None, 0)
-        self._seqs: OrderedDict[Hashable, _Seq] = OrderedDict()
+        self._par: list[int] = [-1]
+        self._cnt: list[int] = [0]
+        self._end: list[int] = [0]
+        self._dep: list[int] = [0]
+        self._sid: list[int] = [-1]
+        self._st: list[int] = [0]
+        self._kid: list[dict[int, int] | None] = [None]
+        self._free: list[int] = []
+        self._seqs: OrderedDict[Hashable, int] = OrderedDict()  # key -> sequence id, oldest first
+        self._tok: dict[int, list[int]] = {}  # sequence id -> its tokens (labels point into them)
+        self._live: dict[int, list[int]] = {}  # growing sequence -> its growing strings' ends
+        self._grew: set[int] = set()  # live sequences that grew after a newer one was stored
+        self._kept: set[int] = set()  # removed sequences whose tokens labels may still point into
+        self._kept_tokens = 0
+        self._kept_check = 4096
+        self._next_sid = 0
         self._next_key = 0
         self.num_tokens = 0  # tokens of the stored sequences
         self.num_nodes = 1
+
+    @property
+    def root(self) -> SuffixNode:
+        return SuffixNode(self, 0)
 
     @property
     def num_sequences(self) -> int:
@@ -141,7 +201,8 @@ class SuffixTree:
 
     def sequences(self) -> list[list[int]]:
         """The stored sequences, oldest first (the tree's own lists: do not modify them)."""
-        return [s.tokens for s in self._seqs.values()]
+        tok = self._tok
+        return [tok[sid] for sid in self._seqs.values()]
 
     def _new_key(self) -> int:
         while self._next_key in self._seqs:
@@ -149,6 +210,30 @@ class SuffixTree:
         key = self._next_key
         self._next_key += 1
         return key
+
+    def _register(self, key: Hashable, seq: list[int]) -> int:
+        sid = self._next_sid
+        self._next_sid = sid + 1
+        self._seqs[key] = sid
+        self._tok[sid] = seq
+        return sid
+
+    def _reserve(self) -> None:
+        """Grow the storage by a block of free ids (an eighth of it, at least 64). A new node takes
+        a free id and sets its fields; a free id has no parent, children or label."""
+        lo = len(self._par)
+        k = max(64, lo >> 3)
+        for f, x in ((self._par, -1), (self._cnt, 0), (self._end, 0), (self._dep, 0),
+                     (self._sid, -1), (self._st, 0), (self._kid, None)):
+            f.extend([x] * k)
+        self._free.extend(range(lo + k - 1, lo - 1, -1))  # handed out in increasing order
+
+    def _release(self, v: int) -> None:
+        self._par[v] = -1
+        self._kid[v] = None
+        self._sid[v] = -1
+        self._free.append(v)
+        self.num_nodes -= 1
 
     # ---------------------------------------------------------------- insertion
 
@@ -159,213 +244,313 @@ class SuffixTree:
         elif key in self._seqs:
             raise KeyError(f"sequence {key!r} is already stored")
         seq = _int_list(tokens)
-        s = _Seq(seq, finished=True)
-        self._seqs[key] = s
-        n, depth = len(seq), self.max_depth
-        for j in range(n):
-            self._insert(seq, j, min(depth, n - j))
-        self.num_tokens += n
+        self._insert(seq, self._register(key, seq), None)
         return key
 
     def extend(self, key: Hashable, new_tokens: Iterable[int]) -> None:
         """Append tokens to the live sequence `key`, creating it if it is new."""
         toks = _int_list(new_tokens)
-        s = self._seqs.get(key)
-        if s is None:
-            seq = toks
-            s = _Seq(seq, finished=False)
-            self._seqs[key] = s
-            n, depth = len(seq), self.max_depth
-            for j in range(n):
-                end = self._insert(seq, j, min(depth, n - j))
-                if n - j < depth:
-                    s.active.append(end)
-            self.num_tokens += n
+        sid = self._seqs.get(key)
+        if sid is None:
+            sid = self._register(key, toks)
+            active: list[int] = []
+            self._insert(toks, sid, active)
+            self._live[sid] = active
             return
-        if s.finished:
+        active = self._live.get(sid)
+        if active is None:
             raise ValueError(f"sequence {key!r} is finished")
-        for t in toks:
-            self._append(s, t)
+        if toks:
+            if sid != self._next_sid - 1:
+                self._grew.add(sid)
+            self._live[sid] = self._grow(sid, toks, active)
 
     def finish(self, key: Hashable) -> None:
         """Mark a live sequence finished (it stays indexed; it can no longer grow)."""
-        s = self._seqs[key]
-        s.finished = True
-        s.active = []
+        self._live.pop(self._seqs[key], None)
 
-    def _insert(self, seq: list[int], j: int, length: int) -> SuffixNode:
-        """Insert the string seq[j : j + length] from the root; returns the node it ends at."""
-        node = self.root
-        node.count += 1
-        d = 0
-        while d < length:
-            t = seq[j + d]
-            ch = node.children
-            c = None if ch is None else ch.get(t)
-            if c is None:
-                leaf = SuffixNode(node, length, 1, 1, seq, j)
+    def _insert(self, seq: list[int], sid: int, active: list[int] | None) -> None:
+        """Insert every string seq[j : j + max_depth] from the root; with `active`, append the
+        nodes the strings shorter than max_depth end at (those that can grow)."""
+        par, cnt, end, dep, sq, st, kid, tok = (self._par, self._cnt, self._end, self._dep,
+                                                  self._sid, self._st, self._kid, self._tok)
+        free, reserve = self._free, self._reserve
+        n, depth = len(seq), self.max_depth
+        made = 0
+        for j in range(n):
+            length = n - j
+            if length > depth:
+                length = depth
+            v = 0
+            d = 0
+            while d < length:
+                t = seq[j + d]
+                ch = kid[v]
+                c = None if ch is None else ch.get(t)
+                if c is None:  # a new leaf ends the string
+                    if not free:
+                        reserve()
+                    c = free.pop()
+                    par[c], cnt[c], end[c], dep[c], sq[c], st[c] = v, 1, 1, length, sid, j
+                    made += 1
+                    if ch is None:
+                        kid[v] = {t: c}
+                    else:
+                        ch[t] = c
+                    v = c
+                    break
+                cd = dep[c]
+                k = cd if cd < length else length
+                m = d + 1
+                if k > m:
+                    cs, c0 = tok[sq[c]], st[c]
+                    if cs[c0 + m:c0 + k] == seq[j + m:j + k]:
+                        m = k
+                    else:
+                        while cs[c0 + m] == seq[j + m]:
+                            m += 1
+                if m < cd:  # the string leaves c's edge (or ends on it): split the edge at depth m
+                    if not free:
+                        reserve()
+                    mid = free.pop()
+                    par[mid], cnt[mid], end[mid], dep[mid] = v, cnt[c], 0, m
+                    sq[mid], st[mid] = sid, j
+                    kid[mid] = {tok[sq[c]][st[c] + m]: c}
+                    made += 1
+                    par[c] = mid
+                    ch[t] = mid
+                    c = mid
+                cnt[c] += 1
+                sq[c] = sid
+                st[c] = j
+                v = c
+                d = m
+            else:
+                end[v] += 1
+            if active is not None and n - j < depth:
+                active.append(v)
+        cnt[0] += n
+        self.num_nodes += made
+        self.num_tokens += n
+
+    def _grow(self, sid: int, toks: list[int], active: list[int]) -> list[int]:
+        """Append `toks` to the live sequence `sid`: each token moves the endpoints of its growing
+        strings (and of a new one at the root) one step down. Returns the new endpoints."""
+        par, cnt, end, dep, sq, st, kid, tok = (self._par, self._cnt, self._end, self._dep,
+                                                  self._sid, self._st, self._kid, self._tok)
+        free, reserve = self._free, self._reserve
+        seq = tok[sid]
+        last = self.max_depth - 1
+        made = 0
+        for t in toks:
+            n = len(seq)
+            seq.append(t)
+            cnt[0] += 1
+            end[0] += 1
+            active.append(0)  # the string starting at the new token, at the root for now
+            grown = []
+            for e in active:  # the string starting at n - depth(e) grows by one token
+                d = dep[e]
+                j = n - d
+                ch = kid[e]
                 if ch is None:
-                    node.children = {t: leaf}
+                    if e and cnt[e] == 1:  # a leaf of this string alone: grow its edge
+                        dep[e] = d + 1
+                        sq[e] = sid
+                        st[e] = j
+                        if d < last:
+                            grown.append(e)
+                        continue
+                    if not free:
+                        reserve()
+                    c = free.pop()
+                    par[c], cnt[c], end[c], dep[c], sq[c], st[c] = e, 1, 1, d + 1, sid, j
+                    made += 1
+                    kid[e] = {t: c}
+                    end[e] -= 1
                 else:
-                    ch[t] = leaf
-                self.num_nodes += 1
-                return leaf
-            cd = c.depth
-            k = cd if cd < length else length
-            m = d + 1
-            if k > m:
-                cs, c0 = c.seq, c.start
-                if cs[c0 + m:c0 + k] == seq[j + m:j + k]:
-                    m = k
-                else:
-                    while cs[c0 + m] == seq[j + m]:
-                        m += 1
-            if m < cd:  # the string leaves c's edge (or ends on it): split the edge at depth m
-                mid = SuffixNode(node, m, c.count, 0, seq, j)
-                mid.children = {c.seq[c.start + m]: c}
-                c.parent = mid
-                ch[t] = mid
-                self.num_nodes += 1
-                c = mid
-            c.count += 1
-            c.seq = seq
-            c.start = j
-            node = c
-            d = m
-        node.ends += 1
-        return node
+                    c = ch.get(t)
+                    if c is None:
+                        if not free:
+                            reserve()
+                        c = free.pop()
+                        par[c], cnt[c], end[c], dep[c], sq[c], st[c] = e, 1, 1, d + 1, sid, j
+                        made += 1
+                        ch[t] = c
+                        end[e] -= 1
+                    else:
+                        if dep[c] == d + 1:
+                            cnt[c] += 1
+                            end[c] += 1
+                            sq[c] = sid
+                            st[c] = j
+                        else:
+                            if not free:
+                                reserve()
+                            m = free.pop()
+                            par[m], cnt[m], end[m], dep[m] = e, cnt[c] + 1, 1, d + 1
+                            sq[m], st[m] = sid, j
+                            made += 1
+                            kid[m] = {tok[sq[c]][st[c] + d + 1]: c}
+                            par[c] = m
+                            ch[t] = m
+                            c = m
+                        ends = end[e] - 1
+                        end[e] = ends
+                        if ends == 0 and e and len(ch) == 1:
+                            self._splice(e, c, seq[j + dep[par[e]]])
+                if d < last:
+                    grown.append(c)
+            active = grown
+        self.num_nodes += made
+        self.num_tokens += len(toks)
+        return active
 
-    def _append(self, s: _Seq, t: int) -> None:
-        seq = s.tokens
-        n = len(seq)
-        seq.append(t)
-        depth = self.max_depth
-        step = self._step
-        active = []
-        for e in s.active:  # the string starting at n - e.depth grows by one token
-            w = step(e, t, seq, n - e.depth)
-            if w.depth < depth:
-                active.append(w)
-        root = self.root
-        root.count += 1
-        root.ends += 1
-        active.append(step(root, t, seq, n))  # depth 1 < max_depth
-        s.active = active
-        self.num_tokens += 1
-
-    def _step(self, e: SuffixNode, t: int, seq: list[int], j: int) -> SuffixNode:
-        """Move the end of the string seq[j:...] from node `e` one token (`t`) down."""
-        d = e.depth
-        ch = e.children
-        if ch is None:
-            if e.count == 1 and e is not self.root:  # a leaf of this string alone: grow its edge
-                e.depth = d + 1
-                e.seq = seq
-                e.start = j
-                return e
-            leaf = SuffixNode(e, d + 1, 1, 1, seq, j)
-            e.children = {t: leaf}
-            e.ends -= 1
-            self.num_nodes += 1
-            return leaf
-        c = ch.get(t)
-        if c is None:
-            c = SuffixNode(e, d + 1, 1, 1, seq, j)
-            ch[t] = c
-            e.ends -= 1
-            self.num_nodes += 1
-            return c
-        if c.depth == d + 1:
-            c.count += 1
-            c.ends += 1
-            c.seq = seq
-            c.start = j
-        else:
-            m = SuffixNode(e, d + 1, c.count + 1, 1, seq, j)
-            m.children = {c.seq[c.start + d + 1]: c}
-            c.parent = m
-            ch[t] = m
-            self.num_nodes += 1
-            c = m
-        e.ends -= 1
-        if e.ends == 0 and len(ch) == 1 and e is not self.root:
-            self._splice(e, c)
-        return c
-
-    def _splice(self, e: SuffixNode, c: SuffixNode) -> None:
-        """Remove `e`, which no string ends at and which has the single child `c`."""
-        p = e.parent
-        p.children[e.seq[e.start + p.depth]] = c
-        c.parent = p
-        self.num_nodes -= 1
+    def _splice(self, e: int, c: int, key: int) -> None:
+        """Remove `e`, which no string ends at and which has the single child `c` (`key`: the
+        first token of e's edge)."""
+        p = self._par[e]
+        self._kid[p][key] = c
+        self._par[c] = p
+        self._release(e)
 
     # ---------------------------------------------------------------- removal
 
     def pop_oldest(self) -> Hashable:
         """Remove the oldest stored sequence; returns its key."""
-        key, s = self._seqs.popitem(last=False)
-        seq = s.tokens
-        n, depth = len(seq), self.max_depth
-        for j in range(n):
-            self._remove(seq, j, min(depth, n - j))
-        self.num_tokens -= n
+        key, sid = self._seqs.popitem(last=False)
+        self._live.pop(sid, None)
+        seq = self._tok[sid]
+        self._remove(seq)
+        if not self._seqs:  # only the root is left: no label points anywhere
+            self._tok.clear()
+            self._grew.clear()
+            self._kept.clear()
+            self._kept_tokens = 0
+        elif sid in self._grew:
+            # It grew after a newer sequence was stored, so a node that newer strings pass
+            # through may still be labelled with it: keep its tokens until no label points there.
+            self._grew.discard(sid)
+            self._kept.add(sid)
+            self._kept_tokens += len(seq)
+            if self._kept_tokens > self._kept_check:
+                self._drop_kept()
+        else:
+            # Every string through a node labelled `sid` came before it, from older sequences
+            # (removed before it) or from itself: such nodes are gone.
+            del self._tok[sid]
         return key
 
-    def _remove(self, seq: list[int], j: int, length: int) -> None:
-        node = self.root
-        node.count -= 1
-        path = []
-        d = 0
-        while d < length:
-            node = node.children[seq[j + d]]
-            node.count -= 1
-            path.append(node)
-            d = node.depth
-        node.ends -= 1
-        for v in reversed(path):
-            if v.count == 0:
-                p = v.parent
-                del p.children[v.seq[v.start + p.depth]]
-                if not p.children:
-                    p.children = None
-                self.num_nodes -= 1
-            elif v.ends == 0 and len(v.children) == 1:
-                self._splice(v, next(iter(v.children.values())))
+    def _drop_kept(self) -> None:
+        """Forget the kept tokens of removed sequences that no label points into any more (a scan
+        of the labels, when the kept tokens have grown by the stored ones since the last)."""
+        used = set(self._sid)
+        for sid in [s for s in self._kept if s not in used]:
+            self._kept.discard(sid)
+            self._kept_tokens -= len(self._tok.pop(sid))
+        self._kept_check = self._kept_tokens + self.num_tokens + 4096
+
+    def _remove(self, seq: list[int]) -> None:
+        """Remove every string seq[j : j + max_depth], walking its path back from the root."""
+        par, cnt, end, dep, sq, kid = (self._par, self._cnt, self._end, self._dep, self._sid,
+                                       self._kid)
+        free, splice = self._free, self._splice
+        n, depth = len(seq), self.max_depth
+        freed = 0
+        for j in range(n):
+            length = n - j
+            if length > depth:
+                length = depth
+            v = 0
+            path = []
+            d = 0
+            while d < length:
+                v = kid[v][seq[j + d]]
+                cnt[v] -= 1
+                path.append(v)
+                d = dep[v]
+            end[v] -= 1
+            for v in reversed(path):
+                if cnt[v] == 0:
+                    p = par[v]
+                    ch = kid[p]
+                    del ch[seq[j + dep[p]]]
+                    if not ch:
+                        kid[p] = None
+                    par[v] = -1  # v's id is free (`_release`)
+                    kid[v] = None
+                    sq[v] = -1
+                    free.append(v)
+                    freed += 1
+                else:
+                    if end[v] == 0:
+                        ch = kid[v]
+                        if len(ch) == 1:
+                            splice(v, next(iter(ch.values())), seq[j + dep[par[v]]])
+        cnt[0] -= n
+        self.num_nodes -= freed
+        self.num_tokens -= n
 
     # ---------------------------------------------------------------- queries
 
-    def _locate(self, ctx: list[int], s: int, length: int) -> tuple[SuffixNode, int] | None:
+    def _locate(self, ctx: list[int], s: int, length: int) -> tuple[int, int] | None:
         """Walk ctx[s : s + length] from the root: (node at or below the end, length) or None."""
-        node = self.root
+        kid, dep, sq, st, tok = self._kid, self._dep, self._sid, self._st, self._tok
+        v = 0
         d = 0
         while d < length:
-            ch = node.children
+            ch = kid[v]
             if ch is None:
                 return None
             c = ch.get(ctx[s + d])
             if c is None:
                 return None
-            k = c.depth if c.depth < length else length
-            if k - d > 1 and c.seq[c.start + d + 1:c.start + k] != ctx[s + d + 1:s + k]:
-                return None
-            node = c
+            k = dep[c]
+            if k > length:
+                k = length
+            if k - d > 1:
+                c0 = st[c] + 1
+                if tok[sq[c]][c0 + d:c0 + k - 1] != ctx[s + d + 1:s + k]:
+                    return None
+            v = c
             d = k
-        return node, length
+        return v, length
 
-    def _match(self, ctx: list[int], limit: int | None = None) -> tuple[SuffixNode, int]:
+    def _match(self, ctx: list[int], limit: int | None = None) -> tuple[int, int]:
         n = len(ctx)
         hi = min(n, self.max_depth - 1)
         if limit is not None:
             hi = min(hi, limit)
-        best = (self.root, 0)
+        cnt, end, dep, sq, st, kid, tok = (self._cnt, self._end, self._dep, self._sid, self._st,
+                                           self._kid, self._tok)
+        best = (0, 0)
         lo = 0
         while lo < hi:  # having a continuation is monotone in the suffix length: bisect it
             mid = (lo + hi + 1) >> 1
-            pos = self._locate(ctx, n - mid, mid)
-            if pos is not None and (pos[0].depth > mid or pos[0].count > pos[0].ends):
-                best, lo = pos, mid
+            s = n - mid
+            v = 0  # walk ctx[s:] from the root (`_locate`, inlined)
+            d = 0
+            while d < mid:
+                ch = kid[v]
+                if ch is None:
+                    break
+                c = ch.get(ctx[s + d])
+                if c is None:
+                    break
+                k = dep[c]
+                if k > mid:
+                    k = mid
+                if k - d > 1:
+                    c0 = st[c] + 1
+                    if tok[sq[c]][c0 + d:c0 + k - 1] != ctx[s + d + 1:s + k]:
+                        break
+                v = c
+                d = k
             else:
-                hi = mid - 1
+                if dep[v] > mid or cnt[v] > end[v]:
+                    best, lo = (v, mid), mid
+                    continue
+            hi = mid - 1
         return best
 
     def match(self, context: Any, max_match: int | None = None) -> tuple[SuffixNode, int]:
@@ -377,43 +562,54 @@ class SuffixTree:
         context itself, has nothing to propose and does not count as a match. (root, 0) when no
         suffix matches.
         """
-        return self._match(_tail(context, self.max_depth), max_match)
+        v, length = self._match(_tail(context, self.max_depth), max_match)
+        return SuffixNode(self, v), length
 
-    def _draft(self, ctx: list[int], node: SuffixNode, length: int, max_len: int,
+    def _draft(self, ctx: list[int], v: int, length: int, max_len: int,
                min_token_prob: float) -> tuple[list[int], list[float]]:
+        cnt, end, dep, sq, st, kid, tok = (self._cnt, self._end, self._dep, self._sid, self._st,
+                                           self._kid, self._tok)
         depth = self.max_depth
         tokens: list[int] = []
         probs: list[float] = []
         cum = 1.0
         d = length
+        vd = dep[v]
+        lv = -1  # the node whose label `cs[c0:]` is at hand
         while len(tokens) < max_len:
             if d == depth:
                 # Paths stop at max_depth: go on from the suffix of context + draft that leaves
                 # room for the rest of the draft (it occurs: it is part of the path just walked).
                 full = ctx + tokens
                 shorter = max(1, depth - (max_len - len(tokens)))
-                node, d = self._locate(full, len(full) - shorter, shorter)
-            if d < node.depth:  # inside an edge: one continuation
-                t = node.seq[node.start + d]
+                v, d = self._locate(full, len(full) - shorter, shorter)
+                vd = dep[v]
+            if d < vd:  # inside an edge: one continuation
+                if lv != v:
+                    lv, cs, c0 = v, tok[sq[v]], st[v]
+                t = cs[c0 + d]
                 p = 1.0
-                nxt = node
+                cum *= p
+                if cum < min_token_prob:
+                    break
             else:
-                ch = node.children
-                total = node.count - node.ends
+                ch = kid[v]
+                total = cnt[v] - end[v]
                 if ch is None or total <= 0:
                     break
-                t, nxt, best = -1, None, 0
-                for tok, c in ch.items():  # most frequent child, ties to the smaller token id
-                    cc = c.count
-                    if cc > best or (cc == best and tok < t):
-                        t, nxt, best = tok, c, cc
+                t, nxt, best = -1, 0, 0
+                for tk, c in ch.items():  # most frequent child, ties to the smaller token id
+                    cc = cnt[c]
+                    if cc > best or (cc == best and tk < t):
+                        t, nxt, best = tk, c, cc
                 p = best / total
-            cum *= p
-            if cum < min_token_prob:
-                break
+                cum *= p
+                if cum < min_token_prob:
+                    break
+                v = nxt
+                vd = dep[v]
             tokens.append(t)
             probs.append(p)
-            node = nxt
             d += 1
         return tokens, probs
 
@@ -429,8 +625,8 @@ class SuffixTree:
         if max_len <= 0:
             return [], []
         ctx = _tail(context, self.max_depth)
-        node, length = self._match(ctx)
-        return self._draft(ctx, node, length, max_len, min_token_prob)
+        v, length = self._match(ctx)
+        return self._draft(ctx, v, length, max_len, min_token_prob)
 
     def count(self, path: Iterable[int]) -> int:
         """How many stored strings start with `path` (0 if longer than max_depth)."""
@@ -438,7 +634,7 @@ class SuffixTree:
         if len(p) > self.max_depth:
             return 0
         pos = self._locate(p, 0, len(p))
-        return 0 if pos is None else pos[0].count
+        return 0 if pos is None else self._cnt[pos[0]]
 
     def continuations(self, path: Iterable[int]) -> dict[int, int]:
         """Next token -> number of occurrences of `path` followed by it."""
@@ -446,17 +642,19 @@ class SuffixTree:
         pos = self._locate(p, 0, len(p)) if len(p) < self.max_depth else None
         if pos is None:
             return {}
-        node, d = pos
-        if d < node.depth:
-            return {node.seq[node.start + d]: node.count}
-        return {t: c.count for t, c in (node.children or {}).items()}
+        v, d = pos
+        cnt = self._cnt
+        if d < self._dep[v]:
+            return {self._tok[self._sid[v]][self._st[v] + d]: cnt[v]}
+        return {t: cnt[c] for t, c in (self._kid[v] or {}).items()}
 
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
         """Plain lists and dicts: the sequences, oldest first, and whether each is finished."""
         return {"max_depth": self.max_depth,
-                "sequences": [[k, list(s.tokens), s.finished] for k, s in self._seqs.items()]}
+                "sequences": [[k, list(self._tok[sid]), sid not in self._live]
+                              for k, sid in self._seqs.items()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.max_depth = int(state["max_depth"])
@@ -470,27 +668,43 @@ class SuffixTree:
 
     def _validate(self) -> None:
         """Check the structural invariants (for tests)."""
+        par, cnt, end, dep, sq, st, kid, tok = (self._par, self._cnt, self._end, self._dep,
+                                                  self._sid, self._st, self._kid, self._tok)
+        size = len(par)
+        assert all(len(f) == size for f in (cnt, end, dep, sq, st, kid)), "field lengths"
+        free = set(self._free)
+        assert len(free) == len(self._free) and 0 not in free, "free list"
+        assert all(par[v] == sq[v] == -1 and kid[v] is None for v in free), "cleared free ids"
+
+        def path(v):
+            return [] if v == 0 else tok[sq[v]][st[v]:st[v] + dep[v]]
+
         nodes = 0
-        stack = [self.root]
+        stack = [0]
         while stack:
             v = stack.pop()
+            assert v not in free, "reachable free id"
             nodes += 1
             below = 0
-            for t, c in (v.children or {}).items():
-                assert c.parent is v, "parent link"
-                assert c.depth > v.depth, "depth order"
-                assert c.seq[c.start + v.depth] == t, "edge key"
-                assert c.count > 0, "empty node"
-                below += c.count
+            for t, c in (kid[v] or {}).items():
+                assert par[c] == v, "parent link"
+                assert dep[c] > dep[v], "depth order"
+                assert tok[sq[c]][st[c] + dep[v]] == t, "edge key"
+                assert cnt[c] > 0, "empty node"
+                below += cnt[c]
                 stack.append(c)
-            assert v.count == v.ends + below, "count = ends + children"
-            if v is not self.root:
-                assert v.ends > 0 or len(v.children or ()) >= 2, "unary node without an end"
-                p = v.parent
-                assert v.seq[v.start:v.start + p.depth] == (
-                    [] if p is self.root else p.seq[p.start:p.start + p.depth]), "label"
-        assert nodes == self.num_nodes, "node count"
-        assert self.num_tokens == sum(len(s.tokens) for s in self._seqs.values()), "token count"
+            assert kid[v] is None or kid[v], "empty child dict"
+            assert cnt[v] == end[v] + below, "count = ends + children"
+            if v:
+                assert end[v] > 0 or len(kid[v] or ()) >= 2, "unary node without an end"
+                assert path(v)[:dep[par[v]]] == path(par[v]), "label"
+        assert nodes == self.num_nodes == size - len(free), "node count"
+        assert self.num_tokens == sum(len(tok[s]) for s in self._seqs.values()), "token count"
+        live = set(self._seqs.values())
+        assert set(self._live) <= live and self._grew <= live, "live sequences"
+        assert set(tok) == live | self._kept and not live & self._kept, "token lists"
+        for e in (e for a in self._live.values() for e in a):
+            assert e not in free and end[e] > 0 and dep[e] < self.max_depth, "endpoint"
 
 
 # ==================================================================== drafter
