@@ -299,11 +299,11 @@ class SuffixTree:
                         ch[t] = c
                     v = c
                     break
-                cd = dep[c]
+                cd, c0, x = dep[c], st[c], sq[c]  # read together: their cache misses overlap
                 k = cd if cd < length else length
                 m = d + 1
                 if k > m:
-                    cs, c0 = tok[sq[c]], st[c]
+                    cs = tok[x]
                     if cs[c0 + m:c0 + k] == seq[j + m:j + k]:
                         m = k
                     else:
@@ -315,7 +315,7 @@ class SuffixTree:
                     mid = free.pop()
                     par[mid], cnt[mid], end[mid], dep[mid] = v, cnt[c], 0, m
                     sq[mid], st[mid] = sid, j
-                    kid[mid] = {tok[sq[c]][st[c] + m]: c}
+                    kid[mid] = {tok[x][c0 + m]: c}
                     made += 1
                     par[c] = mid
                     ch[t] = mid
@@ -505,12 +505,12 @@ class SuffixTree:
             c = ch.get(ctx[s + d])
             if c is None:
                 return None
-            k = dep[c]
+            k, c0, x = dep[c], st[c], sq[c]  # read together: their cache misses overlap
             if k > length:
                 k = length
             if k - d > 1:
-                c0 = st[c] + 1
-                if tok[sq[c]][c0 + d:c0 + k - 1] != ctx[s + d + 1:s + k]:
+                c0 += 1
+                if tok[x][c0 + d:c0 + k - 1] != ctx[s + d + 1:s + k]:
                     return None
             v = c
             d = k
@@ -537,12 +537,12 @@ class SuffixTree:
                 c = ch.get(ctx[s + d])
                 if c is None:
                     break
-                k = dep[c]
+                k, c0, x = dep[c], st[c], sq[c]  # read together: their cache misses overlap
                 if k > mid:
                     k = mid
                 if k - d > 1:
-                    c0 = st[c] + 1
-                    if tok[sq[c]][c0 + d:c0 + k - 1] != ctx[s + d + 1:s + k]:
+                    c0 += 1
+                    if tok[x][c0 + d:c0 + k - 1] != ctx[s + d + 1:s + k]:
                         break
                 v = c
                 d = k
@@ -567,11 +567,13 @@ class SuffixTree:
 
     def _draft(self, ctx: list[int], v: int, length: int, max_len: int,
                min_token_prob: float) -> tuple[list[int], list[float]]:
+        tokens: list[int] = []
+        probs: list[float] = []
+        if min_token_prob > 1.0:  # the cumulative probability never exceeds 1
+            return tokens, probs
         cnt, end, dep, sq, st, kid, tok = (self._cnt, self._end, self._dep, self._sid, self._st,
                                            self._kid, self._tok)
         depth = self.max_depth
-        tokens: list[int] = []
-        probs: list[float] = []
         cum = 1.0
         d = length
         vd = dep[v]
@@ -584,14 +586,11 @@ class SuffixTree:
                 shorter = max(1, depth - (max_len - len(tokens)))
                 v, d = self._locate(full, len(full) - shorter, shorter)
                 vd = dep[v]
-            if d < vd:  # inside an edge: one continuation
+            if d < vd:  # inside an edge: one continuation (probability 1)
                 if lv != v:
                     lv, cs, c0 = v, tok[sq[v]], st[v]
                 t = cs[c0 + d]
                 p = 1.0
-                cum *= p
-                if cum < min_token_prob:
-                    break
             else:
                 ch = kid[v]
                 total = cnt[v] - end[v]
