@@ -121,6 +121,11 @@ class DraftingSpeculator(Speculator):
         self._rows = {s.seq_id: b for b, s in enumerate(drafting)}
         return {s.seq_id: d for s, d in zip(drafting, combined.drafts) if d}
 
+    def will_draft(self, live: int) -> bool:
+        """Below ``min_batch_for_off`` every step asks the source policy (which may pick the
+        learned drafter), so decode replays are not chained there."""
+        return live < self.policy.config.min_batch_for_off
+
     def _learned_draft(self, seqs: list[Sequence], k: int) -> Draft:
         """One chain of k tokens for every sequence of `seqs`, batched, with their sampling parameters."""
         t0 = time.perf_counter()

@@ -210,14 +210,12 @@ class Engine:
 
     def _can_chain(self, seqs: list[Sequence]) -> bool:
         """Whether the next replay of `seqs` may be launched before the host reads the one in
-        flight: they are still all that runs, nothing waits, the speculator (if any) is off at
-        this batch size (else it must see every step to draft), and none is sure to end inside
-        the replay in flight (by its length); room in the graphs' tables and free blocks for the
-        next replay's tokens too."""
+        flight: they are still all that runs, nothing waits, none is sure to end inside the
+        replay in flight (by its length), there is room in the graphs' tables and free blocks
+        for the next replay's tokens, and the speculator (if any) will not draft in the next step
+        (else it must see every step to draft)."""
         K, sch, bm = self.cfg.decode_steps, self.scheduler, self.block_manager
         if sch.num_waiting or len(seqs) != sch.num_running or any(seq.is_finished for seq in seqs):
-            return False
-        if self.speculator is not None and len(seqs) < self.speculator.policy.config.min_batch_for_off:
             return False
         limit = min(self.runner.graphs.width * bm.block_size, sch.max_model_len or 1 << 62)
         need = 0
@@ -225,7 +223,9 @@ class Engine:
             if seq.num_tokens + 2 * K > limit or seq.num_output_tokens + K >= seq.params.max_tokens:
                 return False
             need += bm.blocks_to_grow(seq, 2 * K - 1)
-        return need <= bm.num_free_blocks
+        if need > bm.num_free_blocks:
+            return False
+        return self.speculator is None or not self.speculator.will_draft(len(seqs))
 
     def _decode_steps(self, t0: float, chain: bool = True) -> list[Sequence]:
         """`decode_steps` decode steps in one replay, applied in one pass per sequence; the

@@ -133,23 +133,32 @@ def test_chained_replays_are_reproducible_when_sampling(tiny_model):
     assert len({tuple(c.tokens) for c in runs[0]}) > 1  # it did sample
 
 
-def test_replays_do_not_chain_where_the_speculator_may_draft(tiny_model):
+def test_replays_chain_only_where_the_speculator_will_not_draft(tiny_model):
     from slipstream.rollout.spec.policy import PolicyConfig
     from slipstream.rollout.spec.speculator import SpecConfig
 
     model, tok = tiny_model
     params = SamplingParams(n=2, temperature=0.0, max_tokens=24)
-    for min_batch_for_off, expect_chained in ((64, False), (2, True)):
+    plain = _engine(model, tok, False, block_size=4, num_blocks=200, max_model_len=96).generate(_requests(tok, params))
+    # 8 live sequences: above min_batch_for_off (2) nothing drafts; below it (64) the bandit's arm
+    # decides: arm 0 (the only one with draft_lens=(0,)) drafts nothing, arm 2 may draft
+    for min_batch_for_off, lens, forced_arm, expect_chained in ((2, (0, 2), None, True), (64, (0,), None, True),
+                                                                (64, (0, 2), 2, False)):
         engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id],
                         EngineConfig(block_size=4, num_blocks=200, max_model_len=96, decode_steps=4),
-                        spec=SpecConfig(policy=PolicyConfig(min_batch_for_off=min_batch_for_off)))
+                        spec=SpecConfig(policy=PolicyConfig(min_batch_for_off=min_batch_for_off, draft_lens=lens)))
         engine.runner.use_static_decode()
+        if forced_arm is not None:
+            engine.speculator.policy.choose_arm = lambda live, arm=forced_arm: arm
         calls = []
         original = engine.runner.launch_decode_steps
         engine.runner.launch_decode_steps = lambda seqs, k, chained=False: calls.append(chained) or original(
             seqs, k, chained)
-        engine.generate(_requests(tok, params))  # 8 live sequences
-        assert calls and any(calls) == expect_chained
+        out = engine.generate(_requests(tok, params))
+        assert any(calls) == expect_chained, (min_batch_for_off, lens, forced_arm)
+        assert [c.tokens for c in out] == [c.tokens for c in plain]
+        if min_batch_for_off == 64 and forced_arm is None:  # the chained steps count for arm 0
+            assert engine.speculator.policy.stats(8)[0][0] > 0
 
 
 def test_chained_replays_under_a_small_cache_preempt_without_changing_outputs(tiny_model):

@@ -149,6 +149,16 @@ class SpecPolicy:
             self._last_arm[b] = self._choose(b)
         return self._last_arm[b]
 
+    def choose_arm(self, live_batch: int) -> int:
+        """Choose the arm (max draft length) for a step at this live batch, as `plan` does: 0 at
+        or above ``min_batch_for_off``, else the bucket's bandit (untried arms first, then
+        epsilon-greedy)."""
+        if live_batch >= self.config.min_batch_for_off:
+            return 0
+        b = self.bucket(live_batch)
+        self._last_arm[b] = self._choose(b)
+        return self._last_arm[b]
+
     def record(self, live_batch: int, arm_draft_len: int, tokens: int, seconds: float) -> None:
         """Add a step's measured throughput (tokens / seconds) under an arm to its bucket's mean.
         Steps at or above ``min_batch_for_off`` (no bandit there) are ignored."""
@@ -209,8 +219,7 @@ class SpecPolicy:
         cfg = self.config
         if live_batch >= cfg.min_batch_for_off:
             return {key: 0 for key, _ in requests}
-        b = self.bucket(live_batch)
-        base = self._last_arm[b] = self._choose(b)
+        base = self.choose_arm(live_batch)
         classes = [self.length_class(g) for _, g in requests]
         budgets = [self.budget_for_class(base, c) for c in classes]
         total = sum(budgets)

@@ -166,6 +166,17 @@ class Speculator:
             return {}
         return {sid: d.tokens for sid, d in self.suffix_drafts(scheduler, decoding, budgets).items()}
 
+    def will_draft(self, live: int) -> bool:
+        """Whether the next step at this live batch may draft, its arm chosen now as `plan`
+        would. If not, the engine chains its decode replays as it does without speculation, and
+        the steps it reads from them count for arm 0: the bandit then weighs drafting against
+        the same path as `spec=off`."""
+        if live >= self.policy.config.min_batch_for_off:
+            self._arm = None
+            return False
+        self._arm = self.policy.choose_arm(live)
+        return self._arm > 0
+
     def draft_probs(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """The distributions q the scheduled drafts were drawn from, [sampling entries, K, V] with
         K the longest scheduled draft, for lossless verification; None: deterministic drafts."""
