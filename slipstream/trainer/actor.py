@@ -17,7 +17,7 @@ import torch
 from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.trainer import algorithms as alg
 from slipstream.trainer.backends import TrainBackend
-from slipstream.trainer.batch import RolloutBatch
+from slipstream.trainer.batch import RolloutBatch, length_grouped
 from slipstream.trainer.distributed import DistContext, global_advantages
 
 
@@ -130,17 +130,11 @@ class Actor:
         counts = self.ctx.all_reduce_sum(torch.tensor([float(mini.response_mask.sum()), float(mini.size)]))
         num_tokens, num_seqs = max(int(counts[0]), 1), int(counts[1])
         scale = self.ctx.world_size  # the backends average gradients over ranks; the loss is already global
-        # Micro-batches of rows of similar length, each cut to its longest response: the padding
-        # past it would cost forward and backward compute for nothing. The losses are per row with
-        # global normalisers, so the grouping changes no gradient.
-        lengths = mini.response_mask.sum(-1).long()
-        order = torch.argsort(lengths, stable=True)
-        widths = lengths[order].tolist()
-        # On the device once: a pageable copy per micro-batch would wait for the GPU each time.
-        rows = mini.select(order).to(self.device)
-        advantages = advantages[order].to(self.device)
-        old_all = old_all[order].to(self.device) if old_all is not None else None
-        R = mini.response_width
+        # The losses are per row with global normalisers, so grouping rows by length changes no gradient.
+        parts = length_grouped(mini, mb, self.device)
+        advantages = advantages.to(self.device)
+        old_all = old_all.to(self.device) if old_all is not None else None
+        old_out = torch.zeros(mini.size, mini.response_width, device=self.device)
         # Loss and metric sums stay on the device until the last micro-batch: one host
         # synchronisation per optimizer step, not one per micro-batch and metric.
         sums: dict[str, torch.Tensor] = {}
@@ -148,15 +142,12 @@ class Actor:
         def add(key: str, value: torch.Tensor) -> None:
             sums[key] = sums[key] + value if key in sums else value
 
-        starts = list(range(0, mini.size, mb))
-        olds = []
-        for s in starts:
-            width = max(1, max(widths[s : s + mb]))
-            part = rows.rows(s, s + mb).trimmed(width)
+        for i, micro in enumerate(parts):
+            part, width = micro.batch, micro.width
             mask = part.response_mask
             lp = response_logprobs(self.model, part, self.device, self.temperature)
-            old = lp.detach() if old_all is None else old_all[s : s + mb, :width]
-            adv = advantages[s : s + mb]
+            old = lp.detach() if old_all is None else old_all[micro.rows, :width]
+            adv = advantages[micro.rows]
             if adv.dim() == 2:  # per token (PPO)
                 adv = adv[:, :width]
             is_w = alg.tis_weights(old, part.rollout_logprobs, self.acfg.tis_cap) if self.acfg.tis else None
@@ -169,7 +160,7 @@ class Actor:
                 token_loss = token_loss + self.acfg.kl_coef * kl
                 add("kl_ref", (kl.detach() * mask).sum())
             loss = self.aggregate(token_loss, mask, num_seqs=num_seqs, num_tokens=num_tokens, max_tokens=max_tokens)
-            self.backend.backward(loss * scale, last=s == starts[-1])
+            self.backend.backward(loss * scale, last=i == len(parts) - 1)
             add("loss", loss.detach())
             weight = mask.sum()
             for k, v in metrics.items():
@@ -177,7 +168,7 @@ class Actor:
             if is_w is not None:
                 add("tis/weight_mean", (is_w * mask).sum())
                 add("tis/capped_frac", ((is_w >= self.acfg.tis_cap) * mask).sum())
-            olds.append(torch.nn.functional.pad(old, (0, R - width)))
+            old_out[micro.rows, :width] = old
             if on_micro_batch is not None:
                 on_micro_batch(part.size)
         keys = list(sums)
@@ -191,4 +182,4 @@ class Actor:
             grad_norm = self.backend.step()
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}") from None
-        return loss_sum, grad_norm, torch.cat(olds)[torch.argsort(order).to(self.device)].cpu()
+        return loss_sum, grad_norm, old_out.cpu()

@@ -86,6 +86,28 @@ class RolloutBatch:
         )
 
 
+@dataclass
+class MicroBatch:
+    rows: torch.Tensor  # [n] indices of these rows in the batch they came from, on the device
+    batch: RolloutBatch  # those rows, on the device, cut to `width` response columns
+    width: int
+
+
+def length_grouped(batch: RolloutBatch, size: int, device: torch.device) -> list[MicroBatch]:
+    """`batch` in micro-batches of `size` rows of similar response length, each cut to its
+    longest response: the padding past it would cost forward and backward compute for nothing.
+    The batch is copied to the device once (a pageable copy per micro-batch would wait for the
+    GPU each time)."""
+    lengths = batch.response_mask.sum(-1).long()
+    order = torch.argsort(lengths, stable=True)
+    widths = lengths[order].tolist()
+    rows = batch.select(order).to(device)
+    order = order.to(device)
+    return [MicroBatch(order[s : s + size], rows.rows(s, s + size).trimmed(max(1, max(widths[s : s + size]))),
+                       max(1, max(widths[s : s + size])))
+            for s in range(0, batch.size, size)]
+
+
 def build_batch(completions: list[Completion], rewards: list[float], pad_id: int) -> RolloutBatch:
     group_index: dict[str, int] = {}
     gids = [group_index.setdefault(c.group_id, len(group_index)) for c in completions]

@@ -8,6 +8,7 @@ log-probs.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.trainer import algorithms as alg
 from slipstream.trainer.actor import autocast_for
 from slipstream.trainer.backends import TrainBackend
-from slipstream.trainer.batch import RolloutBatch
+from slipstream.trainer.batch import RolloutBatch, length_grouped
 from slipstream.trainer.distributed import DistContext
 
 
@@ -82,30 +83,30 @@ class Critic:
         self.backend.set_lr(self.acfg.critic_lr)
         mb = self.tcfg.micro_batch_size
         size = -(-batch.size // self.tcfg.mini_batches)
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, clip frac, value mean, return mean (token-weighted), tokens
+        old_values, returns = old_values.to(self.device), returns.to(self.device)
+        # loss, clip frac, value mean, return mean (token-weighted), tokens: on the device until the end
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         norms = []
         for start in range(0, batch.size, size):
             mini = batch.rows(start, start + size)
             num_tokens = max(int(self.ctx.all_reduce_sum(mini.response_mask.sum().reshape(1))[0]), 1)
-            starts = list(range(0, mini.size, mb))
-            for s in starts:
-                part = mini.rows(s, s + mb)
-                rows = slice(start + s, start + s + part.size)
-                mask = part.response_mask.to(self.device)
+            parts = length_grouped(mini, mb, self.device)  # rows of similar length, padding cut
+            for i, micro in enumerate(parts):
+                part, rows, width = micro.batch, start + micro.rows, micro.width
+                mask = part.response_mask
                 values = response_values(self.backend.module, part, self.device)
-                token_loss, metrics = alg.clipped_value_loss(values, old_values[rows].to(self.device),
-                                                             returns[rows].to(self.device), mask,
-                                                             clip=self.acfg.value_clip)
+                token_loss, metrics = alg.clipped_value_loss(values, old_values[rows, :width], returns[rows, :width],
+                                                             mask, clip=self.acfg.value_clip)
                 loss = alg.agg_token_mean(token_loss, mask, num_seqs=0, num_tokens=num_tokens, max_tokens=0)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite critic loss: {loss.item()}")
-                self.backend.backward(loss * self.ctx.world_size, last=s == starts[-1])
-                w = float(mask.sum())
-                sums += torch.tensor([float(loss.detach()) / self.tcfg.mini_batches,
-                                      float(metrics["critic/vf_clip_frac"]) * w,
-                                      float(metrics["critic/value_mean"]) * w,
-                                      float(metrics["critic/return_mean"]) * w, w], dtype=torch.float64)
+                self.backend.backward(loss * self.ctx.world_size, last=i == len(parts) - 1)
+                w = mask.sum()
+                sums += torch.stack([loss.detach() / self.tcfg.mini_batches, metrics["critic/vf_clip_frac"] * w,
+                                     metrics["critic/value_mean"] * w, metrics["critic/return_mean"] * w,
+                                     w]).double()
+            if not math.isfinite(float(sums[0])):  # before the optimizer step: the weights stay as they were
+                raise FloatingPointError(f"non-finite critic loss: {float(sums[0])}")
             norms.append(self.backend.step())
+        sums = sums.cpu()
         total = self.ctx.all_reduce_sum(sums)
         tokens = max(float(total[4]), 1.0)
         return {"critic/loss": float(total[0]), "critic/vf_clip_frac": float(total[1]) / tokens,

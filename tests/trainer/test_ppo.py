@@ -115,3 +115,21 @@ def test_critic_starts_at_zero_and_learns_the_returns(tiny_model):
     losses = [critic.update(batch, values, returns)["critic/loss"] for _ in range(15)]
     assert losses[-1] < 0.4 * losses[0]  # token 0 (same prompt, rewards 1,0,1,0) cannot go below 0.125
     assert torch.equal(policy.model.embed_tokens.weight, tiny_model[0].model.embed_tokens.weight)  # not shared
+
+
+def test_critic_micro_batches_of_grouped_lengths_give_the_full_batch_step(tiny_model):
+    results = []
+    for mb in (4, 2, 1):  # 2 and 1: rows grouped by length, each micro-batch cut to its longest response
+        module = ValueModel.from_policy(copy.deepcopy(tiny_model[0]))
+        torch.nn.init.normal_(module.value_head.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+        acfg = AlgorithmConfig(advantage="gae", gamma=0.9, lam=0.8, value_clip=0.05, critic_lr=1e-2)
+        backend = build_backend("local", module, CPU, OptimizerSpec(lr=acfg.critic_lr, max_grad_norm=1e9))
+        critic = Critic(backend, TrainerConfig(micro_batch_size=mb, max_grad_norm=1e9), acfg, CPU)
+        batch = _batch()
+        _, values, returns = critic.advantages(batch)
+        metrics = critic.update(batch, values, returns)
+        results.append((metrics, module.value_head.weight.detach().clone()))
+    for metrics, weight in results[1:]:
+        assert metrics == pytest.approx(results[0][0], rel=1e-4, abs=1e-6)
+        assert torch.allclose(weight, results[0][1], atol=1e-6)
+    assert not torch.allclose(results[0][1], ValueModel.from_policy(tiny_model[0]).value_head.weight)
