@@ -17,7 +17,7 @@ import torch
 from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.trainer import algorithms as alg
 from slipstream.trainer.backends import TrainBackend
-from slipstream.trainer.batch import RolloutBatch, length_grouped
+from slipstream.trainer.batch import RolloutBatch, length_grouped, per_response_token
 from slipstream.trainer.distributed import DistContext, global_advantages
 
 
@@ -92,9 +92,8 @@ class Actor:
         old_all = None
         if self.tcfg.mini_batches > 1:
             with torch.no_grad():
-                old_all = torch.cat([response_logprobs(self.model, batch.rows(s, s + self.tcfg.micro_batch_size),
-                                                       self.device, self.temperature)
-                                     for s in range(0, batch.size, self.tcfg.micro_batch_size)])
+                old_all = per_response_token(batch, self.tcfg.micro_batch_size, self.device, lambda part: (
+                    response_logprobs(self.model, part, self.device, self.temperature)))
         size = -(-batch.size // self.tcfg.mini_batches)
         totals: dict[str, float] = {}
         olds, grad_norms, losses = [], [], []

@@ -7,6 +7,7 @@ The logits that predict the response are then the last R + 1 positions, for all 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,57 +34,29 @@ class RolloutBatch:
     def response_width(self) -> int:
         return self.response_mask.shape[1]
 
-    def rows(self, start: int, end: int) -> "RolloutBatch":
-        return RolloutBatch(
-            input_ids=self.input_ids[start:end],
-            attention_mask=self.attention_mask[start:end],
-            position_ids=self.position_ids[start:end],
-            response_mask=self.response_mask[start:end],
-            rollout_logprobs=self.rollout_logprobs[start:end],
-            rewards=self.rewards[start:end],
-            group_ids=self.group_ids[start:end],
-            prompt_width=self.prompt_width,
-        )
+    def _map(self, fn) -> "RolloutBatch":
+        """`fn` applied to every per-row tensor."""
+        return RolloutBatch(*(fn(t) for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                              self.response_mask, self.rollout_logprobs, self.rewards,
+                                              self.group_ids)), prompt_width=self.prompt_width)
 
+    def rows(self, start: int, end: int) -> "RolloutBatch":
+        return self._map(lambda t: t[start:end])
 
     def select(self, index: torch.Tensor) -> "RolloutBatch":
         """The rows at `index`, in that order."""
-        return RolloutBatch(
-            input_ids=self.input_ids[index],
-            attention_mask=self.attention_mask[index],
-            position_ids=self.position_ids[index],
-            response_mask=self.response_mask[index],
-            rollout_logprobs=self.rollout_logprobs[index],
-            rewards=self.rewards[index],
-            group_ids=self.group_ids[index],
-            prompt_width=self.prompt_width,
-        )
+        return self._map(lambda t: t[index])
+
+    def to(self, device: torch.device) -> "RolloutBatch":
+        return self._map(lambda t: t.to(device))
 
     def trimmed(self, width: int) -> "RolloutBatch":
         """The batch cut to `width` response columns (the right padding past its rows' longest response)."""
         P = self.prompt_width
-        return RolloutBatch(
-            input_ids=self.input_ids[:, : P + width],
-            attention_mask=self.attention_mask[:, : P + width],
-            position_ids=self.position_ids[:, : P + width],
-            response_mask=self.response_mask[:, :width],
-            rollout_logprobs=self.rollout_logprobs[:, :width],
-            rewards=self.rewards,
-            group_ids=self.group_ids,
-            prompt_width=P,
-        )
-
-    def to(self, device: torch.device) -> "RolloutBatch":
-        return RolloutBatch(
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            position_ids=self.position_ids.to(device),
-            response_mask=self.response_mask.to(device),
-            rollout_logprobs=self.rollout_logprobs.to(device),
-            rewards=self.rewards.to(device),
-            group_ids=self.group_ids.to(device),
-            prompt_width=self.prompt_width,
-        )
+        return dataclasses.replace(
+            self, input_ids=self.input_ids[:, : P + width], attention_mask=self.attention_mask[:, : P + width],
+            position_ids=self.position_ids[:, : P + width], response_mask=self.response_mask[:, :width],
+            rollout_logprobs=self.rollout_logprobs[:, :width])
 
 
 @dataclass
@@ -103,9 +76,20 @@ def length_grouped(batch: RolloutBatch, size: int, device: torch.device) -> list
     widths = lengths[order].tolist()
     rows = batch.select(order).to(device)
     order = order.to(device)
-    return [MicroBatch(order[s : s + size], rows.rows(s, s + size).trimmed(max(1, max(widths[s : s + size]))),
-                       max(1, max(widths[s : s + size])))
-            for s in range(0, batch.size, size)]
+    out = []
+    for s in range(0, batch.size, size):
+        width = max(1, max(widths[s : s + size]))
+        out.append(MicroBatch(order[s : s + size], rows.rows(s, s + size).trimmed(width), width))
+    return out
+
+
+def per_response_token(batch: RolloutBatch, size: int, device: torch.device, fn) -> torch.Tensor:
+    """[B, R] on `device`: `fn(micro-batch)` ([n, width], 0 on padding) of every length-grouped
+    micro-batch, put back at its rows; 0 past each micro-batch's width."""
+    out = torch.zeros(batch.size, batch.response_width, device=device)
+    for micro in length_grouped(batch, size, device):
+        out[micro.rows, : micro.width] = fn(micro.batch)
+    return out
 
 
 def build_batch(completions: list[Completion], rewards: list[float], pad_id: int) -> RolloutBatch:

@@ -17,7 +17,7 @@ from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.trainer import algorithms as alg
 from slipstream.trainer.actor import autocast_for
 from slipstream.trainer.backends import TrainBackend
-from slipstream.trainer.batch import RolloutBatch, length_grouped
+from slipstream.trainer.batch import RolloutBatch, length_grouped, per_response_token
 from slipstream.trainer.distributed import DistContext
 
 
@@ -61,10 +61,9 @@ class Critic:
         self.device = ctx.device
 
     def _values(self, batch: RolloutBatch) -> torch.Tensor:
-        mb = self.tcfg.micro_batch_size
         with torch.no_grad():
-            return torch.cat([response_values(self.backend.module, batch.rows(s, s + mb), self.device).cpu()
-                              for s in range(0, batch.size, mb)])
+            return per_response_token(batch, self.tcfg.micro_batch_size, self.device, lambda part: (
+                response_values(self.backend.module, part, self.device))).cpu()
 
     def advantages(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(advantages, values, returns), each [B, R]: GAE on the outcome reward, advantages
