@@ -33,6 +33,9 @@ tokenizer, built once into the work directory: responses run to max_tokens, so e
 generates the same number of tokens), `tiny` and `qwen-tiny` (the smoke recipe's model and a
 Qwen2-architecture model of the same size, for dry runs).
 
+`--profile-step N` records step N of every configuration with torch.profiler (`trainer.profile_steps`):
+each rank's Chrome trace and operator table land in `<workdir>/<model>-<backend>-<N>/profile/`.
+
 Under each configuration the table names the steps whose slowest rollout or update took 1.5x
 its median, with what the rollout did once (graphs captured, projection shapes timed) and the
 time in Python's garbage collector; the JSON keeps every step.
@@ -116,6 +119,9 @@ def parse_args(argv=None):
     p.add_argument("--no-warmup-run", dest="warmup_run", action="store_false",
                    help="skip the unmeasured 1-rank run that first compiles the kernels")
     p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
+    p.add_argument("--profile-step", type=int, default=0, metavar="N",
+                   help="record step N of every run with torch.profiler (a trace and an operator table per rank "
+                        "under the run's profile/ directory); that step is left out of the means")
     p.add_argument("--commit", default=os.environ.get("SLIPSTREAM_COMMIT"), help="commit being measured")
     p.add_argument("--workdir", default=None, help="run directories, logs and built models (default: a temp dir)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
@@ -251,9 +257,10 @@ def _read_steps(run_dir: Path) -> list[dict]:
     return [r for r in rows if r.get("step", 0) >= 1 and "time/step" in r]
 
 
-def summarize(row: dict, steps: list[dict]) -> None:
-    """Means over the measured steps (after the first, warm-up, when there are more)."""
-    measured = [r for r in steps if r["step"] >= 2] or steps
+def summarize(row: dict, steps: list[dict], profiled: int = 0) -> None:
+    """Means over the measured steps (after the first, warm-up, when there are more; not the
+    `profiled` one, which the profiler slows)."""
+    measured = [r for r in steps if r["step"] >= 2 and r["step"] != profiled] or steps
     row["steps_logged"] = len(steps)
     row["steps_measured"] = len(measured)
     if not measured:
@@ -297,6 +304,8 @@ def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: d
                  "trainer.eval_every=0", "task.num_eval=0", "trainer.resume=never", "logger.wandb=false",
                  "logger.progress=false", "rollout=native",
                  *(o.format(model_dir=model_dirs.get(model)) for o in extra), *args.overrides]
+    if args.profile_step:
+        overrides.append(f"trainer.profile_steps=[{args.profile_step}]")
     cmd = torchrun(n, ["-m", "slipstream.train", *overrides])
     print(f"== {model} {backend} x{n} (log: {log})\n   {' '.join(overrides)}", flush=True)
     row = {"model": model, "backend": backend, "gpus": n, "prompts_per_step": args.prompts_per_rank * n,
@@ -316,7 +325,9 @@ def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: d
             kill_job(proc)
             code = None
     row["wall_s"] = time.perf_counter() - t0
-    summarize(row, _read_steps(run_dir))
+    summarize(row, _read_steps(run_dir), args.profile_step)
+    if args.profile_step:
+        row["profile_dir"] = str(run_dir / "profile")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if code != 0:
         tail = log.read_text(errors="replace")[-4000:].strip()
@@ -469,7 +480,7 @@ def main(argv=None) -> int:
         # A fresh machine compiles the Triton kernels during the first run, at every new batch size
         # and length, well past its first step: whichever configuration came first would be slowed.
         print("== warm-up run (compiles kernels; not measured)", flush=True)
-        warm = argparse.Namespace(**{**vars(args), "steps": 3})
+        warm = argparse.Namespace(**{**vars(args), "steps": 3, "profile_step": 0})
         run_one(args.models[0], next((b for b in args.backends if b not in skip), "fsdp2"), 1, warm, workdir,
                 model_dirs)
     for m in args.models:

@@ -208,6 +208,8 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
     run_dir: str | None = None  # default: runs/<recipe>
     threads: int = 0  # torch CPU threads (0: torch's default)
+    # steps recorded by torch.profiler: a Chrome trace and an operator table per rank under <run_dir>/profile/
+    profile_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -293,6 +295,9 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
     if cfg.reward.rule_weight == 0 and cfg.reward.model_path is None:
         raise ConfigError("reward.rule_weight=0 and no reward.model_path: nothing would score the samples")
     _choice("trainer.device", cfg.trainer.device, ["auto", "cpu", "cuda"])
+    outside = [s for s in cfg.trainer.profile_steps if not 1 <= s <= cfg.trainer.steps]
+    if outside:
+        raise ConfigError(f"trainer.profile_steps has {outside}, outside the run's steps 1..{cfg.trainer.steps}")
     _choice("logger.wandb_mode", cfg.logger.wandb_mode, ["offline", "online", "disabled"])
     for key in ("rollout.n", "rollout.max_tokens", "rollout.batch_size", "rollout.eval_max_tokens",
                 "rollout.block_size", "rollout.kv_cache_gb", "rollout.max_num_seqs", "rollout.max_num_batched_tokens",

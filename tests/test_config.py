@@ -43,6 +43,7 @@ def test_recipe_and_overrides_take_effect():
     ("trainer.steps", "cannot parse override"),
     ("attention=sparse", "unknown attention 'sparse'; available: blasst, dense"),
     ("attention.kind=blasst", "needs attention.prefill_scale or attention.decode_scale > 0"),
+    ("trainer.profile_steps=[0,3]", "trainer.profile_steps has [0], outside the run's steps 1..3"),
 ])
 def test_user_mistakes_are_named(override, expected):
     with pytest.raises(ConfigError) as e:

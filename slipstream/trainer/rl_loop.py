@@ -24,6 +24,7 @@ from slipstream.tasks import Problem, build_task
 from slipstream.telemetry import MetricsLogger, progress_bar, write_report
 from slipstream.telemetry.cuda_memory import CudaMemoryMeter
 from slipstream.telemetry.gc_time import GCTime, frozen_startup_heap
+from slipstream.telemetry.step_profiler import StepProfiler, phase
 from slipstream.trainer.batch import build_batch
 from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_drafter_state, load_rollout_state
 from slipstream.trainer.distributed import (
@@ -188,6 +189,7 @@ def train(cfg: SlipstreamConfig) -> dict:
         logger.truncate_after(state.step)
     show = cfg.logger.progress and ctx.is_main
     colocate = tc.offload_during_rollout and device.type == "cuda" and isinstance(engine, Engine)
+    profiler = StepProfiler(tc.profile_steps, run_dir / "profile", ctx.rank, device)
     summary: dict = {}
     # what lives for the whole run is walked by no full collection while it trains
     with logger, frozen_startup_heap(), GCTime() as gc_time:
@@ -204,72 +206,78 @@ def train(cfg: SlipstreamConfig) -> dict:
         while state.step < tc.steps:
             step = state.step + 1
             t_step, gc_step = time.perf_counter(), gc_time.seconds
-            # 1. prompts: whole GRPO groups, this rank's share of them
-            problems = shard_groups(stream.take(tc.prompts_per_step), ctx)
-            params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                    top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_tokens,
-                                    seed=tc.seed * 1_000_003 + step + 7_919 * ctx.rank)
-            requests = []
-            for p in problems:
-                if p.uid not in prompt_cache:
-                    prompt_cache[p.uid] = encode_prompt(tokenizer, p, cfg.task.system_prompt)
-                requests.append(Request(prompt_cache[p.uid], params, p.uid, f"{step}-{p.uid}"))
-            # 2. rollout (its features are the learned drafter's data of this step)
-            if drafter is not None:
-                drafter.start_step(step)
-            t0 = time.perf_counter()
-            gc_rollout = gc_time.seconds
-            with parts.generating(engine, colocate):  # optimizer state off the GPU while the KV cache is in use
-                bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
-                completions = engine.generate(requests, progress=bar.update)
-                bar.close()
-            t_rollout = time.perf_counter() - t0
-            native = isinstance(engine, Engine)
-            spec_metrics, timeline = (engine.rollout_metrics(), engine.timeline.to_columns()) if native else ({}, None)
-            spec_metrics["rollout/gc_s"] = gc_time.seconds - gc_rollout
-            sparsity = engine.sparsity() if cfg.attention.kind == "blasst" else {}
-            if drafter is not None:  # bubble: ranks done early train until every rank is
-                drafter.rank_idle(step)
-            # 3. rewards (the learned drafter trains meanwhile)
-            t0 = time.perf_counter()
-            by_uid = {p.uid: p for p in problems}
-            texts = tokenizer.batch_decode([c.tokens for c in completions], skip_special_tokens=True)
-            prompt_texts = {p.uid: tokenizer.decode(prompt_cache[p.uid]) for p in problems}
+            with profiler.step(step):  # `trainer.profile_steps`: a trace of this step, else nothing
+                # 1. prompts: whole GRPO groups, this rank's share of them
+                problems = shard_groups(stream.take(tc.prompts_per_step), ctx)
+                params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                        top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_tokens,
+                                        seed=tc.seed * 1_000_003 + step + 7_919 * ctx.rank)
+                requests = []
+                for p in problems:
+                    if p.uid not in prompt_cache:
+                        prompt_cache[p.uid] = encode_prompt(tokenizer, p, cfg.task.system_prompt)
+                    requests.append(Request(prompt_cache[p.uid], params, p.uid, f"{step}-{p.uid}"))
+                # 2. rollout (its features are the learned drafter's data of this step)
+                if drafter is not None:
+                    drafter.start_step(step)
+                t0 = time.perf_counter()
+                gc_rollout = gc_time.seconds
+                # optimizer state off the GPU while the KV cache is in use
+                with phase("rollout"), parts.generating(engine, colocate):
+                    bar = progress_bar(len(requests) * params.n, f"step {step} rollout", enabled=show)
+                    completions = engine.generate(requests, progress=bar.update)
+                    bar.close()
+                t_rollout = time.perf_counter() - t0
+                native = isinstance(engine, Engine)
+                spec_metrics, timeline = (engine.rollout_metrics(), engine.timeline.to_columns()) if native else ({}, None)
+                spec_metrics["rollout/gc_s"] = gc_time.seconds - gc_rollout
+                sparsity = engine.sparsity() if cfg.attention.kind == "blasst" else {}
+                if drafter is not None:  # bubble: ranks done early train until every rank is
+                    drafter.rank_idle(step)
+                # 3. rewards (the learned drafter trains meanwhile)
+                t0 = time.perf_counter()
+                by_uid = {p.uid: p for p in problems}
+                texts = tokenizer.batch_decode([c.tokens for c in completions], skip_special_tokens=True)
+                prompt_texts = {p.uid: tokenizer.decode(prompt_cache[p.uid]) for p in problems}
 
-            def score():
-                return scorer([by_uid[c.group_id] for c in completions],
-                              [prompt_texts[c.group_id] for c in completions], texts)
-            rewards, reward_metrics = drafter.train_while(score) if drafter is not None else score()
-            t_reward = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if drafter is not None:  # then its steps of this RL step, and the new weights swap in
-                drafter.train_after_rollout(cfg.drafter.train_steps_after_rollout)
-                drafter.publish()
-            t_drafter = time.perf_counter() - t0
-            # 4. advantages: per sequence from the rewards, or per token from PPO's critic
-            batch = build_batch(completions, rewards, tokenizer.pad_token_id)
-            if critic is not None:
-                advantages, old_values, returns = critic.advantages(batch)
-            else:
-                advantages = actor.advantages(batch)
-            # 5. update
-            t0 = time.perf_counter()
-            bar = progress_bar(batch.size, f"step {step} update", enabled=show)
-            try:
-                metrics = actor.update(batch, advantages, step - 1, cfg.rollout.max_tokens, on_micro_batch=bar.update)
+                def score():
+                    return scorer([by_uid[c.group_id] for c in completions],
+                                  [prompt_texts[c.group_id] for c in completions], texts)
+                with phase("reward"):
+                    rewards, reward_metrics = drafter.train_while(score) if drafter is not None else score()
+                t_reward = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if drafter is not None:  # then its steps of this RL step, and the new weights swap in
+                    drafter.train_after_rollout(cfg.drafter.train_steps_after_rollout)
+                    drafter.publish()
+                t_drafter = time.perf_counter() - t0
+                # 4. advantages: per sequence from the rewards, or per token from PPO's critic
+                batch = build_batch(completions, rewards, tokenizer.pad_token_id)
                 if critic is not None:
-                    metrics.update(critic.update(batch, old_values, returns))
-            except FloatingPointError as e:
-                newest = latest_checkpoint(ckpt_root)
-                raise TrainingError(f"{e}; the run stops without checkpointing that step. Newest checkpoint: "
-                                    f"{newest or 'none yet'} (resume with trainer.resume=auto and, e.g., a lower "
-                                    f"trainer.lr)") from None
-            finally:
-                bar.close()
-            t_update = time.perf_counter() - t0
-            # 6. weight sync into the engine (the HF backend shares the trainer's module) and bookkeeping
-            t_sync = (engine.load_weights(actor.backend.named_full_parameters()) if isinstance(engine, Engine)
-                      else 0.0)
+                    advantages, old_values, returns = critic.advantages(batch)
+                else:
+                    advantages = actor.advantages(batch)
+                # 5. update
+                t0 = time.perf_counter()
+                bar = progress_bar(batch.size, f"step {step} update", enabled=show)
+                try:
+                    with phase("update"):
+                        metrics = actor.update(batch, advantages, step - 1, cfg.rollout.max_tokens,
+                                               on_micro_batch=bar.update)
+                        if critic is not None:
+                            metrics.update(critic.update(batch, old_values, returns))
+                except FloatingPointError as e:
+                    newest = latest_checkpoint(ckpt_root)
+                    raise TrainingError(f"{e}; the run stops without checkpointing that step. Newest checkpoint: "
+                                        f"{newest or 'none yet'} (resume with trainer.resume=auto and, e.g., a lower "
+                                        f"trainer.lr)") from None
+                finally:
+                    bar.close()
+                t_update = time.perf_counter() - t0
+                # 6. weight sync into the engine (the HF backend shares the trainer's module) and bookkeeping
+                with phase("sync"):
+                    t_sync = (engine.load_weights(actor.backend.named_full_parameters()) if isinstance(engine, Engine)
+                              else 0.0)
             state = TrainState(step=step, epoch=stream.epoch, position=stream.position)
             rollout_metrics, all_lengths, all_rewards = global_metrics(
                 ctx, completions, rewards, batch, _mixed_group_fraction(batch.group_ids, torch.tensor(rewards)),

@@ -117,3 +117,19 @@ def test_a_non_finite_loss_stops_the_run_naming_the_checkpoint(tmp_path, monkeyp
         train(cfg)
     assert (tmp_path / "checkpoints" / "step_000001" / "COMPLETE").is_file()
     assert not (tmp_path / "checkpoints" / "step_000002").exists()
+
+
+def test_profiled_steps_write_a_trace_and_an_operator_table(tmp_path):
+    import gzip
+
+    cfg = compose(["recipe=smoke", "rollout=native", f"trainer.run_dir={tmp_path}", "logger.wandb=false",
+                   "trainer.steps=2", "trainer.profile_steps=[2]", "rollout.n=2", "rollout.max_tokens=8",
+                   "rollout.eval_max_tokens=8", "task.num_eval=2"])
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["step2-rank0.json.gz", "step2-rank0.txt"]
+    trace = json.loads(gzip.open(tmp_path / "profile" / "step2-rank0.json.gz").read())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"rollout", "reward", "update", "sync"} <= names
+    assert any(str(n).startswith("aten::") for n in names)
+    table = (tmp_path / "profile" / "step2-rank0.txt").read_text()
+    assert "step 2, rank 0" in table and "aten::" in table
