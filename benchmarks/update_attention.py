@@ -1,0 +1,139 @@
+"""The trainer's forward + backward per micro-batch: which SDPA backend, and how micro-batch shapes recur.
+
+    python benchmarks/update_attention.py --model /tmp/smollm2-hf [--batch 64] [--iters 10]
+
+The actor's update runs the HF model on [rows, prompt + response] micro-batches with a padding
+mask, so torch's SDPA dispatches to a backend that takes a mask (cuDNN on Hopper, else
+memory-efficient). A small model's update is host-bound, and what each attention call costs on
+the host depends on the backend and on whether the micro-batch's shape was seen before. Each
+row is one backend x one shape regime:
+
+  fixed     every micro-batch [batch, P + 256] (the width of the whole batch every time)
+  varying   a new response width each micro-batch (length-grouped micro-batches cut to their
+            longest row: about as many new shapes as micro-batches)
+  bucketed  the varying widths rounded up so that prompt + response is a multiple of 64, as
+            the trainer does on CUDA (`slipstream.trainer.batch.shape_align`)
+
+It prints the median wall time of one forward + backward (synchronised), the GPU time of the same
+work (CUDA events; the floor the host overhead sits on) and their ratio, and writes
+benchmarks/results/update_attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from slipstream.rollout.types import Completion  # noqa: E402
+from slipstream.trainer.actor import response_logprobs  # noqa: E402
+from slipstream.trainer.batch import aligned_width, build_batch  # noqa: E402
+
+BACKENDS = {
+    "default": None,  # torch's own choice
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
+ALIGN = 64  # as the trainer's shape_align on CUDA
+
+
+def micro_batch(rng: random.Random, batch: int, prompt: int, width: int, vocab: int):
+    """`batch` rows of left-padded prompts of up to `prompt` tokens and responses of up to
+    `width` tokens, the longest exactly `width`."""
+    comps = []
+    for i in range(batch):
+        p = rng.randint(prompt // 2, prompt) if i else prompt
+        r = width if i == 0 else rng.randint(1, width)
+        comps.append(Completion(f"r{i}", f"g{i // 8}", [rng.randrange(vocab) for _ in range(p)],
+                                [rng.randrange(vocab) for _ in range(r)], [-1.0] * r, "stop"))
+    return build_batch(comps, [0.0] * batch, pad_id=0)
+
+
+def widths(regime: str, iters: int, prompt: int, cap: int, rng: random.Random) -> list[int]:
+    if regime == "fixed":
+        return [cap] * iters
+    seen, out = set(), []
+    while len(out) < iters:  # distinct widths: every micro-batch a shape not seen before
+        w = rng.randint(cap // 2, cap)
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
+    if regime == "bucketed":
+        out = [min(cap, aligned_width(prompt, w, ALIGN)) for w in out]
+    return out
+
+
+def run(model, device, backend: str, regime: str, args) -> dict:
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    batches = [micro_batch(rng, args.batch, args.prompt, w, vocab)
+               for w in widths(regime, args.iters, args.prompt, args.max_tokens, rng)]
+    walls, gpus = [], []
+    ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] else torch.enable_grad()
+    with ctx:
+        for b in batches:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            start.record()
+            lp = response_logprobs(model, b, device)
+            lp.sum().backward()
+            end.record()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - t0) * 1e3)
+            gpus.append(start.elapsed_time(end))
+            model.zero_grad(set_to_none=True)
+    # the first micro-batch also pays one-time costs (kernel selection) in every regime
+    wall, gpu = statistics.median(walls[1:]), statistics.median(gpus[1:])
+    return {"backend": backend, "regime": regime, "wall_ms": wall, "gpu_ms": gpu, "wall_over_gpu": wall / gpu,
+            "shapes": sorted({tuple(b.input_ids.shape) for b in batches}), "wall_ms_each": walls}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model directory")
+    ap.add_argument("--batch", type=int, default=64, help="rows per micro-batch (the GPU recipe's micro_batch_size)")
+    ap.add_argument("--prompt", type=int, default=48, help="prompt width")
+    ap.add_argument("--max-tokens", type=int, default=256, help="the rollout's max_tokens")
+    ap.add_argument("--iters", type=int, default=10, help="micro-batches per row (the first is not counted)")
+    ap.add_argument("--backends", default="default,cudnn,efficient", help=",".join(BACKENDS))
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "update_attention.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("update_attention.py measures the CUDA update path; no CUDA device is visible")
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    model.train()
+    rows = []
+    for backend in args.backends.split(","):
+        for regime in ("fixed", "varying", "bucketed"):
+            r = run(model, device, backend, regime, args)
+            rows.append(r)
+            print(f"{backend:>9} {regime:>8}: wall {r['wall_ms']:7.1f} ms  gpu {r['gpu_ms']:6.1f} ms  "
+                  f"wall/gpu {r['wall_over_gpu']:5.2f}  ({len(r['shapes'])} shapes)", flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit,
+            "batch": args.batch, "prompt": args.prompt, "max_tokens": args.max_tokens, "iters": args.iters}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
