@@ -11,8 +11,7 @@ row is one backend x one shape regime:
   fixed     every micro-batch [batch, P + 256] (the width of the whole batch every time)
   varying   a new response width each micro-batch (length-grouped micro-batches cut to their
             longest row: about as many new shapes as micro-batches)
-  bucketed  the varying widths rounded up so that prompt + response is a multiple of 64, as
-            the trainer does on CUDA (`slipstream.trainer.batch.shape_align`)
+  bucketed  the varying widths rounded up so that prompt + response is a multiple of 64
 
 It prints the median wall time of one forward + backward (synchronised), the GPU time of the same
 work (CUDA events; the floor the host overhead sits on) and their ratio, and writes
@@ -34,19 +33,22 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
 
 from slipstream.rollout.types import Completion  # noqa: E402
-from slipstream.trainer.actor import response_logprobs  # noqa: E402
-from slipstream.trainer.batch import aligned_width, build_batch  # noqa: E402
+from slipstream.trainer import actor  # noqa: E402
+from slipstream.trainer.actor import TRAIN_SDPA_BACKENDS, response_logprobs  # noqa: E402
+from slipstream.trainer.batch import build_batch  # noqa: E402
 
 BACKENDS = {
-    "default": None,  # torch's own choice
+    "default": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH],  # every backend: torch's own choice
+    "trainer": TRAIN_SDPA_BACKENDS,  # what the actor and critic run under
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [SDPBackend.MATH],
 }
-ALIGN = 64  # as the trainer's shape_align on CUDA
+ALIGN = 64
 
 
 def micro_batch(rng: random.Random, batch: int, prompt: int, width: int, vocab: int):
@@ -71,7 +73,7 @@ def widths(regime: str, iters: int, prompt: int, cap: int, rng: random.Random) -
             seen.add(w)
             out.append(w)
     if regime == "bucketed":
-        out = [min(cap, aligned_width(prompt, w, ALIGN)) for w in out]
+        out = [min(cap, -(-(prompt + w) // ALIGN) * ALIGN - prompt) for w in out]
     return out
 
 
@@ -80,24 +82,26 @@ def run(model, device, backend: str, regime: str, args) -> dict:
     vocab = model.config.vocab_size
     batches = [micro_batch(rng, args.batch, args.prompt, w, vocab)
                for w in widths(regime, args.iters, args.prompt, args.max_tokens, rng)]
-    walls, gpus = [], []
-    ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] else torch.enable_grad()
-    with ctx:
-        for b in batches:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            start.record()
-            lp = response_logprobs(model, b, device)
-            lp.sum().backward()
-            end.record()
-            torch.cuda.synchronize()
-            walls.append((time.perf_counter() - t0) * 1e3)
-            gpus.append(start.elapsed_time(end))
-            model.zero_grad(set_to_none=True)
+    walls, gpus, finite = [], [], []
+    # the actor's forward enables these SDPA backends (torch keeps its own order among them)
+    actor.TRAIN_SDPA_BACKENDS = BACKENDS[backend]
+    for b in batches:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        start.record()
+        lp = response_logprobs(model, b, device)
+        lp.sum().backward()
+        end.record()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t0) * 1e3)
+        gpus.append(start.elapsed_time(end))
+        finite.append(all(bool(p.grad.isfinite().all()) for p in model.parameters() if p.grad is not None))
+        model.zero_grad(set_to_none=True)
     # the first micro-batch also pays one-time costs (kernel selection) in every regime
     wall, gpu = statistics.median(walls[1:]), statistics.median(gpus[1:])
     return {"backend": backend, "regime": regime, "wall_ms": wall, "gpu_ms": gpu, "wall_over_gpu": wall / gpu,
+            "finite_gradients": all(finite),
             "shapes": sorted({tuple(b.input_ids.shape) for b in batches}), "wall_ms_each": walls}
 
 
@@ -109,7 +113,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=48, help="prompt width")
     ap.add_argument("--max-tokens", type=int, default=256, help="the rollout's max_tokens")
     ap.add_argument("--iters", type=int, default=10, help="micro-batches per row (the first is not counted)")
-    ap.add_argument("--backends", default="default,cudnn,efficient", help=",".join(BACKENDS))
+    ap.add_argument("--backends", default="default,trainer,cudnn,efficient", help=",".join(BACKENDS))
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "update_attention.json"))
     args = ap.parse_args()
@@ -126,7 +130,8 @@ def main() -> int:
             r = run(model, device, backend, regime, args)
             rows.append(r)
             print(f"{backend:>9} {regime:>8}: wall {r['wall_ms']:7.1f} ms  gpu {r['gpu_ms']:6.1f} ms  "
-                  f"wall/gpu {r['wall_over_gpu']:5.2f}  ({len(r['shapes'])} shapes)", flush=True)
+                  f"wall/gpu {r['wall_over_gpu']:5.2f}  ({len(r['shapes'])} shapes)"
+                  f"{'' if r['finite_gradients'] else '  NON-FINITE GRADIENTS'}", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit,
             "batch": args.batch, "prompt": args.prompt, "max_tokens": args.max_tokens, "iters": args.iters}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

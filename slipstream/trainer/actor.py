@@ -13,6 +13,7 @@ import contextlib
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.trainer import algorithms as alg
@@ -21,10 +22,24 @@ from slipstream.trainer.batch import RolloutBatch, length_grouped, per_response_
 from slipstream.trainer.distributed import DistContext, global_advantages
 
 
+# The trainer's attention over padded micro-batches: any SDPA backend but cuDNN's. On CUDA the
+# padding mask rules out flash, and torch then picks cuDNN for some sequence lengths and the
+# memory-efficient kernel for others. With length-grouped micro-batches, a new length nearly
+# every time, one forward + backward of SmolLM2 at 64 x ~300 tokens took 286 ms against 173 ms
+# with the memory-efficient kernel alone; and at lengths where cuDNN ran, fully masked rows (left
+# padding) made gradients non-finite (benchmarks/update_attention.py, BENCHMARKS.md).
+TRAIN_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+@contextlib.contextmanager
 def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The trainer's forward context: bf16 autocast on CUDA (float32 on the CPU), and its SDPA backends."""
+    with sdpa_kernel(TRAIN_SDPA_BACKENDS):
+        if device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yield
+        else:
+            yield
 
 
 def response_logprobs(model, batch: RolloutBatch, device: torch.device, temperature: float = 1.0) -> torch.Tensor:

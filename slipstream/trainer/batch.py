@@ -15,23 +15,6 @@ import torch
 from slipstream.rollout.types import Completion
 
 
-def shape_align(device: torch.device) -> int:
-    """What the update's sequence lengths (prompt + response columns) are rounded up to.
-
-    On CUDA, torch's SDPA with a padding mask runs cuDNN's attention, which builds an execution
-    plan for every new shape: milliseconds of host time per call (benchmarks/update_attention.py),
-    in a forward and backward that otherwise take tens of milliseconds. Lengths that are multiples
-    of 64 give a handful of shapes, each planned once. On the CPU nothing is planned, and padding
-    would only add compute.
-    """
-    return 64 if device.type == "cuda" else 1
-
-
-def aligned_width(prompt_width: int, width: int, align: int) -> int:
-    """`width` response columns rounded up so that prompt + response is a multiple of `align`."""
-    return -(-(prompt_width + width) // align) * align - prompt_width
-
-
 @dataclass
 class RolloutBatch:
     input_ids: torch.Tensor  # [B, P + R] long
@@ -83,13 +66,11 @@ class MicroBatch:
     width: int
 
 
-def length_grouped(batch: RolloutBatch, size: int, device: torch.device, align: int | None = None) -> list[MicroBatch]:
+def length_grouped(batch: RolloutBatch, size: int, device: torch.device) -> list[MicroBatch]:
     """`batch` in micro-batches of `size` rows of similar response length, each cut to its
-    longest response (with the prompt, rounded up to `align`, by default `shape_align(device)`,
-    within the batch's width): the padding past it would cost forward and backward compute for nothing.
+    longest response: the padding past it would cost forward and backward compute for nothing.
     The batch is copied to the device once (a pageable copy per micro-batch would wait for the
     GPU each time)."""
-    align = shape_align(device) if align is None else align
     lengths = batch.response_mask.sum(-1).long()
     order = torch.argsort(lengths, stable=True)
     widths = lengths[order].tolist()
@@ -97,8 +78,7 @@ def length_grouped(batch: RolloutBatch, size: int, device: torch.device, align: 
     order = order.to(device)
     out = []
     for s in range(0, batch.size, size):
-        width = min(aligned_width(batch.prompt_width, max(1, max(widths[s : s + size])), align),
-                    batch.response_width)
+        width = max(1, max(widths[s : s + size]))
         out.append(MicroBatch(order[s : s + size], rows.rows(s, s + size).trimmed(width), width))
     return out
 
@@ -112,13 +92,11 @@ def per_response_token(batch: RolloutBatch, size: int, device: torch.device, fn)
     return out
 
 
-def build_batch(completions: list[Completion], rewards: list[float], pad_id: int, align: int = 1) -> RolloutBatch:
-    """The batch of `completions`; `align` > 1 pads the response columns on the right until
-    prompt + response is a multiple of it (`shape_align`)."""
+def build_batch(completions: list[Completion], rewards: list[float], pad_id: int) -> RolloutBatch:
     group_index: dict[str, int] = {}
     gids = [group_index.setdefault(c.group_id, len(group_index)) for c in completions]
     P = max(len(c.prompt_ids) for c in completions)
-    R = aligned_width(P, max(1, max(len(c.tokens) for c in completions)), align)
+    R = max(1, max(len(c.tokens) for c in completions))
     B = len(completions)
     input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
     attn = torch.zeros((B, P + R), dtype=torch.long)

@@ -25,7 +25,7 @@ from slipstream.telemetry import MetricsLogger, progress_bar, write_report
 from slipstream.telemetry.cuda_memory import CudaMemoryMeter
 from slipstream.telemetry.gc_time import GCTime, frozen_startup_heap
 from slipstream.telemetry.step_profiler import StepProfiler, phase
-from slipstream.trainer.batch import build_batch, shape_align
+from slipstream.trainer.batch import build_batch
 from slipstream.trainer.checkpoint import TrainState, latest_checkpoint, load_drafter_state, load_rollout_state
 from slipstream.trainer.distributed import (
     DistContext,
@@ -252,7 +252,7 @@ def train(cfg: SlipstreamConfig) -> dict:
                     drafter.publish()
                 t_drafter = time.perf_counter() - t0
                 # 4. advantages: per sequence from the rewards, or per token from PPO's critic
-                batch = build_batch(completions, rewards, tokenizer.pad_token_id, align=shape_align(device))
+                batch = build_batch(completions, rewards, tokenizer.pad_token_id)
                 if critic is not None:
                     advantages, old_values, returns = critic.advantages(batch)
                 else:

@@ -39,22 +39,3 @@ def test_padded_batch_logprobs_equal_each_sequence_alone(tiny_model):
         ref = logits.log_softmax(-1).gather(-1, torch.tensor(c.tokens)[:, None]).squeeze(-1)
         assert torch.allclose(got[i, : len(c.tokens)].detach(), ref, atol=1e-5)
         assert (got[i, len(c.tokens) :] == 0).all()
-
-
-def test_aligned_shapes_pad_without_changing_a_logprob(tiny_model):
-    from slipstream.trainer.batch import length_grouped
-
-    model, _ = tiny_model
-    comps = _completions() * 3
-    plain = build_batch(comps, [0.0] * len(comps), pad_id=0)
-    aligned = build_batch(comps, [0.0] * len(comps), pad_id=0, align=8)
-    P, R = aligned.prompt_width, aligned.response_width
-    assert P == plain.prompt_width and (P + R) % 8 == 0 and R == 5  # 3 + 4 -> 8
-    assert torch.equal(aligned.response_mask[:, :4], plain.response_mask) and not aligned.response_mask[:, 4:].any()
-    parts = length_grouped(aligned, 3, torch.device("cpu"), align=8)
-    # each micro-batch is cut at its longest response rounded up with the prompt: 1 -> 5, 2 -> 5, 4 -> 5
-    assert [m.width for m in parts] == [5, 5, 5]
-    assert [m.width for m in length_grouped(plain, 3, torch.device("cpu"))] == [1, 2, 4]
-    got = response_logprobs(model, aligned, torch.device("cpu"))
-    want = response_logprobs(model, plain, torch.device("cpu"))
-    assert torch.allclose(got[:, :4], want, atol=1e-5) and (got[:, 4:] == 0).all()
