@@ -3,19 +3,19 @@
     python benchmarks/update_attention.py --model /tmp/smollm2-hf [--batch 64] [--iters 10]
 
 The actor's update runs the HF model on [rows, prompt + response] micro-batches with a padding
-mask, so torch's SDPA dispatches to a backend that takes a mask (cuDNN on Hopper, else
-memory-efficient). A small model's update is host-bound, and what each attention call costs on
-the host depends on the backend and on whether the micro-batch's shape was seen before. Each
-row is one backend x one shape regime:
+mask, which rules out flash attention on CUDA; torch's SDPA then picks among the others by shape.
+Each row is one set of enabled SDPA backends (`default`: all, torch's choice; `trainer`: the
+actor's `TRAIN_SDPA_BACKENDS`; `cudnn`, `efficient`, `math` alone) x one shape regime:
 
   fixed     every micro-batch [batch, P + 256] (the width of the whole batch every time)
   varying   a new response width each micro-batch (length-grouped micro-batches cut to their
             longest row: about as many new shapes as micro-batches)
   bucketed  the varying widths rounded up so that prompt + response is a multiple of 64
 
-It prints the median wall time of one forward + backward (synchronised), the GPU time of the same
-work (CUDA events; the floor the host overhead sits on) and their ratio, and writes
-benchmarks/results/update_attention.json.
+It prints the median wall time of one forward + backward (synchronised; the first micro-batch
+of a row is left out), the slowest one, the model FLOPs over the median time (the matmuls: 6 x
+parameters x tokens, the LM head only over response positions) and whether every gradient was
+finite; every micro-batch's time is in benchmarks/results/update_attention.json.
 """
 
 from __future__ import annotations
@@ -82,25 +82,26 @@ def run(model, device, backend: str, regime: str, args) -> dict:
     vocab = model.config.vocab_size
     batches = [micro_batch(rng, args.batch, args.prompt, w, vocab)
                for w in widths(regime, args.iters, args.prompt, args.max_tokens, rng)]
-    walls, gpus, finite = [], [], []
+    walls, finite = [], []
     # the actor's forward enables these SDPA backends (torch keeps its own order among them)
     actor.TRAIN_SDPA_BACKENDS = BACKENDS[backend]
     for b in batches:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        start.record()
         lp = response_logprobs(model, b, device)
         lp.sum().backward()
-        end.record()
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) * 1e3)
-        gpus.append(start.elapsed_time(end))
         finite.append(all(bool(p.grad.isfinite().all()) for p in model.parameters() if p.grad is not None))
         model.zero_grad(set_to_none=True)
     # the first micro-batch also pays one-time costs (kernel selection) in every regime
-    wall, gpu = statistics.median(walls[1:]), statistics.median(gpus[1:])
-    return {"backend": backend, "regime": regime, "wall_ms": wall, "gpu_ms": gpu, "wall_over_gpu": wall / gpu,
+    wall = statistics.median(walls[1:])
+    head = model.config.vocab_size * model.config.hidden_size
+    body = sum(p.numel() for p in model.parameters()) - head * (1 if model.config.tie_word_embeddings else 2)
+    flops = statistics.median(6 * (body * b.input_ids.numel() + head * b.size * (b.response_width + 1))
+                              for b in batches[1:])
+    return {"backend": backend, "regime": regime, "wall_ms": wall, "max_ms": max(walls[1:]),
+            "tflops": flops / wall / 1e9,
             "finite_gradients": all(finite),
             "shapes": sorted({tuple(b.input_ids.shape) for b in batches}), "wall_ms_each": walls}
 
@@ -129,8 +130,8 @@ def main() -> int:
         for regime in ("fixed", "varying", "bucketed"):
             r = run(model, device, backend, regime, args)
             rows.append(r)
-            print(f"{backend:>9} {regime:>8}: wall {r['wall_ms']:7.1f} ms  gpu {r['gpu_ms']:6.1f} ms  "
-                  f"wall/gpu {r['wall_over_gpu']:5.2f}  ({len(r['shapes'])} shapes)"
+            print(f"{backend:>9} {regime:>8}: median {r['wall_ms']:7.1f} ms  slowest {r['max_ms']:7.1f} ms  "
+                  f"{r['tflops']:5.1f} TFLOP/s  ({len(r['shapes'])} shapes)"
                   f"{'' if r['finite_gradients'] else '  NON-FINITE GRADIENTS'}", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit,
             "batch": args.batch, "prompt": args.prompt, "max_tokens": args.max_tokens, "iters": args.iters}

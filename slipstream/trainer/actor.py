@@ -22,12 +22,12 @@ from slipstream.trainer.batch import RolloutBatch, length_grouped, per_response_
 from slipstream.trainer.distributed import DistContext, global_advantages
 
 
-# The trainer's attention over padded micro-batches: any SDPA backend but cuDNN's. On CUDA the
-# padding mask rules out flash, and torch then picks cuDNN for some sequence lengths and the
-# memory-efficient kernel for others. With length-grouped micro-batches, a new length nearly
-# every time, one forward + backward of SmolLM2 at 64 x ~300 tokens took 286 ms against 173 ms
-# with the memory-efficient kernel alone; and at lengths where cuDNN ran, fully masked rows (left
-# padding) made gradients non-finite (benchmarks/update_attention.py, BENCHMARKS.md).
+# The trainer's attention over padded micro-batches: any SDPA backend but cuDNN's. The padding
+# mask rules out flash on CUDA; left to itself, torch then spent 1.4-2.5 s on a forward + backward
+# at a sequence length it had not seen before (length-grouped micro-batches meet a new one almost
+# every time; these were the update's spikes) and gave non-finite gradients at lengths that are
+# multiples of 64, where left-padded rows are fully masked. The memory-efficient kernel takes the
+# same 0.10-0.15 s at every length, with finite gradients (benchmarks/update_attention.py).
 TRAIN_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
