@@ -76,6 +76,15 @@ class FSDP2Backend(TrainBackend):
             fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         self.module = module
+        # Each unit's parameter names (the root's own last): the weight sync gathers unit by unit.
+        prefix = {id(m): n for n, m in module.named_modules()}
+        names = [n for n, _ in module.named_parameters()]  # tied weights once, as the engine expects them
+        self._gather_groups: list[tuple[torch.nn.Module, list[str]]] = []
+        for unit in self.units:
+            heads = tuple(prefix[id(m)] + "." for m in unit)
+            self._gather_groups.append((unit[0], [n for n in names if n.startswith(heads)]))
+        in_units = {n for _, group in self._gather_groups for n in group}
+        self._gather_groups.append((module, [n for n in names if n not in in_units]))
         self.optimizer = None
         self.max_grad_norm = optim.max_grad_norm if optim is not None else 0.0
         if optim is not None:
@@ -94,10 +103,19 @@ class FSDP2Backend(TrainBackend):
         set_lr(self.optimizer, lr)
 
     def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        # One all-gather per parameter: the full model never has to fit next to the shards.
+        """The full weights, in the compute dtype (bf16 on CUDA), one FSDP unit at a time: one
+        all-gather per unit (a gather per parameter cost SmolLM2's sync 0.13 s on 2 H200s against
+        0.009 s for ZeRO-2, which holds full weights), and only one unit's weights are gathered
+        at once; each tensor yielded is a copy, valid after the unit is freed again."""
         with torch.no_grad():
-            for name, p in self.module.named_parameters():
-                yield name, p.full_tensor() if isinstance(p, DTensor) else p
+            for owner, names in self._gather_groups:
+                owner.unshard()
+                try:
+                    for name in names:
+                        p = self.module.get_parameter(name)
+                        yield name, (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                finally:
+                    owner.reshard()
 
     def _state(self) -> dict:
         if self.optimizer is None:
