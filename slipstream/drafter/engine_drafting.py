@@ -58,6 +58,7 @@ class DraftingSpeculator(Speculator):
         self.generator: torch.Generator | None = None
         self.recording = True  # whether this rollout's features feed the training buffer
         self._source: str | None = None
+        self._pending_source: str | None = None  # a drafting source `will_draft` chose for the next step
         self._combined: CombinedDraft | None = None
         self._rows: dict[int, int] = {}  # seq_id -> row of this step's combined draft
         self._reset_rollout_stats()
@@ -79,6 +80,7 @@ class DraftingSpeculator(Speculator):
 
     def begin(self, seqs: Iterable[Sequence], record: bool = True) -> None:
         super().begin(seqs)
+        self._pending_source = None
         self.recording = record
         self.windows.clear()
         self._reset_rollout_stats()
@@ -97,9 +99,10 @@ class DraftingSpeculator(Speculator):
         self._source, self._combined, self._rows = None, None, {}
         live = scheduler.num_running + scheduler.num_waiting
         self._arm = None
+        pending, self._pending_source = self._pending_source, None
         if live >= self.policy.config.min_batch_for_off or not any(not s.is_prefilling for s in scheduler.running):
             return {}
-        source = self._source = self.sources.choose(live)
+        source = self._source = pending if pending is not None else self.sources.choose(live)
         self._source_steps[source] = self._source_steps.get(source, 0) + 1
         if source == "none":
             return {}
@@ -122,9 +125,21 @@ class DraftingSpeculator(Speculator):
         return {s.seq_id: d for s, d in zip(drafting, combined.drafts) if d}
 
     def will_draft(self, live: int) -> bool:
-        """Below ``min_batch_for_off`` every step asks the source policy (which may pick the
-        learned drafter), so decode replays are not chained there."""
-        return live < self.policy.config.min_batch_for_off
+        """Whether the next step at this live batch may draft: the source policy chooses now, as
+        `propose` would. If it picks "none", the engine chains its decode replays as without
+        speculation; their features still reach the context windows and the training buffer, so
+        a later step can draft from them, and their steps count for "none"."""
+        self._arm, self._combined, self._rows = None, None, {}
+        if live >= self.policy.config.min_batch_for_off:
+            self._source = self._pending_source = None
+            return False
+        self._source = self.sources.choose(live)
+        if self._source == "none":
+            self._source_steps["none"] = self._source_steps.get("none", 0) + 1
+            self._pending_source = None
+            return False
+        self._pending_source = self._source  # it holds for the next step (`propose` does not draw again)
+        return True
 
     def _learned_draft(self, seqs: list[Sequence], k: int) -> Draft:
         """One chain of k tokens for every sequence of `seqs`, batched, with their sampling parameters."""
@@ -156,8 +171,10 @@ class DraftingSpeculator(Speculator):
     def observe(self, batch: ScheduledBatch, live: int, seconds: float,
                 emitted: list[list[int]] | None = None) -> None:
         super().observe(batch, live, seconds, emitted)
+        # a replay's steps drafted nothing: they count for "none" (see Speculator.observe)
+        source = self._source if batch.entries else "none"
         if self._source is not None and seconds > 0:
-            self.sources.record(live, self._source, batch.num_emitted, seconds)
+            self.sources.record(live, source, batch.num_emitted, seconds)
         if emitted is not None and self._combined is not None:
             for e, out in zip(batch.sampling, emitted):
                 if e.draft:
@@ -177,7 +194,8 @@ class DraftingSpeculator(Speculator):
 
     def metrics(self) -> dict[str, float]:
         """Per draft source: accepted draft tokens per verification (acceptance length), accepted
-        over drafted, and steps the source policy chose it; the learned drafter's launch time and
+        over drafted, and how often the source policy chose it (once per engine step, or per chained
+        multi-step replay for "none"); the learned drafter's launch time and
         the newest weight version it drafted with."""
         out = super().metrics()
         out["spec/learned_draft_seconds"] = self.learned_seconds

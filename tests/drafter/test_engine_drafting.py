@@ -219,3 +219,34 @@ def test_multi_step_replays_feed_the_drafter_and_drafting_follows_losslessly(tin
     assert launches and any(launches)  # multi-step replays ran, chained ones among them
     assert engine.rollout_metrics()["spec/drafter/drafted_tokens"] > 0  # and drafting took over below 4 live
     assert run.buffer.num_pairs() > 0
+
+
+@pytest.mark.parametrize("forced,expect_chained", [("none", True), ("drafter", False)])
+def test_replays_chain_where_the_source_policy_picks_none(tiny_model, forced, expect_chained):
+    # Below min_batch_for_off the source policy decides each step: "none" chains the decode
+    # replays as spec=off does, their steps counted for "none"; a drafting source does not chain.
+    torch.manual_seed(0)
+    model, tok = tiny_model
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=24)
+    cfg = EngineConfig(block_size=4, num_blocks=256, decode_steps=4)
+    plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(_requests(tok, params))
+    policy = PolicyConfig(min_batch_for_off=64, draft_lens=(2, 4), epsilon=1.0, max_step_draft_tokens=10**6)
+    run = RunDrafter(decoder_from_hf_module(model), DrafterConfig(window=16, batch_tokens=256, seq_len=64, lr=1e-2),
+                     online=True)
+    engine = run.build_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, 0, SpecConfig(policy=policy),
+                              SourcePolicyConfig(sources=SOURCES["drafter"], min_batch_for_off=64, epsilon=1.0))
+    engine.runner.use_static_decode()
+    engine.generate(_requests(tok, params))  # the drafter has weights to draft with from the first publish on
+    engine.speculator.sources.choose = lambda live: forced
+    launches = []
+    original = engine.runner.launch_decode_steps
+    engine.runner.launch_decode_steps = lambda seqs, k, chained=False: launches.append(chained) or original(
+        seqs, k, chained)
+    comps = engine.generate(_requests(tok, params))
+    assert [c.tokens for c in comps] == [c.tokens for c in plain]
+    assert any(launches) == expect_chained
+    none_steps = engine.speculator.sources.stats(8)["none"][0]
+    if expect_chained:  # every replayed step counted for "none", and nothing was drafted
+        assert none_steps > 0 and engine.rollout_metrics().get("spec/drafter/drafted_tokens", 0.0) == 0.0
+    else:
+        assert engine.rollout_metrics()["spec/drafter/drafted_tokens"] > 0

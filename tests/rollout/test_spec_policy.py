@@ -174,3 +174,26 @@ def test_state_round_trip_reproduces_plans():
     assert sa["config"]["seed"] == 7 and sb["config"]["seed"] == 123
     del sa["config"], sb["config"]
     assert sa == sb
+
+
+def test_a_replayed_step_counts_for_arm_0_whatever_the_next_steps_arm():
+    # The engine asks `will_draft` for the next replay before it reads the replay in flight; the
+    # steps it then reads drafted nothing, so they count for arm 0, not for the arm just chosen.
+    from slipstream.rollout.scheduler import ScheduledBatch
+    from slipstream.rollout.spec.speculator import SpecConfig, Speculator
+
+    spec = Speculator(SpecConfig(policy=PolicyConfig(min_batch_for_off=32, draft_lens=(0, 2))))
+    spec.policy.choose_arm = lambda live: 2
+    assert spec.will_draft(8)
+    spec.observe(ScheduledBatch(entries=[], block_size=4, num_emitted=8), 8, 0.01)
+    stats = spec.policy.stats(8)
+    assert stats[0][0] == 1 and stats[2][0] == 0
+
+
+def test_a_plan_under_a_chosen_arm_draws_nothing_more():
+    # `will_draft` draws the next step's arm; that step's plan takes it instead of drawing again
+    p = SpecPolicy(PolicyConfig(min_batch_for_off=32, draft_lens=(0, 2, 4), epsilon=1.0, seed=1))
+    state = p.state_dict()
+    budgets = p.plan([("a", "g0"), ("b", "g1")], 8, arm=4)
+    assert set(budgets.values()) == {4} and p.arm_for(8) == 4
+    assert p.state_dict()["rng"] == state["rng"]  # no draw

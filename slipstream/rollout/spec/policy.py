@@ -212,14 +212,18 @@ class SpecPolicy:
 
     # ---------------------------------------------------------------- plans
 
-    def plan(self, requests: Iterable[tuple[Hashable, Hashable]], live_batch: int
+    def plan(self, requests: Iterable[tuple[Hashable, Hashable]], live_batch: int, arm: int | None = None
              ) -> dict[Hashable, int]:
-        """Draft budget of each live (request_key, group_id) for this step."""
+        """Draft budget of each live (request_key, group_id) for this step, under `arm` if given
+        (one `choose_arm` already drew for this step), else under an arm drawn now."""
         requests = list(requests)
         cfg = self.config
         if live_batch >= cfg.min_batch_for_off:
             return {key: 0 for key, _ in requests}
-        base = self.choose_arm(live_batch)
+        if arm is None:
+            base = self.choose_arm(live_batch)
+        else:
+            base = self._last_arm[self.bucket(live_batch)] = arm
         classes = [self.length_class(g) for _, g in requests]
         budgets = [self.budget_for_class(base, c) for c in classes]
         total = sum(budgets)

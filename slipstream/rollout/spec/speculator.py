@@ -57,6 +57,7 @@ class Speculator:
         self._fed: dict[int, int] = {}  # output tokens the drafter has seen, per registered sequence
         self._closed: set[int] = set()  # finished sequences already handed to the drafter
         self._arm: int | None = None  # the bandit's arm for the current step (None: large batch)
+        self._pending_arm: int | None = None  # a drafting arm `will_draft` chose for the next step
         self._worker: threading.Thread | None = None
         self.draft_seconds = 0.0  # spent indexing and proposing in this rollout
 
@@ -76,6 +77,7 @@ class Speculator:
         for s in self._seqs.values():
             self._groups.setdefault(s.group_id, []).append(s)
         self._fed, self._closed = {}, set()
+        self._pending_arm = None
         self.draft_seconds = 0.0
         self.policy.set_expected_lengths({g: self.drafter.expected_length(g) for g in self._groups})
 
@@ -129,12 +131,13 @@ class Speculator:
         and the live batch; no sequence (and no arm) while the batch is large."""
         live = scheduler.num_running + scheduler.num_waiting
         self._arm = None
+        pending, self._pending_arm = self._pending_arm, None
         if live >= self.policy.config.min_batch_for_off:
             return [], {}, live
         decoding = [s for s in scheduler.running if not s.is_prefilling]
         if not decoding:
             return [], {}, live
-        budgets = self.policy.plan([(s.seq_id, s.group_id) for s in decoding], live)
+        budgets = self.policy.plan([(s.seq_id, s.group_id) for s in decoding], live, arm=pending)
         self._arm = self.policy.arm_for(live)
         return decoding, {sid: min(n, MAX_DRAFT_LEN) for sid, n in budgets.items()}, live
 
@@ -172,9 +175,11 @@ class Speculator:
         the steps it reads from them count for arm 0: the bandit then weighs drafting against
         the same path as `spec=off`."""
         if live >= self.policy.config.min_batch_for_off:
-            self._arm = None
+            self._arm = self._pending_arm = None
             return False
         self._arm = self.policy.choose_arm(live)
+        # a drafting arm holds for the next step (`plan` does not draw again)
+        self._pending_arm = self._arm if self._arm > 0 else None
         return self._arm > 0
 
     def draft_probs(self, batch: ScheduledBatch) -> torch.Tensor | None:
@@ -184,10 +189,16 @@ class Speculator:
 
     def observe(self, batch: ScheduledBatch, live: int, seconds: float,
                 emitted: list[list[int]] | None = None) -> None:
-        """After a step: give the bandit the step's throughput under the arm it chose. `emitted`:
-        a verification step's tokens per sampling entry (accepted drafts, then one more)."""
-        if self._arm is not None and seconds > 0:
-            self.policy.record(live, self._arm, batch.num_emitted, seconds)
+        """After a step: give the bandit the step's throughput under the arm it chose. A step of
+        a multi-step replay (a batch without entries) drafted nothing and ran the path `spec=off`
+        runs: it counts for arm 0, whatever `will_draft` chose meanwhile for the next replay.
+        `emitted`: a verification step's tokens per sampling entry (accepted drafts, then one more)."""
+        if batch.entries:
+            arm = self._arm
+        else:
+            arm = 0 if live < self.policy.config.min_batch_for_off else None
+        if arm is not None and seconds > 0:
+            self.policy.record(live, arm, batch.num_emitted, seconds)
 
     def finished(self, seqs: list[Sequence]) -> None:
         """Sequences that ended in steps run without a ScheduledBatch (several decode steps per
