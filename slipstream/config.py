@@ -179,6 +179,9 @@ class TrainerConfig:
     steps: int = 20
     prompts_per_step: int = 8
     micro_batch_size: int = 16  # sequences per forward/backward; the rest is accumulated
+    # > 0: instead, each forward/backward takes as many rows of similar length as fit in this many
+    # tokens (rows x padded length): fewer, fuller micro-batches where answers are short
+    micro_batch_tokens: int = 0
     mini_batches: int = 1  # optimizer steps per rollout batch (> 1: PPO-style, the clip bounds the drift)
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -309,7 +312,7 @@ def validate(cfg: SlipstreamConfig) -> SlipstreamConfig:
         _positive(key, getattr(getattr(cfg, section), name))
     for key in ("trainer.steps", "trainer.eval_every", "trainer.save_every", "rollout.temperature",
                 "algorithm.kl_coef", "task.num_eval", "trainer.warmup_steps", "trainer.threads",
-                "trainer.fsdp_min_unit_params",
+                "trainer.fsdp_min_unit_params", "trainer.micro_batch_tokens",
                 "attention.prefill_scale", "attention.decode_scale", "algorithm.value_clip",
                 "reward.rule_weight", "reward.model_weight"):
         section, name = key.split(".")

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.trainer import algorithms as alg
 from slipstream.trainer.backends import TrainBackend
-from slipstream.trainer.batch import RolloutBatch, length_grouped, per_response_token
+from slipstream.trainer.batch import MicroBatching, RolloutBatch, length_grouped, per_response_token
 from slipstream.trainer.distributed import DistContext, global_advantages
 
 
@@ -67,6 +67,12 @@ def response_logprobs(model, batch: RolloutBatch, device: torch.device, temperat
     return lp * batch.response_mask.to(device)  # zeros on padding keep later math finite
 
 
+def micro_batching(tcfg: TrainerConfig, ctx: DistContext) -> MicroBatching:
+    """The configured micro-batches; with several ranks, each runs as many as the rank that needs most."""
+    agree = ctx.max_over_ranks if ctx.active and ctx.world_size > 1 else None
+    return MicroBatching(tcfg.micro_batch_size, tcfg.micro_batch_tokens, agree)
+
+
 def lr_at(step: int, cfg: TrainerConfig) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -86,6 +92,7 @@ class Actor:
         self.ref = ref
         self.policy_loss = alg.POLICY_LOSSES[acfg.policy_loss]
         self.aggregate = alg.LOSS_AGGREGATIONS[acfg.loss_agg]
+        self.cut = micro_batching(tcfg, ctx)
 
     def advantages(self, batch: RolloutBatch) -> torch.Tensor:
         """One advantage per sequence from the registered estimator, over the global batch."""
@@ -107,7 +114,7 @@ class Actor:
         old_all = None
         if self.tcfg.mini_batches > 1:
             with torch.no_grad():
-                old_all = per_response_token(batch, self.tcfg.micro_batch_size, self.device, lambda part: (
+                old_all = per_response_token(batch, self.cut, self.device, lambda part: (
                     response_logprobs(self.model, part, self.device, self.temperature)))
         size = -(-batch.size // self.tcfg.mini_batches)
         totals: dict[str, float] = {}
@@ -140,12 +147,11 @@ class Actor:
 
     def _optimizer_step(self, mini: RolloutBatch, advantages: torch.Tensor, old_all: torch.Tensor | None, step: int,
                         max_tokens: int, totals: dict[str, float], on_micro_batch) -> tuple[float, float, torch.Tensor]:
-        mb = self.tcfg.micro_batch_size
         counts = self.ctx.all_reduce_sum(torch.tensor([float(mini.response_mask.sum()), float(mini.size)]))
         num_tokens, num_seqs = max(int(counts[0]), 1), int(counts[1])
         scale = self.ctx.world_size  # the backends average gradients over ranks; the loss is already global
         # The losses are per row with global normalisers, so grouping rows by length changes no gradient.
-        parts = length_grouped(mini, mb, self.device)
+        parts = length_grouped(mini, self.cut, self.device)
         advantages = advantages.to(self.device)
         old_all = old_all.to(self.device) if old_all is not None else None
         old_out = torch.zeros(mini.size, mini.response_width, device=self.device)

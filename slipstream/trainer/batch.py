@@ -8,6 +8,7 @@ The logits that predict the response are then the last R + 1 positions, for all 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,47 @@ class RolloutBatch:
             rollout_logprobs=self.rollout_logprobs[:, :width])
 
 
+@dataclass(frozen=True)
+class MicroBatching:
+    """How a mini-batch is cut into micro-batches. `rows` sequences each (trainer.micro_batch_size);
+    or, with `tokens` > 0 (trainer.micro_batch_tokens), as many rows of similar length as fit in
+    that many tokens (rows x padded length): short answers then share one forward and backward
+    in larger numbers, which launches fewer kernels for the same work. `agree`: the number of
+    micro-batches every rank runs, from this rank's own (a sharded backend's forward passes run
+    collectives, so every rank must run as many); None for one process."""
+
+    rows: int
+    tokens: int = 0
+    agree: Callable[[int], int] | None = None
+
+
+def _token_groups(widths: list[int], prompt_width: int, budget: int) -> list[tuple[int, int]]:
+    """[start, end) ranges over rows sorted by response width, each holding as many rows as fit
+    in `budget` tokens at its longest row's padded length (a row longer than that alone)."""
+    groups, start = [], 0
+    for i, w in enumerate(widths):
+        if i > start and (i - start + 1) * (prompt_width + w) > budget:
+            groups.append((start, i))
+            start = i
+    if widths:
+        groups.append((start, len(widths)))
+    return groups
+
+
+def _split_to(groups: list[tuple[int, int]], widths: list[int], prompt_width: int, count: int) -> list[tuple[int, int]]:
+    """`groups` split until there are `count`: the costliest group of 2 or more rows in halves each time."""
+    groups = list(groups)
+    while len(groups) < count:
+        splittable = [g for g in groups if g[1] - g[0] > 1]
+        if not splittable:
+            raise ValueError(f"{len(widths)} rows cannot form {count} micro-batches")
+        s, e = max(splittable, key=lambda g: (g[1] - g[0]) * (prompt_width + widths[g[1] - 1]))
+        i = groups.index((s, e))
+        mid = (s + e) // 2
+        groups[i : i + 1] = [(s, mid), (mid, e)]
+    return groups
+
+
 @dataclass
 class MicroBatch:
     rows: torch.Tensor  # [n] indices of these rows in the batch they came from, on the device
@@ -66,28 +108,30 @@ class MicroBatch:
     width: int
 
 
-def length_grouped(batch: RolloutBatch, size: int, device: torch.device) -> list[MicroBatch]:
-    """`batch` in micro-batches of `size` rows of similar response length, each cut to its
+def length_grouped(batch: RolloutBatch, cut: MicroBatching, device: torch.device) -> list[MicroBatch]:
+    """`batch` in micro-batches (`cut`) of rows of similar response length, each cut to its
     longest response: the padding past it would cost forward and backward compute for nothing.
     The batch is copied to the device once (a pageable copy per micro-batch would wait for the
     GPU each time)."""
     lengths = batch.response_mask.sum(-1).long()
     order = torch.argsort(lengths, stable=True)
-    widths = lengths[order].tolist()
+    widths = [max(1, w) for w in lengths[order].tolist()]
+    if cut.tokens > 0:
+        groups = _token_groups(widths, batch.prompt_width, cut.tokens)
+    else:
+        groups = [(s, min(s + cut.rows, batch.size)) for s in range(0, batch.size, cut.rows)]
+    if cut.agree is not None:
+        groups = _split_to(groups, widths, batch.prompt_width, cut.agree(len(groups)))
     rows = batch.select(order).to(device)
     order = order.to(device)
-    out = []
-    for s in range(0, batch.size, size):
-        width = max(1, max(widths[s : s + size]))
-        out.append(MicroBatch(order[s : s + size], rows.rows(s, s + size).trimmed(width), width))
-    return out
+    return [MicroBatch(order[s:e], rows.rows(s, e).trimmed(widths[e - 1]), widths[e - 1]) for s, e in groups]
 
 
-def per_response_token(batch: RolloutBatch, size: int, device: torch.device, fn) -> torch.Tensor:
+def per_response_token(batch: RolloutBatch, cut: MicroBatching, device: torch.device, fn) -> torch.Tensor:
     """[B, R] on `device`: `fn(micro-batch)` ([n, width], 0 on padding) of every length-grouped
     micro-batch, put back at its rows; 0 past each micro-batch's width."""
     out = torch.zeros(batch.size, batch.response_width, device=device)
-    for micro in length_grouped(batch, size, device):
+    for micro in length_grouped(batch, cut, device):
         out[micro.rows, : micro.width] = fn(micro.batch)
     return out
 

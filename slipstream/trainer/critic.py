@@ -15,7 +15,7 @@ from torch import nn
 
 from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.trainer import algorithms as alg
-from slipstream.trainer.actor import autocast_for
+from slipstream.trainer.actor import autocast_for, micro_batching
 from slipstream.trainer.backends import TrainBackend
 from slipstream.trainer.batch import RolloutBatch, length_grouped, per_response_token
 from slipstream.trainer.distributed import DistContext
@@ -59,10 +59,11 @@ class Critic:
     def __init__(self, backend: TrainBackend, tcfg: TrainerConfig, acfg: AlgorithmConfig, ctx: DistContext):
         self.backend, self.tcfg, self.acfg, self.ctx = backend, tcfg, acfg, ctx
         self.device = ctx.device
+        self.cut = micro_batching(tcfg, ctx)
 
     def _values(self, batch: RolloutBatch) -> torch.Tensor:
         with torch.no_grad():
-            return per_response_token(batch, self.tcfg.micro_batch_size, self.device, lambda part: (
+            return per_response_token(batch, self.cut, self.device, lambda part: (
                 response_values(self.backend.module, part, self.device))).cpu()
 
     def advantages(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,7 +81,6 @@ class Critic:
         """`trainer.mini_batches` steps on the clipped value loss (token mean over the global batch)."""
         self.backend.train()
         self.backend.set_lr(self.acfg.critic_lr)
-        mb = self.tcfg.micro_batch_size
         size = -(-batch.size // self.tcfg.mini_batches)
         old_values, returns = old_values.to(self.device), returns.to(self.device)
         # loss, clip frac, value mean, return mean (token-weighted), tokens: on the device until the end
@@ -89,7 +89,7 @@ class Critic:
         for start in range(0, batch.size, size):
             mini = batch.rows(start, start + size)
             num_tokens = max(int(self.ctx.all_reduce_sum(mini.response_mask.sum().reshape(1))[0]), 1)
-            parts = length_grouped(mini, mb, self.device)  # rows of similar length, padding cut
+            parts = length_grouped(mini, self.cut, self.device)  # rows of similar length, padding cut
             for i, micro in enumerate(parts):
                 part, rows, width = micro.batch, start + micro.rows, micro.width
                 mask = part.response_mask

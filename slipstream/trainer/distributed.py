@@ -74,6 +74,10 @@ class DistContext:
         self._wait(dist.all_gather(parts, src, async_op=True), "all_gather")
         return [p.to(t.device) for p in parts]
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of the ranks' `value`s."""
+        return int(self.all_reduce_max(torch.tensor([value], dtype=torch.long))[0])
+
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         """Each value averaged over ranks (every rank passes the same keys and holds as many
         samples, so the mean of the ranks' means is the global mean)."""

@@ -46,10 +46,12 @@ def test_grpo_update_moves_probability_towards_rewarded_samples(tiny_model):
 
 def test_micro_batching_gives_the_full_batch_gradient(tiny_model):
     grads = []
-    for mb in (4, 2, 1):  # 2 and 1: rows grouped by length, each micro-batch cut to its longest response
+    # 2 and 1 rows, and 12 tokens (rows of widths 2 | 3 | 3, 4 with the 3-token prompt): rows
+    # grouped by length, each micro-batch cut to its longest response
+    for mb, tokens in ((4, 0), (2, 0), (1, 0), (4, 12)):
         model = copy.deepcopy(tiny_model[0])
-        actor = _actor(model, TrainerConfig(lr=0.0 + 1e-12, micro_batch_size=mb, max_grad_norm=1e9),
-                       AlgorithmConfig(loss_agg="token-mean"))
+        actor = _actor(model, TrainerConfig(lr=0.0 + 1e-12, micro_batch_size=mb, micro_batch_tokens=tokens,
+                                            max_grad_norm=1e9), AlgorithmConfig(loss_agg="token-mean"))
         batch = _batch(model)
         real_step = actor.backend.step
 

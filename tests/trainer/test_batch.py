@@ -39,3 +39,24 @@ def test_padded_batch_logprobs_equal_each_sequence_alone(tiny_model):
         ref = logits.log_softmax(-1).gather(-1, torch.tensor(c.tokens)[:, None]).squeeze(-1)
         assert torch.allclose(got[i, : len(c.tokens)].detach(), ref, atol=1e-5)
         assert (got[i, len(c.tokens) :] == 0).all()
+
+
+def test_token_budget_micro_batches_fill_up_and_agree_on_a_count():
+    from slipstream.trainer.batch import MicroBatching, length_grouped
+
+    widths = [1, 1, 1, 1, 2, 2, 5, 9]  # response lengths; every prompt 2 tokens wide
+    comps = [Completion(str(i), "g", [5, 6], list(range(7, 7 + w)), [-1.0] * w, "stop")
+             for i, w in enumerate(reversed(widths))]
+    batch = build_batch(comps, [0.0] * len(comps), pad_id=0)
+    cpu = torch.device("cpu")
+    parts = length_grouped(batch, MicroBatching(rows=2, tokens=12), cpu)
+    # 4 rows of 1 (4 x 3 = 12 tokens), 2 of 2 (2 x 4), then 5 and 9 alone (2 x 7 > 12)
+    assert [len(m.rows) for m in parts] == [4, 2, 1, 1] and [m.width for m in parts] == [1, 2, 5, 9]
+    assert all(len(m.rows) * (2 + m.width) <= 12 or len(m.rows) == 1 for m in parts)
+    assert sorted(torch.cat([m.rows for m in parts]).tolist()) == list(range(8))
+    # another rank needs 6: this one splits its costliest groups until it runs as many
+    agreed = length_grouped(batch, MicroBatching(rows=2, tokens=12, agree=lambda n: max(n, 6)), cpu)
+    assert [len(m.rows) for m in agreed] == [2, 2, 1, 1, 1, 1]
+    assert sorted(torch.cat([m.rows for m in agreed]).tolist()) == list(range(8))
+    # rows mode as before: `rows` rows each
+    assert [len(m.rows) for m in length_grouped(batch, MicroBatching(rows=3), cpu)] == [3, 3, 2]

@@ -78,7 +78,8 @@ def _distributed_update(tmp_path, *backend_args: str) -> dict:
     return rank0
 
 
-@pytest.mark.parametrize("options", [[], ["keep-gathered"], ["grouped"]], ids=["reshard", "keep-gathered", "grouped"])
+@pytest.mark.parametrize("options", [[], ["keep-gathered"], ["grouped"], ["tokens"]],
+                         ids=["reshard", "keep-gathered", "grouped", "token-budget"])
 def test_fsdp2_step_matches_the_single_process_step(tmp_path, single_process, options):
     _compare(single_process, _distributed_update(tmp_path, "fsdp2", *options))
 

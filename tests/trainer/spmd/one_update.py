@@ -58,7 +58,10 @@ def main(kind: str, out: str) -> None:
 
     # One mini-batch: with several, a mini-batch takes a slice of every rank's rows, which is another
     # split of the batch than one process makes.
-    tcfg = TrainerConfig(lr=1e-2, micro_batch_size=2, mini_batches=1, max_grad_norm=1.0)
+    # "tokens": micro-batches by a 14-token budget, for which the two ranks' rows need 5 and 6
+    # (their forward passes must still pair up: the ranks agree on 6)
+    tcfg = TrainerConfig(lr=1e-2, micro_batch_size=2, mini_batches=1, max_grad_norm=1.0,
+                         micro_batch_tokens=14 if "tokens" in sys.argv[3:] else 0)
     # REINFORCE++ (global normalisation) and token-mean (global token count): both need the global batch.
     acfg = AlgorithmConfig(advantage="reinforce_pp", loss_agg="token-mean", kl_coef=0.1, critic_lr=1e-2,
                            gamma=0.9, lam=0.8, value_clip=0.05)
