@@ -68,8 +68,9 @@ def response_logprobs(model, batch: RolloutBatch, device: torch.device, temperat
 
 
 def micro_batching(tcfg: TrainerConfig, ctx: DistContext) -> MicroBatching:
-    """The configured micro-batches; with several ranks, each runs as many as the rank that needs most."""
-    agree = ctx.max_over_ranks if ctx.active and ctx.world_size > 1 else None
+    """The configured micro-batches. With a token budget and several ranks, each rank runs as many
+    as the rank that needs most (by rows, ranks holding as many rows already run as many)."""
+    agree = ctx.max_over_ranks if tcfg.micro_batch_tokens > 0 and ctx.active and ctx.world_size > 1 else None
     return MicroBatching(tcfg.micro_batch_size, tcfg.micro_batch_tokens, agree)
 
 
