@@ -36,6 +36,9 @@ Qwen2-architecture model of the same size, for dry runs).
 `--profile-step N` records step N of every configuration with torch.profiler (`trainer.profile_steps`):
 each rank's Chrome trace and operator table land in `<workdir>/<model>-<backend>-<N>/profile/`.
 
+`--specs off,suffix` runs every configuration with each speculation setting, in one invocation
+(one warm-up run); efficiencies compare runs of the same setting.
+
 Under each configuration the table names the steps whose slowest rollout or update took 1.5x
 its median, with what the rollout did once (graphs captured, projection shapes timed) and the
 time in Python's garbage collector; the JSON keeps every step.
@@ -119,6 +122,9 @@ def parse_args(argv=None):
     p.add_argument("--no-warmup-run", dest="warmup_run", action="store_false",
                    help="skip the unmeasured 1-rank run that first compiles the kernels")
     p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
+    p.add_argument("--specs", type=names, default=[], metavar="KINDS",
+                   help="run every configuration once per speculation setting (e.g. off,suffix: `spec=KIND`); "
+                        "default: the recipe's own")
     p.add_argument("--profile-step", type=int, default=0, metavar="N",
                    help="record step N of every run with torch.profiler (a trace and an operator table per rank "
                         "under the run's profile/ directory); that step is left out of the means")
@@ -293,10 +299,11 @@ def gpu_processes() -> list[str]:
             if line.strip() and line.split(",")[1].strip() != str(os.getpid())]
 
 
-def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: dict) -> dict:
+def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: dict, spec: str | None = None) -> dict:
     recipe, extra = MODELS[model]
-    run_dir = workdir / f"{model}-{backend}-{n}"
-    log = workdir / f"{model}-{backend}-{n}.log"
+    name = f"{model}-{backend}-{n}" + (f"-spec-{spec}" if spec else "")
+    run_dir = workdir / name
+    log = workdir / f"{name}.log"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"recipe={recipe}", f"trainer.backend={backend}", f"trainer.zero_stage={args.zero_stage}",
                  f"trainer.device={args.device}", f"trainer.run_dir={run_dir}", f"trainer.steps={args.steps}",
@@ -304,11 +311,14 @@ def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: d
                  "trainer.eval_every=0", "task.num_eval=0", "trainer.resume=never", "logger.wandb=false",
                  "logger.progress=false", "rollout=native",
                  *(o.format(model_dir=model_dirs.get(model)) for o in extra), *args.overrides]
+    if spec:
+        overrides.append(f"spec={spec}")
     if args.profile_step:
         overrides.append(f"trainer.profile_steps=[{args.profile_step}]")
     cmd = torchrun(n, ["-m", "slipstream.train", *overrides])
-    print(f"== {model} {backend} x{n} (log: {log})\n   {' '.join(overrides)}", flush=True)
-    row = {"model": model, "backend": backend, "gpus": n, "prompts_per_step": args.prompts_per_rank * n,
+    print(f"== {model} {backend} x{n}{f' spec={spec}' if spec else ''} (log: {log})\n   {' '.join(overrides)}",
+          flush=True)
+    row = {"model": model, "backend": backend, "gpus": n, "spec": spec, "prompts_per_step": args.prompts_per_rank * n,
            "log": str(log)}
     if args.device == "cuda" and (busy := gpu_processes()):
         row["foreign_gpu_processes"] = busy
@@ -342,10 +352,11 @@ def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: d
 
 
 def add_efficiency(rows: list[dict]) -> None:
-    """Per-GPU throughput at N ranks over that at 1 rank of the same model and backend."""
-    base = {(r["model"], r["backend"]): r for r in rows if r["gpus"] == 1 and "step_s" in r and "error" not in r}
+    """Per-GPU throughput at N ranks over that at 1 rank of the same model, backend and speculation."""
+    base = {(r["model"], r["backend"], r.get("spec")): r for r in rows
+            if r["gpus"] == 1 and "step_s" in r and "error" not in r}
     for r in rows:
-        b = base.get((r["model"], r["backend"]))
+        b = base.get((r["model"], r["backend"], r.get("spec")))
         if b is None or "step_s" not in r:
             continue
         for key in ("rollout_tokens_per_s_per_gpu", "train_tokens_per_s_per_gpu"):
@@ -400,12 +411,12 @@ def slow_steps(row: dict, factor: float = 1.5) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':10s} {'backend':9s} {'gpus':>4s} {'step s':>8s} {'rollout tok/s/gpu':>17s} "
+    head = (f"{'model':10s} {'spec':6s} {'backend':9s} {'gpus':>4s} {'step s':>8s} {'rollout tok/s/gpu':>17s} "
             f"{'train tok/s/gpu':>15s} {'sync s':>7s} {'eff rollout':>11s} {'(time)':>6s} {'eff train':>9s} "
             f"{'eff step':>8s} {'answer len':>10s}")
     lines = [head]
     for r in rows:
-        lead = f"{r['model']:10s} {r['backend']:9s} {r['gpus']:4d}"
+        lead = f"{r['model']:10s} {r.get('spec') or '-':6s} {r['backend']:9s} {r['gpus']:4d}"
         if "skipped" in r:
             lines.append(f"{lead} skipped: {r['skipped']}")
             continue
@@ -424,7 +435,7 @@ def table(rows: list[dict]) -> str:
                      f"{eff('rollout_tokens_per_s_per_gpu_efficiency'):>11s} {eff('rollout_time_efficiency'):>6s} "
                      f"{eff('train_tokens_per_s_per_gpu_efficiency'):>9s} {eff('step_efficiency'):>8s} "
                      f"{r['response_length']:10.1f}{note}")
-        lines += [f"{'':25s} slow {line}" for line in slow_steps(r)]
+        lines += [f"{'':32s} slow {line}" for line in slow_steps(r)]
     return "\n".join(lines)
 
 
@@ -484,13 +495,14 @@ def main(argv=None) -> int:
         run_one(args.models[0], next((b for b in args.backends if b not in skip), "fsdp2"), 1, warm, workdir,
                 model_dirs)
     for m in args.models:
-        for b in args.backends:
-            for n in args.gpus:
-                if b in skip:
-                    rows.append({"model": m, "backend": b, "gpus": n, "skipped": skip[b]})
-                else:
-                    rows.append(run_one(m, b, n, args, workdir, model_dirs))
-                write(out, meta, rows)  # after every configuration: a cut-short run keeps what it measured
+        for spec in args.specs or [None]:
+            for b in args.backends:
+                for n in args.gpus:
+                    if b in skip:
+                        rows.append({"model": m, "backend": b, "gpus": n, "spec": spec, "skipped": skip[b]})
+                    else:
+                        rows.append(run_one(m, b, n, args, workdir, model_dirs, spec))
+                    write(out, meta, rows)  # after every configuration: a cut-short run keeps what it measured
     print(f"\n{table(rows)}\n\nwrote {out} ({time.perf_counter() - t_start:.0f} s of runs; logs in {workdir})")
     return 0 if all("error" not in r for r in rows) else 1
 
