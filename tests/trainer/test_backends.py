@@ -71,7 +71,7 @@ def test_fsdp2_groups_consecutive_layers_until_a_unit_holds_the_minimum():
     from transformers import LlamaForCausalLM
 
     from slipstream.models.tiny import tiny_config
-    from slipstream.trainer.backends.fsdp2 import sharding_units
+    from slipstream.trainer.backends.base import sharding_units
 
     model = LlamaForCausalLM(tiny_config(32, 5))
     layers = list(model.model.layers)
@@ -82,3 +82,19 @@ def test_fsdp2_groups_consecutive_layers_until_a_unit_holds_the_minimum():
     assert sharding_units(model, per_layer + 1) == [layers[0:2], layers[2:5]]
     # three layers reach it, the last two do not: one unit
     assert sharding_units(model, 2 * per_layer + 1) == [layers]
+
+
+def test_a_weight_sync_gathers_each_unit_and_then_the_rest_once():
+    from transformers import LlamaForCausalLM
+
+    from slipstream.models.tiny import tiny_config
+    from slipstream.trainer.backends.base import sharding_units, unit_parameter_names
+
+    model = LlamaForCausalLM(tiny_config(32, 3))
+    groups = unit_parameter_names(model, sharding_units(model, 0))
+    assert len(groups) == 4
+    for i, group in enumerate(groups[:3]):
+        assert group and all(n.startswith(f"model.layers.{i}.") for n in group)
+    assert groups[3] and not any(".layers." in n for n in groups[3])  # embeddings, final norm (head tied)
+    names = [n for group in groups for n in group]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each parameter exactly once

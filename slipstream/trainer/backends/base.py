@@ -77,6 +77,42 @@ class TrainBackend(ABC):
         self.module.train(mode)
 
 
+def sharding_units(module: torch.nn.Module, min_params: int = 0) -> list[list[torch.nn.Module]]:
+    """The repeated blocks of a model (the members of each `ModuleList`: HF decoders keep their
+    layers in one), consecutive ones grouped until a group holds `min_params` parameters; a
+    remainder short of it joins the group before it. Each group's weights are gathered only while
+    its layers run, in one collective."""
+    units = []
+    for m in module.modules():
+        if not isinstance(m, torch.nn.ModuleList):
+            continue
+        groups, size = [[]], 0
+        for layer in m:
+            if size >= max(min_params, 1):
+                groups.append([])
+                size = 0
+            groups[-1].append(layer)
+            size += sum(p.numel() for p in layer.parameters())
+        if len(groups) > 1 and size < min_params:
+            groups[-2].extend(groups.pop())
+        units.extend(g for g in groups if g)
+    return units
+
+
+def unit_parameter_names(module: torch.nn.Module, units: list[list[torch.nn.Module]]) -> list[list[str]]:
+    """The names of each unit's parameters (as `module.named_parameters()` gives them, tied
+    weights once), then those of no unit: the groups a weight sync gathers one at a time."""
+    prefix = {id(m): n for n, m in module.named_modules()}
+    names = [n for n, _ in module.named_parameters()]
+    groups = []
+    for unit in units:
+        heads = tuple(prefix[id(m)] + "." for m in unit)
+        groups.append([n for n in names if n.startswith(heads)])
+    grouped = {n for group in groups for n in group}
+    groups.append([n for n in names if n not in grouped])
+    return groups
+
+
 def write_format(directory: Path, fmt: str, rank: int) -> None:
     if rank == 0:
         with open(directory / FORMAT_FILE, "w") as f:

@@ -29,6 +29,8 @@ from slipstream.trainer.backends.base import (
     build_adamw,
     check_finite_norm,
     set_lr,
+    sharding_units,
+    unit_parameter_names,
     write_format,
 )
 
@@ -124,15 +126,17 @@ class DeepSpeedBackend(TrainBackend):
         set_lr(self.engine.optimizer, lr)
 
     def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stages 1 and 2: the parameters themselves (every rank holds them). ZeRO-3 keeps a shard
+        per rank: one decoder layer (then the rest) is gathered at a time, copied out and released."""
         with torch.no_grad():
-            for name, p in self.inner.named_parameters():
-                if self.zero_stage == 3:
-                    # ZeRO-3 keeps a shard per rank: gather this parameter alone, copy it out, release it.
-                    with self.ds.zero.GatheredParameters([p], modifier_rank=None):
-                        full = p.detach().clone()
-                    yield name, full
-                else:
-                    yield name, p
+            if self.zero_stage != 3:
+                yield from self.inner.named_parameters()
+                return
+            for names in unit_parameter_names(self.inner, sharding_units(self.inner)):
+                params = [self.inner.get_parameter(n) for n in names]
+                with self.ds.zero.GatheredParameters(params, modifier_rank=None):
+                    copies = [p.detach().clone() for p in params]
+                yield from zip(names, copies)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

@@ -28,30 +28,10 @@ from slipstream.trainer.backends.base import (
     clipped_step,
     move_optimizer_state,
     set_lr,
+    sharding_units,
+    unit_parameter_names,
     write_format,
 )
-
-
-def sharding_units(module: torch.nn.Module, min_params: int = 0) -> list[list[torch.nn.Module]]:
-    """The repeated blocks of a model (the members of each `ModuleList`: HF decoders keep their
-    layers in one), consecutive ones grouped until a group holds `min_params` parameters; a
-    remainder short of it joins the group before it. Each group's weights are gathered only while
-    its layers run, in one collective."""
-    units = []
-    for m in module.modules():
-        if not isinstance(m, torch.nn.ModuleList):
-            continue
-        groups, size = [[]], 0
-        for layer in m:
-            if size >= max(min_params, 1):
-                groups.append([])
-                size = 0
-            groups[-1].append(layer)
-            size += sum(p.numel() for p in layer.parameters())
-        if len(groups) > 1 and size < min_params:
-            groups[-2].extend(groups.pop())
-        units.extend(g for g in groups if g)
-    return units
 
 
 class FSDP2Backend(TrainBackend):
@@ -76,15 +56,8 @@ class FSDP2Backend(TrainBackend):
             fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         self.module = module
-        # Each unit's parameter names (the root's own last): the weight sync gathers unit by unit.
-        prefix = {id(m): n for n, m in module.named_modules()}
-        names = [n for n, _ in module.named_parameters()]  # tied weights once, as the engine expects them
-        self._gather_groups: list[tuple[torch.nn.Module, list[str]]] = []
-        for unit in self.units:
-            heads = tuple(prefix[id(m)] + "." for m in unit)
-            self._gather_groups.append((unit[0], [n for n in names if n.startswith(heads)]))
-        in_units = {n for _, group in self._gather_groups for n in group}
-        self._gather_groups.append((module, [n for n in names if n not in in_units]))
+        # the weight sync gathers unit by unit, the root's own parameters last
+        self._gather_groups = list(zip([u[0] for u in self.units] + [module], unit_parameter_names(module, self.units)))
         self.optimizer = None
         self.max_grad_norm = optim.max_grad_norm if optim is not None else 0.0
         if optim is not None:
