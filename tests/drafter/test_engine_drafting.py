@@ -184,6 +184,24 @@ def test_a_rollout_without_history_feeds_no_training_data(tiny_model):
     assert run.buffer.num_pairs() > 0
 
 
+def _multi_step_drafting_engine(model, tok, cfg: EngineConfig, min_batch_for_off: int):
+    """A learned-drafter engine (sources none / drafter) whose multi-step decode replays run
+    through the static graph layout on the CPU, and the `chained` flag of each replay it launches."""
+    policy = PolicyConfig(min_batch_for_off=min_batch_for_off, draft_lens=(2, 4), epsilon=1.0,
+                          max_step_draft_tokens=10**6)
+    run = RunDrafter(decoder_from_hf_module(model), DrafterConfig(window=16, batch_tokens=256, seq_len=64, lr=1e-2),
+                     online=True)
+    engine = run.build_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, 0, SpecConfig(policy=policy),
+                              SourcePolicyConfig(sources=SOURCES["drafter"], min_batch_for_off=min_batch_for_off,
+                                                 epsilon=1.0))
+    engine.runner.use_static_decode()
+    launches = []
+    original = engine.runner.launch_decode_steps
+    engine.runner.launch_decode_steps = lambda seqs, k, chained=False: launches.append(chained) or original(
+        seqs, k, chained)
+    return engine, run, launches
+
+
 def test_multi_step_replays_feed_the_drafter_and_drafting_follows_losslessly(tiny_model):
     # While 4+ sequences live the speculator is off and decode steps run 4 per (chained) replay,
     # their features captured per step; below that the drafter drafts from those features.
@@ -197,16 +215,7 @@ def test_multi_step_replays_feed_the_drafter_and_drafting_follows_losslessly(tin
 
     cfg = EngineConfig(block_size=4, num_blocks=256, decode_steps=4)
     plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(requests())
-    policy = PolicyConfig(min_batch_for_off=4, draft_lens=(2, 4), epsilon=1.0, max_step_draft_tokens=10**6)
-    run = RunDrafter(decoder_from_hf_module(model), DrafterConfig(window=16, batch_tokens=256, seq_len=64, lr=1e-2),
-                     online=True)
-    engine = run.build_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, 0, SpecConfig(policy=policy),
-                              SourcePolicyConfig(sources=SOURCES["drafter"], min_batch_for_off=4, epsilon=1.0))
-    engine.runner.use_static_decode()
-    launches = []
-    original = engine.runner.launch_decode_steps
-    engine.runner.launch_decode_steps = lambda seqs, k, chained=False: launches.append(chained) or original(
-        seqs, k, chained)
+    engine, run, launches = _multi_step_drafting_engine(model, tok, cfg, min_batch_for_off=4)
     ended = []
     release = engine.speculator.finished
     engine.speculator.finished = lambda seqs: ended.extend(seqs) or release(seqs)
@@ -230,18 +239,10 @@ def test_replays_chain_where_the_source_policy_picks_none(tiny_model, forced, ex
     params = SamplingParams(n=2, temperature=0.0, max_tokens=24)
     cfg = EngineConfig(block_size=4, num_blocks=256, decode_steps=4)
     plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(_requests(tok, params))
-    policy = PolicyConfig(min_batch_for_off=64, draft_lens=(2, 4), epsilon=1.0, max_step_draft_tokens=10**6)
-    run = RunDrafter(decoder_from_hf_module(model), DrafterConfig(window=16, batch_tokens=256, seq_len=64, lr=1e-2),
-                     online=True)
-    engine = run.build_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, 0, SpecConfig(policy=policy),
-                              SourcePolicyConfig(sources=SOURCES["drafter"], min_batch_for_off=64, epsilon=1.0))
-    engine.runner.use_static_decode()
+    engine, run, launches = _multi_step_drafting_engine(model, tok, cfg, min_batch_for_off=64)
     engine.generate(_requests(tok, params))  # the drafter has weights to draft with from the first publish on
+    launches.clear()
     engine.speculator.sources.choose = lambda live: forced
-    launches = []
-    original = engine.runner.launch_decode_steps
-    engine.runner.launch_decode_steps = lambda seqs, k, chained=False: launches.append(chained) or original(
-        seqs, k, chained)
     comps = engine.generate(_requests(tok, params))
     assert [c.tokens for c in comps] == [c.tokens for c in plain]
     assert any(launches) == expect_chained
