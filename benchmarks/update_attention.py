@@ -1,6 +1,7 @@
 """The trainer's forward + backward per micro-batch: which SDPA backend, and how micro-batch shapes recur.
 
     python benchmarks/update_attention.py --model /tmp/smollm2-hf [--batch 64] [--iters 10]
+    (a dry run anywhere: --device cpu --batch 2 --max-tokens 16 --prompt 8 --iters 3)
 
 The actor's update runs the HF model on [rows, prompt + response] micro-batches with a padding
 mask, which rules out flash attention on CUDA; torch's SDPA then picks among the others by shape.
@@ -85,12 +86,13 @@ def run(model, device, backend: str, regime: str, args) -> dict:
     walls, finite = [], []
     # the actor's forward enables these SDPA backends (torch keeps its own order among them)
     actor.TRAIN_SDPA_BACKENDS = BACKENDS[backend]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for b in batches:
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         lp = response_logprobs(model, b, device)
         lp.sum().backward()
-        torch.cuda.synchronize()
+        sync()
         walls.append((time.perf_counter() - t0) * 1e3)
         finite.append(all(bool(p.grad.isfinite().all()) for p in model.parameters() if p.grad is not None))
         model.zero_grad(set_to_none=True)
@@ -115,14 +117,17 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=256, help="the rollout's max_tokens")
     ap.add_argument("--iters", type=int, default=10, help="micro-batches per row (the first is not counted)")
     ap.add_argument("--backends", default="default,trainer,cudnn,efficient", help=",".join(BACKENDS))
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: a dry run of the script (its timings say nothing about the GPU path)")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "update_attention.json"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("update_attention.py measures the CUDA update path; no CUDA device is visible")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("update_attention.py measures the CUDA update path; no CUDA device is visible "
+                         "(--device cpu for a dry run)")
     from transformers import AutoModelForCausalLM
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     model.train()
     rows = []
@@ -133,7 +138,7 @@ def main() -> int:
             print(f"{backend:>9} {regime:>8}: median {r['wall_ms']:7.1f} ms  slowest {r['max_ms']:7.1f} ms  "
                   f"{r['tflops']:5.1f} TFLOP/s  ({len(r['shapes'])} shapes)"
                   f"{'' if r['finite_gradients'] else '  NON-FINITE GRADIENTS'}", flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit,
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "commit": args.commit,
             "batch": args.batch, "prompt": args.prompt, "max_tokens": args.max_tokens, "iters": args.iters}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
