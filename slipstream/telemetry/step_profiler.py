@@ -9,9 +9,6 @@ named ranges. Other steps run without the profiler.
 from __future__ import annotations
 
 import contextlib
-import gzip
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -41,11 +38,7 @@ class StepProfiler:
     def _write(self, prof, step: int) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stem = self.out_dir / f"step{step}-rank{self.rank}"
-        raw = stem.with_suffix(".json.tmp")
-        prof.export_chrome_trace(str(raw))
-        with open(raw, "rb") as src, gzip.open(f"{stem}.json.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.remove(raw)
+        prof.export_chrome_trace(f"{stem}.json.gz")  # torch gzips a path ending in .gz
         events = prof.key_averages()
         tables = []
         if self.device.type == "cuda":

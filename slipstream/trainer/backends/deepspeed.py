@@ -69,6 +69,8 @@ class DeepSpeedBackend(TrainBackend):
         self.ctx, self.zero_stage, self.cpu_offload = ctx, zero_stage, cpu_offload
         self.trainable = optim is not None
         module.to(ctx.device)
+        # ZeRO-3's weight sync gathers one decoder layer at a time, then the rest
+        self._gather_groups = unit_parameter_names(module, sharding_units(module)) if zero_stage == 3 else []
         cuda = ctx.device.type == "cuda"
         autocast = cuda if autocast is None else autocast  # bf16 compute; CPU runs stay float32
         zero: dict = {"stage": zero_stage}
@@ -132,7 +134,7 @@ class DeepSpeedBackend(TrainBackend):
             if self.zero_stage != 3:
                 yield from self.inner.named_parameters()
                 return
-            for names in unit_parameter_names(self.inner, sharding_units(self.inner)):
+            for names in self._gather_groups:
                 params = [self.inner.get_parameter(n) for n in names]
                 with self.ds.zero.GatheredParameters(params, modifier_rank=None):
                     copies = [p.detach().clone() for p in params]
