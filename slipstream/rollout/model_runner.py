@@ -143,21 +143,35 @@ class ModelRunner:
 
     def emit_step_features(self, launched: "LaunchedSteps", seqs: list, columns: list[int],
                            first: list[tuple[int, int]], tokens: list[list[int]], taken: list[int]) -> None:
-        """Hand the feature sink one StepFeatures per step of a launch, as single steps would:
-        seqs[j] (column columns[j] of the launch) fed first[j] = (token, position) at step 0 and
-        its draw of step k - 1 at step k, and is in the steps before its `taken[j]` draws ended."""
+        """Hand the feature sink the rows of a launch's steps in one StepFeatures: seqs[j] (column
+        columns[j] of the launch) fed first[j] = (token, position) at step 0 and its draw of step
+        k - 1 at step k, and is in the steps before its `taken[j]` draws ended.
+
+        The rows' ids, positions and owners go to the device in one asynchronous copy from
+        page-locked memory: a synchronous copy would wait for the replay chained behind this one."""
+        keys, owner, positions, ids, flat = [], [], [], [], []
+        width = next(iter(launched.hidden.values())).shape[1]
         for k in range(len(tokens)):
-            rows = [j for j in range(len(seqs)) if taken[j] > k]
-            if not rows:
-                return
-            index = torch.tensor([columns[j] for j in rows], device=self.device)
-            ids = [first[j][0] if k == 0 else tokens[k - 1][j] for j in rows]
-            positions = [first[j][1] + k for j in rows]
-            self.feature_sink(StepFeatures([(seqs[j].request_id, seqs[j].sample_index) for j in rows],
-                                           torch.arange(len(rows), device=self.device),
-                                           torch.tensor(positions, device=self.device),
-                                           torch.tensor(ids, device=self.device),
-                                           {key: h[k].index_select(0, index) for key, h in launched.hidden.items()}))
+            for j, seq in enumerate(seqs):
+                if taken[j] <= k:
+                    continue
+                if k == 0:
+                    keys.append((seq.request_id, seq.sample_index))
+                owner.append(j)
+                positions.append(first[j][1] + k)
+                ids.append(first[j][0] if k == 0 else tokens[k - 1][j])
+                flat.append(k * width + columns[j])
+        if not flat:
+            return
+        # owner indexes `seqs`; keys hold only the sequences with rows, in the same order
+        compact = {j: i for i, j in enumerate(j for j in range(len(seqs)) if taken[j] > 0)}
+        host = torch.tensor([[compact[j] for j in owner], positions, ids, flat], dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        rows = host.to(self.device, non_blocking=True)
+        self.feature_sink(StepFeatures(keys, rows[0], rows[1], rows[2],
+                                       {key: h.flatten(0, 1).index_select(0, rows[3])
+                                        for key, h in launched.hidden.items()}))
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)

@@ -279,3 +279,37 @@ def test_graphs_captured_at_start_leave_nothing_for_the_rollouts(tiny_model):
     speculating.capture_graphs()
     verify = speculating.spec_runner.graphs
     assert set(verify.graphs) == {(b, q) for b in verify.buckets for q in QUERY_WIDTHS}
+
+
+def test_features_of_several_decode_steps_per_replay_equal_single_steps(tiny_model):
+    # A replay of 4 steps hands its rows in one StepFeatures; every (sequence, position) must carry
+    # the token and hidden state that single eager steps hand over, finished sequences no more rows.
+    model, tok = tiny_model
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=23)
+    kw = dict(block_size=4, num_blocks=200, max_model_len=128)
+
+    def captured(static, steps):
+        calls = []
+        engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id], EngineConfig(**kw, decode_steps=steps),
+                        capture_layers=(0, -1), feature_sink=calls.append)
+        if static:
+            engine.runner.use_static_decode()
+        comps = engine.generate(_requests(tok, params))
+        seen = {}
+        for f in calls:
+            for r in range(f.token_ids.shape[0]):
+                key = (f.seq_keys[int(f.owner[r])], int(f.positions[r]))
+                assert key not in seen
+                seen[key] = (int(f.token_ids[r]), f.hidden[0][r], f.hidden[-1][r])
+        return comps, seen, calls
+
+    single_comps, single, _ = captured(False, 1)
+    multi_comps, multi, calls = captured(True, 4)
+    assert [c.tokens for c in multi_comps] == [c.tokens for c in single_comps]
+    assert any(len(set(f.positions.tolist())) > 1 and len(f.seq_keys) > 1 and f.token_ids.shape[0] < 40
+               for f in calls)  # some call carried several decode steps of several sequences
+    assert set(multi) == set(single)
+    for key, (token, h0, h_last) in single.items():
+        assert multi[key][0] == token, key
+        torch.testing.assert_close(multi[key][1], h0, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(multi[key][2], h_last, atol=1e-5, rtol=1e-4)
