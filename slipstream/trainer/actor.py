@@ -42,6 +42,14 @@ def autocast_for(device: torch.device):
             yield
 
 
+def backward_with_train_attention(backend: TrainBackend, loss: torch.Tensor, last: bool) -> None:
+    """`backend.backward` under the forward's SDPA backends: gradient checkpointing recomputes the
+    forward inside the backward pass, which must choose the attention kernel the forward chose
+    (else the recomputed tensors differ from the saved ones and autograd raises)."""
+    with sdpa_kernel(TRAIN_SDPA_BACKENDS):
+        backend.backward(loss, last=last)
+
+
 def response_logprobs(model, batch: RolloutBatch, device: torch.device, temperature: float = 1.0) -> torch.Tensor:
     """Log-probs [B, R] of the response tokens under `model` (only R + 1 positions reach the LM head).
 
@@ -181,7 +189,7 @@ class Actor:
                 token_loss = token_loss + self.acfg.kl_coef * kl
                 add("kl_ref", (kl.detach() * mask).sum())
             loss = self.aggregate(token_loss, mask, num_seqs=num_seqs, num_tokens=num_tokens, max_tokens=max_tokens)
-            self.backend.backward(loss * scale, last=i == len(parts) - 1)
+            backward_with_train_attention(self.backend, loss * scale, last=i == len(parts) - 1)
             add("loss", loss.detach())
             weight = mask.sum()
             for k, v in metrics.items():

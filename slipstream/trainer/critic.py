@@ -15,7 +15,7 @@ from torch import nn
 
 from slipstream.config import AlgorithmConfig, TrainerConfig
 from slipstream.trainer import algorithms as alg
-from slipstream.trainer.actor import autocast_for, micro_batching
+from slipstream.trainer.actor import autocast_for, backward_with_train_attention, micro_batching
 from slipstream.trainer.backends import TrainBackend
 from slipstream.trainer.batch import RolloutBatch, length_grouped, per_response_token
 from slipstream.trainer.distributed import DistContext
@@ -97,7 +97,7 @@ class Critic:
                 token_loss, metrics = alg.clipped_value_loss(values, old_values[rows, :width], returns[rows, :width],
                                                              mask, clip=self.acfg.value_clip)
                 loss = alg.agg_token_mean(token_loss, mask, num_seqs=0, num_tokens=num_tokens, max_tokens=0)
-                self.backend.backward(loss * self.ctx.world_size, last=i == len(parts) - 1)
+                backward_with_train_attention(self.backend, loss * self.ctx.world_size, last=i == len(parts) - 1)
                 w = mask.sum()
                 sums += torch.stack([loss.detach() / self.tcfg.mini_batches, metrics["critic/vf_clip_frac"] * w,
                                      metrics["critic/value_mean"] * w, metrics["critic/return_mean"] * w,

@@ -66,6 +66,38 @@ def test_micro_batching_gives_the_full_batch_gradient(tiny_model):
         assert torch.allclose(grads[0], g, atol=1e-6, rtol=1e-4)
 
 
+def test_gradient_checkpointing_recomputes_with_the_forwards_attention_kernel(tiny_model, monkeypatch):
+    # The backward pass recomputes checkpointed layers; it must run them on the SDPA backend the
+    # forward ran (here math only, where the CPU's own choice for a padded batch differs), and
+    # give the gradients of the update without checkpointing.
+    import slipstream.trainer.actor as actor_module
+    from torch.nn.attention import SDPBackend
+
+    monkeypatch.setattr(actor_module, "TRAIN_SDPA_BACKENDS", [SDPBackend.MATH])
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny_model[0])
+        if checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()
+        actor = _actor(model, TrainerConfig(lr=1e-12, micro_batch_size=2, max_grad_norm=1e9), AlgorithmConfig())
+        batch = _batch(model)
+        real_step = actor.backend.step
+
+        def step_recording_grads(model=model, real_step=real_step):
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+            return real_step()
+
+        actor.backend.step = step_recording_grads
+        actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
 def test_a_non_finite_loss_raises_before_the_optimizer_step(tiny_model):
     model = copy.deepcopy(tiny_model[0])
     actor = _actor(model, TrainerConfig(lr=1e-2, micro_batch_size=2), AlgorithmConfig())
