@@ -1,0 +1,131 @@
+"""What capturing hidden states for the learned drafter costs a decoding engine (GPU).
+
+    python benchmarks/capture_overhead.py [--batches 16 64] [--new-tokens 256] [--out FILE]
+
+A random-weight model of SmolLM2-135M's shape (throughput depends on shapes, not values) decodes
+`--new-tokens` tokens for each of `batch` prompts (EOS ignored, greedy) in three engines:
+
+* `off`: no capture (the `spec=off` engine);
+* `capture`: the last layer's hidden states captured and handed to a sink that drops them (the
+  graphs' extra output and the engine's hand-over alone);
+* `windows+buffer`: handed to the drafter's context windows and feature buffer, as the
+  learned-drafter engines do.
+
+Prints tokens/s per engine and batch, and the ratio to `off` measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.engine_decode import kv_cache_gb  # noqa: E402
+
+
+def smollm2_shaped(device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                      intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                      max_position_embeddings=4096)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def sinks(variant: str, decoder, device):
+    """(capture_layers, feature_sink) of an engine variant."""
+    if variant == "off":
+        return (), None
+    if variant == "capture":
+        return (-1,), lambda features: None
+    from slipstream.drafter.config import DrafterConfig
+    from slipstream.drafter.context import ContextWindows
+    from slipstream.drafter.feature_buffer import FeatureBuffer
+
+    cfg, dtype, hidden = DrafterConfig(), decoder.embed.weight.dtype, decoder.config.hidden_size
+    windows = ContextWindows(cfg.window, hidden, cfg.capture_layer, dtype=dtype, device=device)
+    buffer = FeatureBuffer(cfg, hidden, dtype, device)
+
+    def sink(features):
+        windows(features)
+        buffer(features)
+    return (-1,), sink
+
+
+def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, repeats: int) -> list[float]:
+    from slipstream.rollout.engine import Engine, EngineConfig
+    from slipstream.rollout.types import Request, SamplingParams
+
+    batch, plen = prompts.shape
+    max_len = plen + new_tokens + 16
+    cfg = EngineConfig(block_size=16, kv_cache_gb=kv_cache_gb(decoder, batch * max_len), max_num_seqs=batch,
+                       max_num_batched_tokens=max(8192, batch * plen), max_model_len=max_len)
+    layers, sink = sinks(variant, decoder, prompts.device)
+    engine = Engine(decoder, eos_token_ids=[], cfg=cfg, capture_layers=layers, feature_sink=sink)
+    engine.capture_graphs()
+    reqs = [Request(p.tolist(), SamplingParams(temperature=0.0, max_tokens=new_tokens), str(i), str(i))
+            for i, p in enumerate(prompts)]
+    engine.generate(reqs)  # warm-up: kernels compiled, every bucket's graph replayed once
+    times = []
+    for _ in range(repeats):
+        engine.block_manager.reset_prefix_cache()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(reqs)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", nargs="+", type=int, default=[16, 64])
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "capture_overhead.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("capture_overhead.py measures CUDA-graph decoding: it needs a GPU")
+
+    from benchmarks.longtail import commit_of
+    from slipstream.models.weights import decoder_from_hf_module
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    decoder = decoder_from_hf_module(smollm2_shaped(device))
+    rows = []
+    for batch in args.batches:
+        prompts = torch.randint(100, 49000, (batch, args.prompt), device=device)
+        off = None
+        for variant in ("off", "capture", "windows+buffer"):
+            times = time_variant(variant, decoder, prompts, args.new_tokens, args.repeats)
+            tps = batch * args.new_tokens / min(times)
+            off = tps if variant == "off" else off
+            rows.append({"batch": batch, "variant": variant, "seconds": times, "tokens_per_s": tps,
+                         "vs_off": tps / off})
+            print(f"batch {batch:4d}  {variant:15s} {tps:10.0f} tok/s  {tps / off:.3f}x off  "
+                  f"(runs {', '.join(f'{t:.3f}' for t in times)} s)", flush=True)
+    import transformers
+    import triton
+
+    meta = {"benchmark": "capture_overhead", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__, "commit": commit_of(args.commit),
+            "args": vars(args)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
