@@ -35,6 +35,7 @@ class StepFeatures:
     positions: torch.Tensor  # [T] long
     token_ids: torch.Tensor  # [T] long
     hidden: dict[int, torch.Tensor]
+    max_rows_per_seq: int | None = None  # most rows of one sequence, when the producer knows it
 
 
 @dataclass
@@ -142,6 +143,7 @@ class ModelRunner:
         draws = launched.draws[:, :, :launched.num_seqs]
         return draws[:, 0].long().tolist(), draws[:, 1].tolist()
 
+    @torch.inference_mode()  # as `run`: a sink's tensors made in one must be writable in the other
     def emit_step_features(self, launched: "LaunchedSteps", seqs: list, columns: list[int],
                            first: list[tuple[int, int]], tokens: list[list[int]], taken: list[int]) -> None:
         """Hand the feature sink the rows of a launch's steps in one StepFeatures: seqs[j] (column
@@ -172,7 +174,7 @@ class ModelRunner:
         rows = host.to(self.device, non_blocking=True)
         self.feature_sink(StepFeatures(keys, rows[0], rows[1], rows[2],
                                        {key: h.flatten(0, 1).index_select(0, rows[3])
-                                        for key, h in launched.hidden.items()}))
+                                        for key, h in launched.hidden.items()}, max_rows_per_seq=max(taken)))
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -188,7 +190,7 @@ class ModelRunner:
                 ids, positions = self.graphs.last_inputs(len(entries))
                 self.feature_sink(StepFeatures([(e.seq.request_id, e.seq.sample_index) for e in entries],
                                                torch.arange(len(entries), device=self.device), positions, ids,
-                                               {k: v.clone() for k, v in captured.items()}))
+                                               {k: v.clone() for k, v in captured.items()}, max_rows_per_seq=1))
             if sampled is not None and not any(e.seq.params.truncates for e in entries):
                 tokens, logprobs = sampled.cpu().tolist()  # the step's one host synchronisation
                 return [int(t) for t in tokens], logprobs

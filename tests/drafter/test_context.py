@@ -10,7 +10,10 @@ from slipstream.rollout.types import Request, SamplingParams
 WINDOW = 6
 
 
-def test_windows_match_the_full_history_through_prefill_prefix_sharing_and_growth(toy):
+@pytest.mark.parametrize("static", [False, True], ids=["eager-steps", "replays-of-4-steps"])
+def test_windows_match_the_full_history_through_prefill_prefix_sharing_and_growth(toy, static):
+    # Replays hand 4 steps of a sequence at once, with max_rows_per_seq = 4 (at most the window:
+    # every row is written directly); prefill chunks longer than the window take the general path.
     decoder = toy.decoder()
     windows = ContextWindows(WINDOW, toy.hidden, max_seqs=2)  # 8 sequences: the rings grow
     history: dict[tuple, dict[int, tuple[torch.Tensor, int]]] = {}
@@ -21,8 +24,11 @@ def test_windows_match_the_full_history_through_prefill_prefix_sharing_and_growt
             key = sf.seq_keys[int(sf.owner[r])]
             history.setdefault(key, {})[int(sf.positions[r])] = (h[r].clone(), int(sf.token_ids[r]))
 
+    bounded = []
+
     def sink(sf):
         record(sf)
+        bounded.append(sf.max_rows_per_seq is not None and sf.max_rows_per_seq > 1)
         windows(sf)
 
     g = torch.Generator().manual_seed(0)
@@ -31,7 +37,11 @@ def test_windows_match_the_full_history_through_prefill_prefix_sharing_and_growt
     params = SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=0)
     requests = [Request(torch.randint(toy.vocab, (9,), generator=g).tolist(), params, f"g{i}", f"r{i}")
                 for i in range(2)]
-    completions = toy.engine(decoder, sink).generate(requests)
+    engine = toy.engine(decoder, sink)
+    if static:
+        engine.runner.use_static_decode()
+    completions = engine.generate(requests)
+    assert any(bounded) == static
     keys = [(c.request_id, i % 4) for i, c in enumerate(completions)]
     assert {min(history[k]) for k in keys} == {0, 8}  # prefix sharing happened
 
