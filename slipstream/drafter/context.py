@@ -80,14 +80,11 @@ class ContextWindows:
         slots = torch.tensor([self._slot(k) for k in features.seq_keys], dtype=torch.long)
         slots = slots.to(self.device, non_blocking=True)[features.owner.to(self.device)]
         pos = features.positions.to(self.device)
-        rows = slots
-        most = features.max_rows_per_seq
-        if most is None or most > self.window:
-            # Only each sequence's newest `window` rows of this step are written (distinct cells);
-            # with at most `window` rows per sequence (decode and verification steps) all are.
-            step_newest = torch.full_like(self._newest, -1).scatter_reduce(0, slots, pos, "amax")
-            keep = pos > step_newest[slots] - self.window
-            rows = torch.where(keep, slots, self.capacity)  # the rest go to the scratch row
+        # Only each sequence's newest `window` rows of this step are written (distinct cells).
+        step_newest = torch.full_like(self._newest, -1).scatter_reduce(0, slots, pos, "amax")
+        keep = pos > step_newest[slots] - self.window
+        scratch = self.capacity
+        rows = torch.where(keep, slots, scratch)
         cols = pos % self.window
         self._hidden[rows, cols] = hidden.to(self.dtype)
         self._tokens[rows, cols] = features.token_ids.to(self.device)

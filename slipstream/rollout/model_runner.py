@@ -35,7 +35,6 @@ class StepFeatures:
     positions: torch.Tensor  # [T] long
     token_ids: torch.Tensor  # [T] long
     hidden: dict[int, torch.Tensor]
-    max_rows_per_seq: int | None = None  # most rows of one sequence, when the producer knows it
 
 
 @dataclass
@@ -174,7 +173,7 @@ class ModelRunner:
         rows = host.to(self.device, non_blocking=True)
         self.feature_sink(StepFeatures(keys, rows[0], rows[1], rows[2],
                                        {key: h.flatten(0, 1).index_select(0, rows[3])
-                                        for key, h in launched.hidden.items()}, max_rows_per_seq=max(taken)))
+                                        for key, h in launched.hidden.items()}))
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -190,7 +189,7 @@ class ModelRunner:
                 ids, positions = self.graphs.last_inputs(len(entries))
                 self.feature_sink(StepFeatures([(e.seq.request_id, e.seq.sample_index) for e in entries],
                                                torch.arange(len(entries), device=self.device), positions, ids,
-                                               {k: v.clone() for k, v in captured.items()}, max_rows_per_seq=1))
+                                               {k: v.clone() for k, v in captured.items()}))
             if sampled is not None and not any(e.seq.params.truncates for e in entries):
                 tokens, logprobs = sampled.cpu().tolist()  # the step's one host synchronisation
                 return [int(t) for t in tokens], logprobs

@@ -159,14 +159,13 @@ class SpecRunner:
         if fed is not batch:
             raise RuntimeError("emit_features for another batch than the last one run")
         r = self.runner
-        keep, owners, most = [], [], 0
+        keep, owners = [], []
         for i, (e, first) in enumerate(zip(batch.entries, firsts)):
             n = min(e.num_new, e.seq.num_tokens - 1 - e.start)
             keep.extend(range(first, first + n))
             owners.extend([i] * n)
-            most = max(most, n)
         both = torch.tensor([keep, owners], dtype=torch.long).reshape(2, len(keep)).to(r.device, non_blocking=True)
         index, owner = both[0], both[1]
         r.feature_sink(StepFeatures([(e.seq.request_id, e.seq.sample_index) for e in batch.entries], owner,
                                     positions[index], input_ids[index],
-                                    {key: h[index] for key, h in captured.items()}, max_rows_per_seq=most))
+                                    {key: h[index] for key, h in captured.items()}))
