@@ -423,11 +423,14 @@ class Decoder(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, attn, kv_caches[i])
-            if i in wanted:
+            if i in wanted and i < n - 1:
                 stream = x + residual
                 for key in wanted[i]:
                     captured[key] = stream
-        hidden, _ = self.norm.add_forward(x, residual)
+        # The final norm's kernel also returns the last layer's stream: no separate sum for it.
+        hidden, stream = self.norm.add_forward(x, residual)
+        for key in wanted.get(n - 1, ()):
+            captured[key] = stream
         return (hidden, captured) if capture_layers else hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
