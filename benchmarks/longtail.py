@@ -123,11 +123,14 @@ def run_round(engine, requests, device) -> dict:
 
 def timed_rollout(engine, requests, device) -> tuple[list, dict]:
     """The completions of one `generate` and its measurements (see the module docstring)."""
+    from slipstream.telemetry.gc_time import GCTime
+
     sync(device)
-    t0 = time.perf_counter()
-    completions = engine.generate(requests)
-    sync(device)
-    makespan = time.perf_counter() - t0
+    with GCTime() as gc_time:
+        t0 = time.perf_counter()
+        completions = engine.generate(requests)
+        sync(device)
+        makespan = time.perf_counter() - t0
     tokens = sum(len(c.tokens) for c in completions)
     window_update = 0.0
     if engine.speculator is not None:
@@ -157,6 +160,11 @@ def timed_rollout(engine, requests, device) -> tuple[list, dict]:
         "speculative_seconds": metrics["spec/time_spec_steps"],
         "drafting_s": metrics.get("spec/draft_seconds", 0.0),  # host time indexing and proposing, in the makespan
         "window_update_s": window_update,
+        # what a slow stretch may be: one long step, one-time work, the garbage collector
+        "slowest_step_s": metrics["rollout/slowest_step_s"],
+        "graphs_captured": metrics["rollout/graphs_captured"],
+        "kernel_timings": metrics["rollout/kernel_timings"],
+        "gc_s": gc_time.seconds,
         "by_live_batch": bucket_throughput(engine.timeline.steps, edges),
     }
 
