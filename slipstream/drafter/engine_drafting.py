@@ -124,6 +124,10 @@ class DraftingSpeculator(Speculator):
         self._rows = {s.seq_id: b for b, s in enumerate(drafting)}
         return {s.seq_id: d for s, d in zip(drafting, combined.drafts) if d}
 
+    @property
+    def catches_up_in_idle_time(self) -> bool:
+        return any(s in self.sources.config.sources for s in ("suffix", "both"))
+
     def will_draft(self, live: int) -> bool:
         """Whether the next step at this live batch may draft: the source policy chooses now, as
         `propose` would. If it picks "none", the engine chains its decode replays as without

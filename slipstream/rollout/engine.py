@@ -247,6 +247,10 @@ class Engine:
             for seq in seqs:
                 bm.may_append(seq, 2 * K - 1)  # and for the chained replay's K after them
             self._inflight = (seqs, self.runner.launch_decode_steps(seqs, K, chained=True))
+        if self.speculator is not None and launched.done is not None:
+            # the host would only wait: the speculator's trees catch up meanwhile, in small units
+            while not launched.done.query() and self.speculator.idle_work():
+                pass
         tokens, logprobs = self.runner.finish_decode_steps(launched)
         alive = [i for i, seq in enumerate(seqs) if not seq.is_finished]  # those ended before: discarded
         if len(alive) < len(seqs):

@@ -251,3 +251,17 @@ def test_replays_chain_where_the_source_policy_picks_none(tiny_model, forced, ex
         assert none_steps > 0 and engine.rollout_metrics().get("spec/drafter/drafted_tokens", 0.0) == 0.0
     else:
         assert engine.rollout_metrics()["spec/drafter/drafted_tokens"] > 0
+
+
+def test_idle_time_goes_to_the_suffix_trees_only_where_suffix_drafts_can_be_chosen():
+    from types import SimpleNamespace
+
+    from slipstream.drafter.engine_drafting import DraftingSpeculator
+    from slipstream.drafter.source_policy import SourcePolicy, SourcePolicyConfig
+
+    def catches_up(sources):
+        fake = SimpleNamespace(sources=SourcePolicy(SourcePolicyConfig(sources=sources)))
+        return DraftingSpeculator.catches_up_in_idle_time.fget(fake)
+
+    assert not catches_up(("none", "drafter"))
+    assert catches_up(("none", "suffix")) and catches_up(("none", "drafter", "both"))

@@ -398,3 +398,77 @@ def test_a_rollout_without_history_leaves_the_windows_alone(tiny_model):
     engine.generate(held_out)
     after = engine.speculator.state_dict()["drafter"]
     assert after["step"] == before["step"] + 1 and {"eval0", "eval1"} <= {p["group_id"] for p in after["prompts"]}
+
+
+def test_idle_work_brings_the_trees_where_a_drafting_step_would(tiny_model):
+    # Catching up in small units while the GPU is busy must leave the drafter exactly as one
+    # catch-up at a drafting step does: the same drafts for every live sequence.
+    rng = random.Random(3)
+    history = [[rng.randrange(40, 60) for _ in range(30)] for _ in range(4)]
+
+    def rollout(idle: bool):
+        spec = Speculator(SpecConfig())
+        for out in history:  # an earlier step's outputs of the prompt
+            spec.drafter.add_rollout("g0", out)
+        spec.drafter.end_step()
+        seqs = [s for i in range(2) for s in Sequence.from_request(
+            Request([1, 2, 3, i], SamplingParams(n=3, max_tokens=200), f"g{i}", f"r{i}"))]
+        spec.begin(seqs)
+        done = []
+        for start, stop in ((0, 2), (2, 30)):  # registered with a short output, then grown
+            for k, seq in enumerate(seqs):  # outputs of several lengths
+                for t in history[k % 4][start:min(stop, 5 + 5 * k)]:
+                    seq.append_token(t, 0.0)
+            if idle:
+                while spec.idle_work(max_tokens=4):
+                    done.append(1)
+                assert not spec.idle_work() and spec.idle_seconds > 0
+        seqs[5].finish("stop")
+        spec._catch_up({s.group_id for s in seqs})
+        return [spec.drafter.propose(s.seq_id, s.group_id, s.token_ids[-16:], 8).tokens for s in seqs[:5]], done
+
+    plain, _ = rollout(idle=False)
+    caught_up, units = rollout(idle=True)
+    assert caught_up == plain and any(plain)
+    assert len(units) > 12  # registrations, then the growth in units of at most 4 tokens
+
+
+def test_decode_replays_hand_the_wait_to_the_speculator_and_outputs_stay(tiny_model):
+    # On the GPU the engine polls the replay's event and lets the speculator catch up meanwhile.
+    # Here a stand-in event reports "busy" a few times per replay (the CPU has no events).
+    model, tok = tiny_model
+    reqs = [Request(tok(p, add_special_tokens=False)["input_ids"], SamplingParams(n=3, temperature=0.0, max_tokens=m),
+                    f"g{i}", f"r{i}") for i, (p, m) in enumerate(zip(PROMPTS, (6, 12, 18, 40)))]
+    cfg = EngineConfig(block_size=4, num_blocks=256, decode_steps=4)
+    plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(reqs)
+    policy = PolicyConfig(min_batch_for_off=4, draft_lens=(8,), epsilon=1.0)
+    engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, spec=SpecConfig(policy=policy))
+    engine.runner.use_static_decode()
+    engine.spec_runner.use_static_verify()
+
+    class BusyEvent:
+        def __init__(self):
+            self.polls = 0
+
+        def query(self):
+            self.polls += 1
+            return self.polls > 3
+
+        def synchronize(self):
+            pass
+
+    events = []
+    original = engine.runner.launch_decode_steps
+
+    def launch(seqs, k, chained=False):
+        launched = original(seqs, k, chained)
+        events.append(BusyEvent())
+        return dataclasses.replace(launched, done=events[-1])
+
+    engine.runner.launch_decode_steps = launch
+    for _ in range(2):  # the second rollout drafts from the first one's outputs
+        comps = engine.generate(reqs)
+        assert [c.tokens for c in comps] == [c.tokens for c in plain]
+    m = engine.rollout_metrics()
+    assert events and any(e.polls > 1 for e in events)
+    assert m["spec/idle_catch_up_seconds"] > 0 and m["spec/drafted_tokens"] > 0

@@ -12,7 +12,10 @@ its no-speculation arm, no sequence drafts and the trees are left alone; they ca
 time drafts are wanted (what a sequence has not handed over yet is its output past `_fed`).
 Catching up indexes a sequence's backlog in one pass (several times cheaper per token than
 growing it token by token) and only for groups with a live sequence: the outputs of groups that
-are done help no draft in this rollout. Moving a rollout's outputs into
+are done help no draft in this rollout. While the engine waits for a decode replay on the GPU,
+it hands the host's idle time to `idle_work`, which catches the trees up a little at a time; a
+drafting step then finds little backlog (a whole backlog at once took 3-10 ms of host time per
+drafting step on an H200 host, several decode steps' worth). Moving a rollout's outputs into
 the windows (`end`) runs in a background thread, overlapping whatever follows the rollout (the
 trainer's update); the next rollout and `state_dict` wait for it.
 """
@@ -60,6 +63,7 @@ class Speculator:
         self._pending_arm: int | None = None  # a drafting arm `will_draft` chose for the next step
         self._worker: threading.Thread | None = None
         self.draft_seconds = 0.0  # spent indexing and proposing in this rollout
+        self.idle_seconds = 0.0  # spent catching up while the engine waited for the GPU
 
     # ---------------------------------------------------------------- rollout lifecycle
 
@@ -78,7 +82,7 @@ class Speculator:
             self._groups.setdefault(s.group_id, []).append(s)
         self._fed, self._closed = {}, set()
         self._pending_arm = None
-        self.draft_seconds = 0.0
+        self.draft_seconds = self.idle_seconds = 0.0
         self.policy.set_expected_lengths({g: self.drafter.expected_length(g) for g in self._groups})
 
     def end(self, record: bool = True) -> None:
@@ -125,6 +129,48 @@ class Speculator:
                 if seq.is_finished:
                     d.finish_request(sid)
                     self._closed.add(sid)
+
+    def idle_work(self, max_tokens: int = 64) -> bool:
+        """Catch the drafter up on one sequence of a group with a live sequence, by at most about
+        `max_tokens` tokens (a first registration indexes what the sequence has in one pass), for
+        the engine to call while the GPU is busy: small units, so that the wait it fills ends
+        soon after the GPU's work. Returns False when there was nothing to do."""
+        if not self.catches_up_in_idle_time:
+            return False
+        t0 = time.perf_counter()
+        try:
+            return self._catch_up_some(max_tokens)
+        finally:
+            self.idle_seconds += time.perf_counter() - t0
+
+    @property
+    def catches_up_in_idle_time(self) -> bool:
+        """Whether the suffix trees can draft (a subclass without suffix drafts says no)."""
+        return True
+
+    def _catch_up_some(self, max_tokens: int) -> bool:
+        d = self.drafter
+        for group_id, seqs in self._groups.items():
+            if all(seq.is_finished for seq in seqs):
+                continue  # done for this rollout: left to `end`, as in `_catch_up`
+            for seq in seqs:
+                sid = seq.seq_id
+                if sid in self._closed:
+                    continue
+                fed = self._fed.get(sid)
+                if fed is None:
+                    d.add_request(sid, group_id, seq.prompt_ids, seq.output_ids)
+                    self._fed[sid] = seq.num_output_tokens
+                    return True
+                if seq.num_output_tokens > fed:
+                    end = min(seq.num_output_tokens, fed + max_tokens)
+                    d.update(sid, seq.output_ids[fed:end])
+                    self._fed[sid] = end
+                    return True
+                if seq.is_finished:
+                    d.finish_request(sid)
+                    self._closed.add(sid)
+        return False
 
     def plan(self, scheduler: Scheduler) -> tuple[list[Sequence], dict[int, int], int]:
         """This step's decoding sequences, their draft budgets by seq_id (capped at MAX_DRAFT_LEN)
@@ -206,7 +252,7 @@ class Speculator:
 
     def metrics(self) -> dict[str, float]:
         """What the speculator itself measured in the last rollout."""
-        return {"spec/draft_seconds": self.draft_seconds}
+        return {"spec/draft_seconds": self.draft_seconds, "spec/idle_catch_up_seconds": self.idle_seconds}
 
     # ---------------------------------------------------------------- state
 
