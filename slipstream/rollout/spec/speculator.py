@@ -13,9 +13,9 @@ time drafts are wanted (what a sequence has not handed over yet is its output pa
 Catching up indexes a sequence's backlog in one pass (several times cheaper per token than
 growing it token by token) and only for groups with a live sequence: the outputs of groups that
 are done help no draft in this rollout. While the engine waits for a decode replay on the GPU,
-it hands the host's idle time to `idle_work`, which catches the trees up a little at a time; a
-drafting step then finds little backlog (a whole backlog at once took 3-10 ms of host time per
-drafting step on an H200 host, several decode steps' worth). Moving a rollout's outputs into
+it hands the host's idle time to `idle_work`, which catches the trees up a little at a time, so
+that a drafting step finds little backlog (drafting, mostly catching up, had taken 3-10 ms of
+host time per drafting step on an H200 host: several decode steps' worth). Moving a rollout's outputs into
 the windows (`end`) runs in a background thread, overlapping whatever follows the rollout (the
 trainer's update); the next rollout and `state_dict` wait for it.
 """
