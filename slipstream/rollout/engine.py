@@ -249,7 +249,7 @@ class Engine:
             self._inflight = (seqs, self.runner.launch_decode_steps(seqs, K, chained=True))
         if self.speculator is not None and launched.done is not None:
             # the host would only wait: the speculator's trees catch up meanwhile, in small units
-            while not launched.done.query() and self.speculator.idle_work():
+            while not launched.done.query() and self.speculator.idle_work(len(seqs)):
                 pass
         tokens, logprobs = self.runner.finish_decode_steps(launched)
         alive = [i for i, seq in enumerate(seqs) if not seq.is_finished]  # those ended before: discarded

@@ -420,9 +420,10 @@ def test_idle_work_brings_the_trees_where_a_drafting_step_would(tiny_model):
                 for t in history[k % 4][start:min(stop, 5 + 5 * k)]:
                     seq.append_token(t, 0.0)
             if idle:
-                while spec.idle_work(max_tokens=4):
+                assert not spec.idle_work(live=spec.policy.config.min_batch_for_off)  # a large batch: no work
+                while spec.idle_work(live=6, max_tokens=4):
                     done.append(1)
-                assert not spec.idle_work() and spec.idle_seconds > 0
+                assert not spec.idle_work(live=6) and spec.idle_seconds > 0
         seqs[5].finish("stop")
         spec._catch_up({s.group_id for s in seqs})
         return [spec.drafter.propose(s.seq_id, s.group_id, s.token_ids[-16:], 8).tokens for s in seqs[:5]], done

@@ -130,12 +130,15 @@ class Speculator:
                     d.finish_request(sid)
                     self._closed.add(sid)
 
-    def idle_work(self, max_tokens: int = 64) -> bool:
+    def idle_work(self, live: int, max_tokens: int = 32) -> bool:
         """Catch the drafter up on one sequence of a group with a live sequence, by at most about
         `max_tokens` tokens (a first registration indexes what the sequence has in one pass), for
         the engine to call while the GPU is busy: small units, so that the wait it fills ends
-        soon after the GPU's work. Returns False when there was nothing to do."""
-        if not self.catches_up_in_idle_time:
+        soon after the GPU's work. Only below `min_batch_for_off` (live: the live batch), where
+        drafting steps would do the same work: above it the trees wait, since a sequence indexed
+        late in one pass costs several times less per token than one grown token by token.
+        Returns False when there was nothing to do."""
+        if live >= self.policy.config.min_batch_for_off or not self.catches_up_in_idle_time:
             return False
         t0 = time.perf_counter()
         try:
