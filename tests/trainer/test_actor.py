@@ -44,24 +44,29 @@ def test_grpo_update_moves_probability_towards_rewarded_samples(tiny_model):
     assert abs(metrics["mismatch/kl"]) < 1e-6 and metrics["grad_norm"] > 0
 
 
+def _update_gradient(model, tcfg: TrainerConfig, acfg: AlgorithmConfig) -> torch.Tensor:
+    """The flat gradient of one update of `model` on `_batch`, read just before the optimizer
+    step (the backend frees the gradients right after it)."""
+    actor = _actor(model, tcfg, acfg)
+    batch = _batch(model)
+    real_step, grads = actor.backend.step, []
+
+    def step_recording_grads():
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        return real_step()
+
+    actor.backend.step = step_recording_grads
+    actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)
+    return grads[0]
+
+
 def test_micro_batching_gives_the_full_batch_gradient(tiny_model):
-    grads = []
     # 2 and 1 rows, and 12 tokens (rows of widths 2 | 3 | 3, 4 with the 3-token prompt): rows
     # grouped by length, each micro-batch cut to its longest response
-    for mb, tokens in ((4, 0), (2, 0), (1, 0), (4, 12)):
-        model = copy.deepcopy(tiny_model[0])
-        actor = _actor(model, TrainerConfig(lr=0.0 + 1e-12, micro_batch_size=mb, micro_batch_tokens=tokens,
-                                            max_grad_norm=1e9), AlgorithmConfig(loss_agg="token-mean"))
-        batch = _batch(model)
-        real_step = actor.backend.step
-
-        def step_recording_grads(model=model, real_step=real_step):
-            # the backend frees the gradients right after the step: read them just before
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-            return real_step()
-
-        actor.backend.step = step_recording_grads
-        actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)
+    grads = [_update_gradient(copy.deepcopy(tiny_model[0]),
+                              TrainerConfig(lr=1e-12, micro_batch_size=mb, micro_batch_tokens=tokens, max_grad_norm=1e9),
+                              AlgorithmConfig(loss_agg="token-mean"))
+             for mb, tokens in ((4, 0), (2, 0), (1, 0), (4, 12))]
     for g in grads[1:]:
         assert torch.allclose(grads[0], g, atol=1e-6, rtol=1e-4)
 
@@ -84,16 +89,8 @@ def test_gradient_checkpointing_recomputes_with_the_forwards_attention_kernel(ti
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train()
-        actor = _actor(model, TrainerConfig(lr=1e-12, micro_batch_size=2, max_grad_norm=1e9), AlgorithmConfig())
-        batch = _batch(model)
-        real_step = actor.backend.step
-
-        def step_recording_grads(model=model, real_step=real_step):
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-            return real_step()
-
-        actor.backend.step = step_recording_grads
-        actor.update(batch, actor.advantages(batch), step=0, max_tokens=4)
+        grads.append(_update_gradient(model, TrainerConfig(lr=1e-12, micro_batch_size=2, max_grad_norm=1e9),
+                                      AlgorithmConfig()))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 

@@ -112,23 +112,33 @@ class Speculator:
         """Feed the drafter every token of `live_groups` it has not seen; close the finished
         sequences. A group with no live sequence left is done for this rollout: its sequences
         are left to `end`."""
-        d = self.drafter
         for group_id, seqs in self._groups.items():  # in request order: the same trees every run
-            if group_id not in live_groups:
-                continue
-            for seq in seqs:
-                sid = seq.seq_id
-                if sid in self._closed:
-                    continue
-                fed = self._fed.get(sid)
-                if fed is None:
-                    d.add_request(sid, group_id, seq.prompt_ids, seq.output_ids)
-                elif seq.num_output_tokens > fed:
-                    d.update(sid, seq.output_ids[fed:])
-                self._fed[sid] = seq.num_output_tokens
-                if seq.is_finished:
-                    d.finish_request(sid)
-                    self._closed.add(sid)
+            if group_id in live_groups:
+                for seq in seqs:
+                    self._feed(seq, group_id)
+
+    def _feed(self, seq: Sequence, group_id: str, max_tokens: int | None = None) -> bool:
+        """Feed the drafter what `seq` has that it has not seen: all of it at its registration
+        (one pass), else at most `max_tokens` new tokens; close it once finished and fully fed.
+        Returns whether there was anything to do."""
+        sid, d = seq.seq_id, self.drafter
+        if sid in self._closed:
+            return False
+        fed, n = self._fed.get(sid), seq.num_output_tokens
+        did = fed is None or n > fed
+        if fed is None:
+            d.add_request(sid, group_id, seq.prompt_ids, seq.output_ids)
+            fed = n
+        elif n > fed:
+            end = n if max_tokens is None else min(n, fed + max_tokens)
+            d.update(sid, seq.output_ids[fed:end])
+            fed = end
+        self._fed[sid] = fed
+        if seq.is_finished and fed == n:
+            d.finish_request(sid)
+            self._closed.add(sid)
+            did = True
+        return did
 
     def idle_work(self, live: int, max_tokens: int = 32) -> bool:
         """Catch the drafter up on one sequence of a group with a live sequence, by at most about
@@ -152,27 +162,12 @@ class Speculator:
         return True
 
     def _catch_up_some(self, max_tokens: int) -> bool:
-        d = self.drafter
         for group_id, seqs in self._groups.items():
             if all(seq.is_finished for seq in seqs):
                 continue  # done for this rollout: left to `end`, as in `_catch_up`
             for seq in seqs:
-                sid = seq.seq_id
-                if sid in self._closed:
-                    continue
-                fed = self._fed.get(sid)
-                if fed is None:
-                    d.add_request(sid, group_id, seq.prompt_ids, seq.output_ids)
-                    self._fed[sid] = seq.num_output_tokens
+                if self._feed(seq, group_id, max_tokens):
                     return True
-                if seq.num_output_tokens > fed:
-                    end = min(seq.num_output_tokens, fed + max_tokens)
-                    d.update(sid, seq.output_ids[fed:end])
-                    self._fed[sid] = end
-                    return True
-                if seq.is_finished:
-                    d.finish_request(sid)
-                    self._closed.add(sid)
         return False
 
     def plan(self, scheduler: Scheduler) -> tuple[list[Sequence], dict[int, int], int]:
