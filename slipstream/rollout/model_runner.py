@@ -151,8 +151,7 @@ class ModelRunner:
 
         The rows' ids, positions and owners go to the device in one asynchronous copy from
         page-locked memory: a synchronous copy would wait for the replay chained behind this one."""
-        # Built with a few numpy ops rather than per row: at a live batch of 64 the host's time
-        # per replay is what chaining hides, and row loops grew it with the batch.
+        # A few numpy ops rather than loops over rows: the host's time per replay grows with the batch.
         K, n = len(tokens), len(seqs)
         width = next(iter(launched.hidden.values())).shape[1]
         taken_a = np.asarray(taken, dtype=np.int64)
