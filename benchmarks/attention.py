@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-q-len", type=int, default=1, help="query tokens per sequence in decode (<= 16)")
     p.add_argument("--prefill-batch", type=int, default=1, help="sequences per prefill call (whole prompts)")
     p.add_argument("--skip-scales", type=floats, default=[0.0, 1.0, 16.0], help="skip_scale values (0 = dense)")
+    p.add_argument("--target-sparsities", type=floats, default=[],
+                   help="also rows at these sparsities: per row, skip_scale found by bisection on the counters")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -168,6 +170,30 @@ class Bench:
         return dict(q=q, k_cache=k_cache, v_cache=v_cache, cu=cu, seq_lens=seq_lens, tables=tables,
                     ks=ks, vs=vs, qs=qs)
 
+    def scale_for(self, run, target: float, steps: int = 14) -> tuple[float, float]:
+        """(skip_scale, sparsity) with the sparsity closest to `target`: bisection on log(skip_scale),
+        the skipped fraction being non-decreasing in the scale. `run(skip_scale, counters)`."""
+        torch = self.torch
+
+        def sparsity(scale):
+            counters = torch.zeros(2, dtype=torch.int64, device=self.dev)
+            run(scale, counters)
+            c = counters.tolist()
+            return c[0] / max(c[1], 1)
+
+        lo, hi = -12.0, 24.0  # log2 of the scale
+        best = None
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            sp = sparsity(2.0**mid)
+            if best is None or abs(sp - target) < abs(best[1] - target):
+                best = (2.0**mid, sp)
+            if sp < target:
+                lo = mid
+            else:
+                hi = mid
+        return best
+
     def sdpa(self, data, causal_square: bool):
         """torch SDPA (flash backend) on contiguous [B, heads, L, D]; equal lengths only."""
         torch = self.torch
@@ -232,7 +258,10 @@ class Bench:
         del sdpa_out
         kv_elem = a.kv_heads * a.head_dim * data["k_cache"].element_size()
         rows = []
-        for skip_scale in a.skip_scales:
+        settings = [(s, None) for s in a.skip_scales] + [(None, t) for t in a.target_sparsities]
+        for skip_scale, target in settings:
+            if target is not None:
+                skip_scale, _ = self.scale_for(run, target)
             if skip_scale == 0:
                 ms, sparsity, out = dense_ms, 0.0, dense_out
             else:
@@ -242,7 +271,8 @@ class Bench:
                 sparsity = c[0] / max(c[1], 1)
                 ms = self.time_ms(lambda: run(skip_scale), iters)
             err_dense = (out.float() - dense_out.float()).abs().max().item()
-            row = dict(phase=phase, context=L, batch=batch, q_len=q_len, skip_scale=skip_scale, ms=ms,
+            row = dict(phase=phase, context=L, batch=batch, q_len=q_len, skip_scale=skip_scale,
+                       target_sparsity=target, ms=ms,
                        sparsity=sparsity, dense_ms=dense_ms, sdpa_ms=sdpa_ms, speedup_vs_dense=dense_ms / ms,
                        speedup_vs_sdpa=sdpa_ms / ms, max_err_vs_dense=err_dense, dense_max_err_vs_sdpa=err_sdpa)
             if phase == "prefill":
