@@ -6,8 +6,8 @@ Random paged batches (shuffled pages, ragged lengths, GQA) with a few strongly a
 keys so that skip-softmax really skips: dense prefill and decode vs `paged_attention_ref`, and
 skip-softmax vs `paged_attention_sparse_ref` with the kernels' own tiling (output and skipped-tile
 counts). Also the RoPE table kernel against torch's cos/sin, bit for bit in bf16, and, where the
-kernels launch with PDL, that decode attention sees the K/V that the kernel before it stores (it
-fetches older keys before its PDL wait; a store kernel that is still running must not be missed).
+kernels launch with PDL, that decode attention sees the K/V that the kernel before it stores (a
+store kernel that is still running must not be missed).
 Prints one line per case and exits non-zero on any failure.
 """
 

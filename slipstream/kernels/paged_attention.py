@@ -20,10 +20,6 @@ at each row's score of key 0: any key's score is a lower bound of the row's true
 test keeps its meaning, and key 0 (the sequence's first token) is where decoder models park most
 attention, so a split can skip from its first tile on instead of needing its own history first.
 With COUNT, the program atomically adds (skipped tiles, visited tiles) to a counter pair.
-
-With PDL the program fetches, before its wait, the metadata and the first key tile of its split
-when all of that tile's keys precede the step's query tokens: the kernel before it only stores the
-new tokens' K/V, so at batch 1, where a split is a single tile, the K/V loads overlap that kernel.
 """
 
 from __future__ import annotations
@@ -48,7 +44,7 @@ MAX_Q_LEN = MAX_DECODE_Q_LEN
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, s, m_tile, v, DOT_PRECISION: tl.constexpr):
+def _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION: tl.constexpr):
     """Online-softmax update with one key tile: s are base-2 scores, -inf where masked."""
     m_new = tl.maximum(m_i, m_tile)
     # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so no inf - inf appears.
@@ -56,29 +52,9 @@ def _attend_tile(acc, l_i, m_i, s, m_tile, v, DOT_PRECISION: tl.constexpr):
     alpha = tl.exp2(m_i - m_shift)
     p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
-
-
-@triton.jit
-def _visit_tile(acc, l_i, m_i, n_skipped, q, k, v, v_ptrs, n, kv_mask, pos, row_valid, m_ref, qk_scale,
-                log2_lambda, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile: scores, then (unless skip-softmax drops it) the online-softmax update. Without
-    SKIP, `v` is the tile's values; with SKIP they are loaded from `v_ptrs` only if the tile is kept."""
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-    m_tile = tl.max(s, 1)
-    if SKIP:
-        # A row with no visible key in this tile (m_tile = -inf, padding rows too) never blocks the skip.
-        row_skip = (m_tile < tl.maximum(m_i, m_ref) + log2_lambda) | (m_tile == float("-inf"))
-        tile_skip = tl.min(row_skip.to(tl.int32), 0)
-        if tile_skip == 0:
-            v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v, DOT_PRECISION)
-        n_skipped += tile_skip
-    else:
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v, DOT_PRECISION)
-    return acc, l_i, m_i, n_skipped
 
 
 @triton.jit
@@ -105,50 +81,14 @@ def _decode_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Before the PDL wait, only what was written before the previous kernel started may be read:
-    # the step's metadata, and the K/V of keys that precede the step's query tokens (the previous
-    # kernel stores the new tokens' K/V). So the split's first tile is fetched now if all its keys
-    # are older, which hides its block-table and K/V round trips behind the previous kernel.
     q_start = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_start
     ctx = tl.load(lens_ptr + seq)
-
-    # This split's key tiles: the sequence's tiles cut into NUM_SPLITS parts of >= MIN_TILES tiles.
-    n_tiles = tl.where(q_len > 0, tl.cdiv(ctx, BLOCK_N), 0)
-    per_split = tl.maximum(tl.cdiv(n_tiles, NUM_SPLITS), MIN_TILES)
-    t_begin = split * per_split
-    t_end = tl.minimum(t_begin + per_split, n_tiles)
-
-    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-    offs_n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
-    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
-
-    n = t_begin * BLOCK_N + offs_n
-    n_end = tl.minimum(ctx, t_end * BLOCK_N)  # no key when the split is empty
-    kv_mask = n < n_end
-    old = (t_begin + 1) * BLOCK_N <= ctx - q_len
-    early_mask = n < tl.where(old, n_end, 0)
-    page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
-    slot = n % PAGE
-    k_ptrs = k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None]
-    v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
-    k = tl.load(k_ptrs, mask=early_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-    if SKIP:
-        v = tl.zeros([BLOCK_N, HEAD_DIM], k.dtype)  # loaded in _visit_tile if the tile is kept
-    else:
-        v = tl.load(v_ptrs, mask=early_mask[:, None], other=0.0)
-
-    pdl_prologue(PDL)
-    if old == 0:  # the tile holds some of the step's tokens: fetched after the wait
-        k = tl.load(k_ptrs, mask=kv_mask[None, :], other=0.0)
-        if not SKIP:
-            v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
 
     rows = tl.arange(0, BLOCK_M)
     tok = rows // GROUP
@@ -156,21 +96,31 @@ def _decode_kernel(
     row_valid = tok < q_len
     pos = ctx - q_len + tok  # causal position of each query row
     q_rows = (q_start + tok).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_valid[:, None], other=0.0)
+
+    # This split's key tiles: the sequence's tiles cut into NUM_SPLITS parts of >= MIN_TILES tiles.
+    n_tiles = tl.where(q_len > 0, tl.cdiv(ctx, BLOCK_N), 0)
+    per_split = tl.maximum(tl.cdiv(n_tiles, NUM_SPLITS), MIN_TILES)
+    t_begin = split * per_split
+    t_end = tl.minimum(t_begin + per_split, n_tiles)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_skipped = t_begin * 0
 
-    m_ref = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    log2_lambda = qk_scale * 0.0
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
     if SKIP:
         # log2(lambda), lambda = skip_scale / seq_len: this sequence's threshold.
         log2_lambda = tl.log2(skip_scale / ctx.to(tl.float32))
         # The skip test's reference maximum: the running maximum, and in later splits also the
         # score of key 0 (one key row loaded, scored like the tiles: the same dot, other keys masked).
+        m_ref = tl.full([BLOCK_M], float("-inf"), tl.float32)
         if (t_begin > 0) & (t_begin < t_end):
             key0 = offs_n == 0
             page0 = tl.load(bt_row).to(tl.int64)
@@ -179,22 +129,26 @@ def _decode_kernel(
             s0 = tl.dot(q, k0, input_precision=DOT_PRECISION) * qk_scale
             s0 = tl.where(row_valid[:, None] & key0[None, :], s0, float("-inf"))
             m_ref = tl.max(s0, 1)
-    if t_begin < t_end:
-        acc, l_i, m_i, n_skipped = _visit_tile(acc, l_i, m_i, n_skipped, q, k, v, v_ptrs, n, kv_mask, pos,
-                                               row_valid, m_ref, qk_scale, log2_lambda, SKIP, DOT_PRECISION)
-    for t in range(t_begin + 1, t_end):  # own names: the first tile's tensors are not loop-carried
-        n_t = t * BLOCK_N + offs_n
-        mask_t = n_t < ctx
-        page_t = tl.load(bt_row + n_t // PAGE, mask=mask_t, other=0).to(tl.int64)
-        slot_t = n_t % PAGE
-        k_t = tl.load(k_head + page_t[None, :] * stride_kb + slot_t[None, :] * stride_ks + d[:, None],
-                      mask=mask_t[None, :], other=0.0)
-        v_ptrs_t = v_head + page_t[:, None] * stride_vb + slot_t[:, None] * stride_vs + d[None, :]
-        v_t = v  # with SKIP, loaded in _visit_tile if the tile is kept
-        if not SKIP:
-            v_t = tl.load(v_ptrs_t, mask=mask_t[:, None], other=0.0)
-        acc, l_i, m_i, n_skipped = _visit_tile(acc, l_i, m_i, n_skipped, q, k_t, v_t, v_ptrs_t, n_t, mask_t, pos,
-                                               row_valid, m_ref, qk_scale, log2_lambda, SKIP, DOT_PRECISION)
+    for t in range(t_begin, t_end):
+        n = t * BLOCK_N + offs_n
+        kv_mask = n < ctx
+        page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
+        slot = n % PAGE
+        k = tl.load(k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None],
+                    mask=kv_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+        m_tile = tl.max(s, 1)
+        v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
+        if SKIP:
+            # A row with no visible key in this tile (m_tile = -inf, padding rows too) never blocks the skip.
+            row_skip = (m_tile < tl.maximum(m_i, m_ref) + log2_lambda) | (m_tile == float("-inf"))
+            tile_skip = tl.min(row_skip.to(tl.int32), 0)
+            if tile_skip == 0:
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION)
+            n_skipped += tile_skip
+        else:
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

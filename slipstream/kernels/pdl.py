@@ -8,8 +8,8 @@ lets its own successor launch. Every kernel launched this way takes a `PDL: tl.c
 calls `pdl_prologue(PDL)` before it reads anything its predecessor writes, so the chain stays
 ordered as without PDL (a successor launched without PDL, e.g. cuBLAS, waits for completion as
 usual). Because a kernel releases its successor only after its own wait, every kernel before the
-predecessor is complete when a kernel starts: what those wrote may be read before the wait (the
-decode attention fetches older keys there). `SLIPSTREAM_PDL=0` turns it off.
+predecessor is complete when a kernel starts: what those wrote may be read before the wait.
+`SLIPSTREAM_PDL=0` turns it off.
 """
 
 from __future__ import annotations
