@@ -29,21 +29,19 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 @triton.jit
-def _softmax_update(acc, l_i, m_i, s, m_tile, v, v_ptrs, kv_end, n, MASKED: tl.constexpr,
-                    LOADED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update with one key tile: s are base-2 scores, -inf where masked; v is the
-    tile's values if LOADED, else they are loaded here."""
+def _softmax_update(acc, l_i, m_i, s, m_tile, v_ptrs, kv_end, n, MASKED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Online-softmax update with one key tile: s are base-2 scores, -inf where masked."""
     m_new = tl.maximum(m_i, m_tile)
     # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so no inf - inf appears.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
     p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if not LOADED:
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(n < kv_end)[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=(n < kv_end)[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -52,8 +50,7 @@ def _softmax_update(acc, l_i, m_i, s, m_tile, v, v_ptrs, kv_end, n, MASKED: tl.c
 def _prefill_tile(acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_lambda,
                   bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                  MASKED: tl.constexpr, SKIP: tl.constexpr, PRELOAD_V: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     if MASKED:
@@ -72,26 +69,16 @@ def _prefill_tile(acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_l
     if MASKED:
         s = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), s, float("-inf"))
     m_tile = tl.max(s, 1)
-    v = None
-    if PRELOAD_V:
-        # Loaded whether or not the tile is skipped: outside the branch, the load is pipelined
-        # like K's (the kernel is compute-bound; the bytes come mostly from L2).
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(n < kv_end)[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
 
     if SKIP:
         # Padding rows, and rows that see no key of this tile, never block the skip.
         row_skip = (m_tile < m_i + log2_lambda) | (m_tile == float("-inf")) | (row_valid == 0)
         tile_skip = tl.min(row_skip.to(tl.int32), 0)
         if tile_skip == 0:
-            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, m_tile, v, v_ptrs, kv_end, n, MASKED, PRELOAD_V,
-                                            DOT_PRECISION)
+            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, m_tile, v_ptrs, kv_end, n, MASKED, DOT_PRECISION)
         n_skipped += tile_skip
     else:
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, m_tile, v, v_ptrs, kv_end, n, MASKED, PRELOAD_V,
-                                        DOT_PRECISION)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, m_tile, v_ptrs, kv_end, n, MASKED, DOT_PRECISION)
     return acc, l_i, m_i, n_skipped
 
 
@@ -112,7 +99,6 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     SKIP: tl.constexpr,
-    PRELOAD_V: tl.constexpr,
     COUNT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -157,12 +143,12 @@ def _prefill_kernel(
         acc, l_i, m_i, n_skipped = _prefill_tile(
             acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_lambda,
             bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
-            HEAD_DIM, BLOCK_N, PAGE, False, SKIP, PRELOAD_V, DOT_PRECISION)
+            HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION)
     for t in range(n_full, n_tiles):
         acc, l_i, m_i, n_skipped = _prefill_tile(
             acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_lambda,
             bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
-            HEAD_DIM, BLOCK_N, PAGE, True, SKIP, PRELOAD_V, DOT_PRECISION)
+            HEAD_DIM, BLOCK_N, PAGE, True, SKIP, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -178,7 +164,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             scale: float, *, max_q_len: int, skip_scale: float = 0.0,
                             counters: torch.Tensor | None = None, block_m: int | None = None,
                             block_n: int | None = None, num_warps: int | None = None,
-                            num_stages: int | None = None, preload_v: bool = False) -> torch.Tensor:
+                            num_stages: int | None = None) -> torch.Tensor:
     """Causal attention of packed query chunks over the paged cache -> [T, heads, head_dim] in q.dtype.
 
     Same contract as `paged_attention_ref`; `max_q_len` bounds every sequence's query count (it sizes
@@ -221,7 +207,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0),
         num_q_tiles,
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
-        SKIP=skip_scale > 0, PRELOAD_V=bool(preload_v and skip_scale > 0), COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        SKIP=skip_scale > 0, COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
