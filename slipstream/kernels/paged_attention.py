@@ -209,7 +209,7 @@ PROGRAMS_PER_SM = 2  # split-K aims at this many decode programs per SM
 # With skip-softmax a kept tile's V load sits behind the skip test, which needs that tile's K: it
 # cannot be fetched ahead, so more programs per SM hide its latency (H200, 64k contexts, batch 32,
 # 70% skipped at random: 1.85 ms with 2 splits, 1.48 ms with 16; dense is 1.94 ms).
-SKIP_PROGRAMS_PER_SM = 16
+SKIP_PROGRAMS_PER_SM = 8
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int, num_sms: int,
