@@ -207,21 +207,26 @@ def sm_count(device: torch.device) -> int:
 
 PROGRAMS_PER_SM = 2  # split-K aims at this many decode programs per SM
 # With skip-softmax a kept tile's V load sits behind the skip test, which needs that tile's K: it
-# cannot be fetched ahead, so more programs per SM hide its latency (H200, 64k contexts, batch 32,
-# 70% skipped at random: 1.85 ms with 2 splits, 1.48 ms with 16; dense is 1.94 ms).
-SKIP_PROGRAMS_PER_SM = 8
+# cannot be fetched ahead, so more programs per SM hide its latency, in a power-of-two number of
+# splits (H200, 64k contexts, batch 32, 70% of tiles skipped: skipped at random, 1.85 ms with 2
+# splits and 1.55 ms with 8; kept where a tile holds a retrieval key, 1.41 ms with 2 or 8 but
+# 1.61 ms with 5 and 1.50 ms with 9; dense takes 1.94 ms).
+SKIP_PROGRAMS_PER_SM = 16
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int, num_sms: int,
                       min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT, skip: bool = False) -> int:
     """Context splits per (sequence, kv head): enough programs for about PROGRAMS_PER_SM per SM
-    (SKIP_PROGRAMS_PER_SM with skip-softmax), 1 for short contexts."""
+    (with skip-softmax about SKIP_PROGRAMS_PER_SM, rounded down to a power of two), 1 for short
+    contexts."""
     tiles = triton.cdiv(max(max_context, 1), block_n)
     most = min(MAX_SPLITS, tiles // min_tiles_per_split)
     if most <= 1:
         return 1
-    aim = SKIP_PROGRAMS_PER_SM if skip else PROGRAMS_PER_SM
-    want = triton.cdiv(aim * num_sms, max(batch * kv_heads, 1))
+    if skip:
+        want = triton.cdiv(SKIP_PROGRAMS_PER_SM * num_sms, max(batch * kv_heads, 1))
+        return 1 << (min(want, most).bit_length() - 1)
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(batch * kv_heads, 1))
     return max(1, min(want, most))
 
 

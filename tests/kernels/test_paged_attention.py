@@ -66,7 +66,8 @@ def test_split_heuristic():
                              min_tiles_per_split=4) == 4
     # Skip-softmax aims at more programs per SM (its V loads wait on the skip test).
     assert choose_num_splits(batch=32, kv_heads=8, max_context=65536, block_n=64, num_sms=132) == 2
-    assert choose_num_splits(batch=32, kv_heads=8, max_context=65536, block_n=64, num_sms=132, skip=True) == 5
+    assert choose_num_splits(batch=32, kv_heads=8, max_context=65536, block_n=64, num_sms=132, skip=True) == 8
+    assert choose_num_splits(batch=1, kv_heads=2, max_context=448, block_n=64, num_sms=132, skip=True) == 4
 
 
 def test_heuristic_split_count_strided_queries_and_int64_metadata(paged_batch):
