@@ -17,6 +17,7 @@ benchmarks/results/prefill_skip_configs.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -35,14 +36,13 @@ CANDIDATES = [  # (block_m, block_n, num_warps, num_stages)
     (64, 64, 2, 2), (32, 64, 2, 2),
 ]
 
+
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    target = 0.7
-    if "--target" in argv:
-        i = argv.index("--target")
-        target = float(argv[i + 1])
-        del argv[i:i + 2]
-    args = attention_args(argv + ["--phases", "prefill"])
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--target", type=float, default=0.7, help="sparsity each candidate is brought to")
+    target, rest = own.parse_known_args(argv)
+    target = target.target
+    args = attention_args(rest + ["--phases", "prefill"])
     import torch
     import triton
 

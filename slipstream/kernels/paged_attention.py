@@ -223,11 +223,9 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int,
     most = min(MAX_SPLITS, tiles // min_tiles_per_split)
     if most <= 1:
         return 1
-    if skip:
-        want = triton.cdiv(SKIP_PROGRAMS_PER_SM * num_sms, max(batch * kv_heads, 1))
-        return 1 << (min(want, most).bit_length() - 1)
-    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(batch * kv_heads, 1))
-    return max(1, min(want, most))
+    aim = SKIP_PROGRAMS_PER_SM if skip else PROGRAMS_PER_SM
+    splits = min(triton.cdiv(aim * num_sms, max(batch * kv_heads, 1)), most)  # >= 1
+    return 1 << (splits.bit_length() - 1) if skip else splits
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
