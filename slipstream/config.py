@@ -139,6 +139,8 @@ class SpeculationConfig:
     num_length_classes: int = 3
     epsilon: float = 0.1
     guard_margin: float = 0.03
+    # exploring arms measured slower than no speculation costs at most this fraction of its speed
+    explore_cost: float | None = 0.01  # null: explore every arm alike
 
 
 @dataclass
@@ -387,7 +389,8 @@ def source_policy_config(spec: SpeculationConfig, seed: int = 0):
     try:
         return SourcePolicyConfig(sources=sources, min_batch_for_off=spec.min_batch_for_off,
                                   bucket_edges=tuple(spec.bucket_edges), epsilon=spec.epsilon,
-                                  guard_margin=spec.guard_margin, seed=seed)
+                                  guard_margin=spec.guard_margin, explore_cost=spec.explore_cost,
+                                  seed=seed)
     except ValueError as e:
         raise ConfigError(f"spec.sources: {e}") from None
 
@@ -420,7 +423,8 @@ def engine_spec_config(spec: SpeculationConfig, seed: int = 0):
         policy = PolicyConfig(min_batch_for_off=spec.min_batch_for_off, bucket_edges=tuple(spec.bucket_edges),
                               draft_lens=tuple(spec.draft_lens), max_step_draft_tokens=spec.max_step_draft_tokens,
                               long_boost=spec.long_boost, num_length_classes=spec.num_length_classes,
-                              epsilon=spec.epsilon, guard_margin=spec.guard_margin, seed=seed)
+                              epsilon=spec.epsilon, guard_margin=spec.guard_margin,
+                              explore_cost=spec.explore_cost, seed=seed)
     except ValueError as e:
         raise ConfigError(f"spec: {e}") from None
     return SpecConfig(suffix=suffix, policy=policy)

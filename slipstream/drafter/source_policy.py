@@ -34,13 +34,14 @@ SOURCES = ("none", "suffix", "drafter", "both")
 class SourcePolicyConfig:
     """sources: the arms, "none" first (the baseline the guard compares with); the rest as in
     `PolicyConfig` (no speculation at or above min_batch_for_off, bucket lower edges,
-    exploration probability, guard margin, RNG seed)."""
+    exploration probability, guard margin, exploration cost, RNG seed)."""
 
     sources: tuple[str, ...] = SOURCES
     min_batch_for_off: int = 32
     bucket_edges: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     epsilon: float = 0.1
     guard_margin: float = 0.03
+    explore_cost: float | None = 0.01
     seed: int = 0
 
     def __post_init__(self):
@@ -58,7 +59,8 @@ class SourcePolicy:
         self.config = c = config if config is not None else SourcePolicyConfig()
         self._bandit = SpecPolicy(PolicyConfig(min_batch_for_off=c.min_batch_for_off, bucket_edges=c.bucket_edges,
                                                draft_lens=tuple(range(len(c.sources))), epsilon=c.epsilon,
-                                               guard_margin=c.guard_margin, seed=c.seed))
+                                               guard_margin=c.guard_margin, explore_cost=c.explore_cost,
+                                               seed=c.seed))
 
     def choose(self, live_batch: int) -> str:
         """The source for this step ("none" at or above min_batch_for_off)."""

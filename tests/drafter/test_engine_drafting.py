@@ -18,7 +18,7 @@ from slipstream.rollout.types import Request, SamplingParams
 from tests.chi_square import chi_square_p
 
 # Drafts at any batch size; arms (draft lengths, sources) drawn at random, seeded, not by timing.
-ALWAYS_EXPLORE = PolicyConfig(min_batch_for_off=10**6, draft_lens=(2, 4, 6), epsilon=1.0,
+ALWAYS_EXPLORE = PolicyConfig(min_batch_for_off=10**6, draft_lens=(2, 4, 6), epsilon=1.0, explore_cost=None,
                               max_step_draft_tokens=10**6)
 SOURCES = {"drafter": ("none", "drafter"), "both": ("none", "suffix", "drafter", "both")}
 
@@ -26,7 +26,7 @@ PROMPTS = ["Start with 7. Add 5.", "What is 3 + 4?", "x", "A much longer prompt 
 
 
 def _sources(kind: str) -> SourcePolicyConfig:
-    return SourcePolicyConfig(sources=SOURCES[kind], min_batch_for_off=10**6, epsilon=1.0)
+    return SourcePolicyConfig(sources=SOURCES[kind], min_batch_for_off=10**6, epsilon=1.0, explore_cost=None)
 
 
 def _requests(tok, params, prompts=PROMPTS):
@@ -187,13 +187,13 @@ def test_a_rollout_without_history_feeds_no_training_data(tiny_model):
 def _multi_step_drafting_engine(model, tok, cfg: EngineConfig, min_batch_for_off: int):
     """A learned-drafter engine (sources none / drafter) whose multi-step decode replays run
     through the static graph layout on the CPU, and the `chained` flag of each replay it launches."""
-    policy = PolicyConfig(min_batch_for_off=min_batch_for_off, draft_lens=(2, 4), epsilon=1.0,
+    policy = PolicyConfig(min_batch_for_off=min_batch_for_off, draft_lens=(2, 4), epsilon=1.0, explore_cost=None,
                           max_step_draft_tokens=10**6)
     run = RunDrafter(decoder_from_hf_module(model), DrafterConfig(window=16, batch_tokens=256, seq_len=64, lr=1e-2),
                      online=True)
     engine = run.build_engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, 0, SpecConfig(policy=policy),
                               SourcePolicyConfig(sources=SOURCES["drafter"], min_batch_for_off=min_batch_for_off,
-                                                 epsilon=1.0))
+                                                 epsilon=1.0, explore_cost=None))
     engine.runner.use_static_decode()
     launches = []
     original = engine.runner.launch_decode_steps

@@ -181,7 +181,7 @@ def _requests(tok, params, prompts):
 
 # Speculation at every batch size, arms drawn at random (seeded) instead of by measured throughput:
 # what these tests check does not depend on timing.
-ALWAYS_EXPLORE = PolicyConfig(min_batch_for_off=10**6, draft_lens=(4, 8, 15), epsilon=1.0)
+ALWAYS_EXPLORE = PolicyConfig(min_batch_for_off=10**6, draft_lens=(4, 8, 15), epsilon=1.0, explore_cost=None)
 
 PROMPTS = ["Start with 7. Add 5.", "What is 3 + 4?", "x", "A much longer prompt that spans several cache blocks."]
 
@@ -306,7 +306,7 @@ def test_no_drafts_while_the_batch_is_large(tiny_model):
     model, tok = tiny_model
     reqs = [Request(tok(p, add_special_tokens=False)["input_ids"], SamplingParams(n=3, temperature=0.0, max_tokens=m),
                     f"g{i}", f"r{i}") for i, (p, m) in enumerate(zip(PROMPTS, (6, 12, 18, 40)))]
-    policy = PolicyConfig(min_batch_for_off=4, draft_lens=(8,), epsilon=1.0)
+    policy = PolicyConfig(min_batch_for_off=4, draft_lens=(8,), epsilon=1.0, explore_cost=None)
     engine = Engine(decoder_from_hf_module(model), [], EngineConfig(block_size=4, num_blocks=256),
                     spec=SpecConfig(policy=policy))
     for _ in range(2):  # the second rollout drafts from the first one's outputs
@@ -442,7 +442,7 @@ def test_decode_replays_hand_the_wait_to_the_speculator_and_outputs_stay(tiny_mo
                     f"g{i}", f"r{i}") for i, (p, m) in enumerate(zip(PROMPTS, (6, 12, 18, 40)))]
     cfg = EngineConfig(block_size=4, num_blocks=256, decode_steps=4)
     plain = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg).generate(reqs)
-    policy = PolicyConfig(min_batch_for_off=4, draft_lens=(8,), epsilon=1.0)
+    policy = PolicyConfig(min_batch_for_off=4, draft_lens=(8,), epsilon=1.0, explore_cost=None)
     engine = Engine(decoder_from_hf_module(model), [tok.eos_token_id], cfg, spec=SpecConfig(policy=policy))
     engine.runner.use_static_decode()
     engine.spec_runner.use_static_verify()

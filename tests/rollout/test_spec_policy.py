@@ -2,6 +2,7 @@
 and the per-step cap on drafted tokens."""
 
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -197,3 +198,44 @@ def test_a_plan_under_a_chosen_arm_draws_nothing_more():
     budgets = p.plan([("a", "g0"), ("b", "g1")], 8, arm=4)
     assert set(budgets.values()) == {4} and p.arm_for(8) == 4
     assert p.state_dict()["rng"] == state["rng"]  # no draw
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exploring_slower_arms_costs_at_most_explore_cost(seed):
+    # drafting loses in this bucket: arm 0 is plain decoding at 1000 tokens/s, the drafting arms
+    # run at a half down to a tenth of that (their steps take 2x-10x as long)
+    speed = {0: 1000.0, 2: 500.0, 4: 300.0, 8: 200.0, 16: 100.0}
+    cfg = PolicyConfig(epsilon=0.1, explore_cost=0.01, bucket_edges=(1,), seed=seed)
+    policy = SpecPolicy(cfg)
+    rng = random.Random(seed)
+    seconds, steps, played = 0.0, 40_000, Counter()
+    for _ in range(steps):
+        arm = policy.choose_arm(1)
+        played[arm] += 1
+        thr = speed[arm] * rng.uniform(0.95, 1.05)  # noisy wall-clock measurements
+        seconds += 1.0 / thr
+        policy.record(1, arm, 1, 1.0 / thr)
+    overhead = seconds / (steps / speed[0]) - 1.0
+    # uniform epsilon-greedy would play each drafting arm in 2% of the steps: 33% slower in all
+    assert overhead < cfg.explore_cost * 1.5, overhead
+    assert overhead < cfg.guard_margin
+    # every slower arm is still measured now and then, more often the less it loses
+    assert all(played[a] > 0 for a in speed)
+    assert played[2] > played[4] > played[16]
+    assert policy.exploration_keep(1, 0) == 1.0
+    assert policy.exploration_keep(1, 2) == pytest.approx(0.01 / (0.1 * 1.0), rel=0.1)
+
+
+def test_an_arm_faster_than_plain_is_explored_uniformly():
+    policy = SpecPolicy(PolicyConfig(epsilon=0.1, bucket_edges=(1,), draft_lens=(0, 4, 8)))
+    policy.record(1, 0, 1000, 1.0)
+    policy.record(1, 4, 1500, 1.0)
+    policy.record(1, 8, 1200, 1.0)
+    assert policy.exploration_keep(1, 8) == 1.0  # slower than the greedy arm 4, faster than arm 0
+    assert policy.exploration_keep(1, 0) == 1.0
+    with pytest.raises(ValueError, match="explore_cost"):
+        PolicyConfig(explore_cost=1.5)
+    policy.record(1, 8, 100, 1.0)  # arm 8 now slower than arm 0 (mean 650)
+    assert policy.exploration_keep(1, 8) < 1.0
+    policy.config.explore_cost = None  # every arm explored alike
+    assert policy.exploration_keep(1, 8) == 1.0

@@ -15,7 +15,7 @@ def _overrides(run_dir, steps, spec="drafter"):
     # Every prompt repeats every step; drafts at any batch size, the bandits exploring at random (seeded).
     return ["recipe=smoke", f"spec={spec}", "drafter=online", f"trainer.run_dir={run_dir}", "logger.wandb=false",
             f"trainer.steps={steps}", "task.num_train=4", "trainer.save_every=1", "spec.min_batch_for_off=1000",
-            "spec.epsilon=1.0", "trainer.threads=1", "drafter.train_steps_after_rollout=6", "drafter.window=16",
+            "spec.epsilon=1.0", "spec.explore_cost=null", "trainer.threads=1", "drafter.train_steps_after_rollout=6", "drafter.window=16",
             "drafter.batch_tokens=256", "drafter.seq_len=64"]
 
 
@@ -95,7 +95,7 @@ def test_a_frozen_warm_start_drafts_unchanged_through_the_run(tmp_path):
     run = tmp_path / "run"
     train(compose(["recipe=smoke", "spec=drafter", "drafter=frozen", f"drafter.warm_start={file}",
                    f"trainer.run_dir={run}", "logger.wandb=false", "trainer.steps=2", "task.num_train=4",
-                   "spec.min_batch_for_off=1000", "spec.epsilon=1.0", "trainer.threads=1"]))
+                   "spec.min_batch_for_off=1000", "spec.epsilon=1.0", "spec.explore_cost=null", "trainer.threads=1"]))
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     assert rows[2]["spec/drafter/drafted_tokens"] > 0 and "drafter/loss" not in rows[2]
     saved = _drafter_state(run, 2)

@@ -12,7 +12,7 @@ def _overrides(run_dir, steps):
     # bandit exploring at random (seeded) rather than by measured throughput, so nothing depends on timing.
     return ["recipe=smoke", "spec=suffix", f"trainer.run_dir={run_dir}", "logger.wandb=false",
             f"trainer.steps={steps}", "task.num_train=4", "trainer.save_every=1", "spec.min_batch_for_off=1000",
-            "spec.epsilon=1.0", "trainer.threads=1"]
+            "spec.epsilon=1.0", "spec.explore_cost=null", "trainer.threads=1"]
 
 
 def _spec_state(run_dir, step):

@@ -15,6 +15,12 @@ propose), combining:
 * a guard: an arm whose mean throughput is more than ``guard_margin`` (3%) below that of arm 0
   in the same bucket is never exploited, only explored, so once measured a bucket is never run
   greedily slower than plain decoding by more than that margin;
+* exploration priced by what it costs: an arm measured slower than arm 0 (its steps take
+  1 + s times as long) is explored only ``explore_cost / (epsilon * s)`` as often as uniform
+  exploration would, so exploring all the slower arms of a bucket together costs at most
+  ``explore_cost`` (1%) of arm 0's throughput in expectation. Uniform epsilon-greedy would not
+  keep the guard's promise: with five arms and epsilon 0.1, a drafting arm at a third of arm 0's
+  speed is played in 2% of the steps and alone costs 4% of the bucket's time;
 * distribution-aware budgets (DASD, arXiv 2511.13841): prompts whose history says they produce
   long rollouts get larger budgets. Prompts are put into ``num_length_classes`` classes by
   ranking their expected lengths (`set_expected_lengths`, e.g. from
@@ -57,7 +63,9 @@ class PolicyConfig:
     max_step_draft_tokens: cap on the drafted tokens of one step, all requests together.
     long_boost: budget multiplier of the longest length class. num_length_classes: classes of
     prompts by expected rollout length. epsilon: exploration probability. guard_margin: an arm
-    more than this fraction slower than arm 0 is not exploited. seed: of the exploration RNG.
+    more than this fraction slower than arm 0 is not exploited. explore_cost: the most that
+    exploring arms measured slower than arm 0 may cost, as a fraction of arm 0's throughput (None:
+    every arm explored alike, whatever it costs). seed: of the exploration RNG.
     """
 
     min_batch_for_off: int = 32
@@ -68,6 +76,7 @@ class PolicyConfig:
     num_length_classes: int = 3
     epsilon: float = 0.1
     guard_margin: float = 0.03
+    explore_cost: float | None = 0.01
     seed: int = 0
 
     def __post_init__(self):
@@ -90,6 +99,8 @@ class PolicyConfig:
             raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
         if not 0.0 <= self.guard_margin < 1.0:
             raise ValueError(f"guard_margin must be in [0, 1), got {self.guard_margin}")
+        if self.explore_cost is not None and not 0.0 <= self.explore_cost <= 1.0:
+            raise ValueError(f"explore_cost must be in [0, 1] or None, got {self.explore_cost}")
 
 
 class SpecPolicy:
@@ -136,8 +147,23 @@ class SpecPolicy:
             if not st[a][0]:
                 return a
         if self._rng.random() < self.config.epsilon:
-            return self._rng.choice(self.config.draft_lens)
+            arm = self._rng.choice(self.config.draft_lens)
+            if self._rng.random() < self.exploration_keep(b, arm):
+                return arm
         return self.greedy_arm(b)
+
+    def exploration_keep(self, live_batch: int, arm: int) -> float:
+        """The probability that an exploration draw of `arm` in this live batch's bucket is played
+        (else the greedy arm is): 1 unless the arm is measured slower than arm 0, else
+        ``explore_cost / (epsilon * s)`` (at most 1) where its steps take 1 + s times arm 0's."""
+        st = self._stats[self.bucket(live_batch)]
+        (c0, m0), (ca, ma) = st[0], st[arm]
+        if self.config.explore_cost is None or not (c0 and ca) or ma >= m0:
+            return 1.0
+        if ma <= 0.0:
+            return 0.0
+        slowdown = m0 / ma - 1.0
+        return min(1.0, self.config.explore_cost / (self.config.epsilon * slowdown))
 
     def arm_for(self, live_batch: int) -> int:
         """The arm (max draft length) the last `plan` used for this live batch's bucket; 0 at or
