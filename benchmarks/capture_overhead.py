@@ -3,15 +3,21 @@
     python benchmarks/capture_overhead.py [--batches 16 64] [--new-tokens 256] [--out FILE]
 
 A random-weight model of SmolLM2-135M's shape (throughput depends on shapes, not values) decodes
-`--new-tokens` tokens for each of `batch` prompts (EOS ignored, greedy) in three engines:
+`--new-tokens` tokens for each of `batch` prompts (EOS ignored, greedy) in four engines:
 
 * `off`: no capture (the `spec=off` engine);
+* `off+kernel`: no capture, but one unrelated one-element kernel launched after every decode
+  replay, as the capture's hand-over launches its copies: it isolates what any kernel between
+  the chained replays costs;
 * `capture`: the last layer's hidden states captured and handed to a sink that drops them (the
   graphs' extra output and the engine's hand-over alone);
 * `windows+buffer`: handed to the drafter's context windows and feature buffer, as the
   learned-drafter engines do.
 
-Prints tokens/s per engine and batch, and the ratio to `off` measured in the same run.
+Prints tokens/s per engine and batch and the ratio to `off` measured in the same run, and per
+decode step: the host's time in the hand-over (`emit_step_features`, the sink included) and the
+GPU's time inside the decode replays (CUDA events around each graph replay), apart from the
+GPU's work between replays.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def smollm2_shaped(device):
 
 def sinks(variant: str, decoder, device):
     """(capture_layers, feature_sink) of an engine variant."""
-    if variant == "off":
+    if variant in ("off", "off+kernel"):
         return (), None
     if variant == "capture":
         return (-1,), lambda features: None
@@ -61,7 +67,10 @@ def sinks(variant: str, decoder, device):
     return (-1,), sink
 
 
-def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, repeats: int) -> list[float]:
+def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, repeats: int
+                 ) -> tuple[list[float], float, float]:
+    """Wall seconds of each run, and per decode step (over the runs): the host's microseconds in
+    the hand-over of features, the GPU's microseconds inside the decode graph replays."""
     from slipstream.rollout.engine import Engine, EngineConfig
     from slipstream.rollout.types import Request, SamplingParams
 
@@ -75,15 +84,45 @@ def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, 
     reqs = [Request(p.tolist(), SamplingParams(temperature=0.0, max_tokens=new_tokens), str(i), str(i))
             for i, p in enumerate(prompts)]
     engine.generate(reqs)  # warm-up: kernels compiled, every bucket's graph replayed once
-    times = []
+    runner, graphs = engine.runner, engine.runner.graphs
+    emit, replay_steps, launch = runner.emit_step_features, graphs.replay_steps, runner.launch_decode_steps
+    handover, replays = [0.0], []
+
+    def timed_emit(*a, **kw):
+        t = time.perf_counter()
+        emit(*a, **kw)
+        handover[0] += time.perf_counter() - t
+
+    def timed_replay(*a, **kw):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = replay_steps(*a, **kw)
+        end.record()
+        replays.append((start, end))
+        return out
+
+    scratch = torch.zeros(1, device=prompts.device)
+
+    def launch_and_kernel(*a, **kw):
+        launched = launch(*a, **kw)
+        scratch.add_(1)
+        return launched
+
+    runner.emit_step_features, graphs.replay_steps = timed_emit, timed_replay
+    if variant == "off+kernel":
+        runner.launch_decode_steps = launch_and_kernel
+    times, gpu_ms = [], 0.0
     for _ in range(repeats):
         engine.block_manager.reset_prefix_cache()
+        replays.clear()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         engine.generate(reqs)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return times
+        gpu_ms += sum(a.elapsed_time(b) for a, b in replays)
+    steps = repeats * new_tokens
+    return times, handover[0] / steps * 1e6, gpu_ms / steps * 1e3
 
 
 def main() -> None:
@@ -108,14 +147,17 @@ def main() -> None:
     for batch in args.batches:
         prompts = torch.randint(100, 49000, (batch, args.prompt), device=device)
         off = None
-        for variant in ("off", "capture", "windows+buffer"):
-            times = time_variant(variant, decoder, prompts, args.new_tokens, args.repeats)
+        for variant in ("off", "off+kernel", "capture", "windows+buffer"):
+            times, handover_us, gpu_us = time_variant(variant, decoder, prompts, args.new_tokens, args.repeats)
             tps = batch * args.new_tokens / min(times)
             off = tps if variant == "off" else off
+            step_us = min(times) / args.new_tokens * 1e6
             rows.append({"batch": batch, "variant": variant, "seconds": times, "tokens_per_s": tps,
-                         "vs_off": tps / off})
+                         "vs_off": tps / off, "wall_us_per_step": step_us,
+                         "handover_host_us_per_step": handover_us, "gpu_in_replays_us_per_step": gpu_us})
             print(f"batch {batch:4d}  {variant:15s} {tps:10.0f} tok/s  {tps / off:.3f}x off  "
-                  f"(runs {', '.join(f'{t:.3f}' for t in times)} s)", flush=True)
+                  f"per step: wall {step_us:.0f} us, hand-over (host) {handover_us:.0f} us, "
+                  f"GPU in replays {gpu_us:.0f} us  (runs {', '.join(f'{t:.3f}' for t in times)} s)", flush=True)
     import transformers
     import triton
 
