@@ -37,6 +37,9 @@ import torch  # noqa: E402
 from benchmarks.engine_decode import kv_cache_gb  # noqa: E402
 
 
+VARIANTS = ("off", "off+kernel", "capture", "windows+buffer")
+
+
 def smollm2_shaped(device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -125,12 +128,45 @@ def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, 
     return times, handover[0] / steps * 1e6, gpu_ms / steps * 1e3
 
 
+def check_features(decoder, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """The features several-step replays hand over (through the graphs' feature ring) against
+    those of single decode steps (handed over as each step runs), same greedy generation: the same
+    (sequence, position) rows, the same fed tokens, and how far the hidden states differ."""
+    from slipstream.rollout.engine import Engine, EngineConfig
+    from slipstream.rollout.types import Request, SamplingParams
+
+    batch, plen = prompts.shape
+    max_len = plen + new_tokens + 16
+    seen = []
+    for steps in (4, 1):
+        rows: dict = {}
+
+        def sink(f, rows=rows):
+            keys = [f.seq_keys[int(o)] for o in f.owner.tolist()]
+            for r, (key, pos, tok) in enumerate(zip(keys, f.positions.tolist(), f.token_ids.tolist())):
+                rows[key, pos] = (tok, f.hidden[-1][r])
+
+        cfg = EngineConfig(block_size=16, kv_cache_gb=kv_cache_gb(decoder, batch * max_len), max_num_seqs=batch,
+                           max_num_batched_tokens=max(8192, batch * plen), max_model_len=max_len, decode_steps=steps)
+        engine = Engine(decoder, eos_token_ids=[], cfg=cfg, capture_layers=(-1,), feature_sink=sink)
+        engine.generate([Request(p.tolist(), SamplingParams(temperature=0.0, max_tokens=new_tokens), str(i), str(i))
+                         for i, p in enumerate(prompts)])
+        seen.append(rows)
+    multi, single = seen
+    same_tokens = all(multi[k][0] == single[k][0] for k in single if k in multi)
+    diff = max((multi[k][1].float() - single[k][1].float()).abs().max().item() for k in single if k in multi)
+    scale = max(h.float().abs().max().item() for _, h in single.values())
+    return {"rows": len(single), "same_rows": multi.keys() == single.keys(), "same_tokens": same_tokens,
+            "max_abs_diff": diff, "max_abs_value": scale}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", nargs="+", type=int, default=[16, 64])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="off is always run")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "capture_overhead.json"))
     args = ap.parse_args()
@@ -144,10 +180,12 @@ def main() -> None:
     torch.manual_seed(0)
     decoder = decoder_from_hf_module(smollm2_shaped(device))
     rows = []
+    check = check_features(decoder, torch.randint(100, 49000, (16, args.prompt), device=device), 64)
+    print(f"features of 4-step replays vs single steps, batch 16: {check}", flush=True)
     for batch in args.batches:
         prompts = torch.randint(100, 49000, (batch, args.prompt), device=device)
         off = None
-        for variant in ("off", "off+kernel", "capture", "windows+buffer"):
+        for variant in ["off"] + [v for v in args.variants if v != "off"]:
             times, handover_us, gpu_us = time_variant(variant, decoder, prompts, args.new_tokens, args.repeats)
             tps = batch * args.new_tokens / min(times)
             off = tps if variant == "off" else off
@@ -165,8 +203,10 @@ def main() -> None:
             "triton": triton.__version__, "transformers": transformers.__version__, "commit": commit_of(args.commit),
             "args": vars(args)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"meta": meta, "feature_check": check, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
+    if not (check["same_rows"] and check["same_tokens"] and check["max_abs_diff"] <= 0.02 * check["max_abs_value"]):
+        raise SystemExit("the features of several-step replays differ from single steps'")
 
 
 if __name__ == "__main__":

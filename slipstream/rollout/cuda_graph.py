@@ -20,6 +20,13 @@ The graph ends with the logits and, on GPU, the fused sampling kernel's draw for
 (tokens and log-probs of each step written into one float64 [steps, 2, B] tensor, read back with one copy); steps with
 top-k / top-p sample from the logits after the replay instead. `replay` returns static output
 tensors: copy what must outlive the next step.
+
+Captured hidden states (feature capture for a learned drafter) of several-step replays are written
+by the graph itself into a device ring of rows (`feature_ring`), at a write offset the graph keeps
+on the device and the host mirrors (`ring_written`). Nothing is launched between two chained
+replays to save them: on an H200 any kernel launched there, even an unrelated one, cost the
+replays after it the gain of programmatic dependent launch, 10% at batch 64
+(`benchmarks/capture_overhead.py`). The host gathers the rows it needs later, where the chain ends.
 On CPU the same padded, static-buffer forward runs eagerly (`capture=False`): it is how the tests
 check the padding, the scratch block and the buffer layout.
 """
@@ -35,6 +42,9 @@ from slipstream.kernels.decode_inputs import advance_replay_inputs, decode_input
 from slipstream.models.decoder import AttentionMetadata, Decoder
 from slipstream.rollout.sequence import Sequence
 
+
+# The feature ring holds at least this many bytes of rows (and always two replays of the largest bucket).
+FEATURE_RING_BYTES = 32 << 20
 
 _captures = 0  # bucket graphs made in this process (static buffers only on CPU): one made mid-rollout stalls it
 
@@ -102,6 +112,19 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None
         self.last_bucket = 1
+        # Several-step replays' captured rows: {layer: [ring_size, hidden]}, row (offset + k * B + b)
+        # % ring_size for step k, batch row b; the offset advances by steps * B per replay.
+        self.feature_ring: dict[int, torch.Tensor] = {}
+        self.ring_size = 0
+        self.ring_written = 0  # the host's copy of the device write offset
+        if self.capture_layers:
+            cfg = decoder.config
+            row_bytes = cfg.hidden_size * decoder.embed.weight.element_size() * len(self.capture_layers)
+            self.ring_size = max(2 * block_size * self.max_batch, FEATURE_RING_BYTES // row_bytes)
+            self.feature_ring = {key: torch.zeros(self.ring_size, cfg.hidden_size, dtype=decoder.embed.weight.dtype,
+                                                  device=self.device) for key in self.capture_layers}
+            self.ring_offset = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self.ring_arange = torch.arange(block_size * self.max_batch, device=self.device)
 
     def bucket_for(self, n: int) -> int | None:
         """The smallest bucket holding `n` sequences, None when none does (the step runs eagerly)."""
@@ -148,7 +171,12 @@ class DecodeGraphs:
         if steps == 1:
             return logits, captured, sampled[0]
         advance_replay_inputs(ids0, pos0, lens0, seed, tokens, steps)  # a chained replay's inputs
-        return logits, {key: torch.stack([c[key] for c in per_step]) for key in captured}, sampled
+        if captured:  # into the ring, at the device's offset (a chained replay's inputs are not uploaded)
+            rows = (self.ring_offset + self.ring_arange[:steps * B]) % self.ring_size
+            for key in captured:
+                self.feature_ring[key].index_copy_(0, rows, torch.cat([c[key] for c in per_step]))
+            self.ring_offset.add_(steps * B)
+        return logits, {}, sampled
 
     def _draw(self, logits: torch.Tensor, temps: torch.Tensor, seed: torch.Tensor, step: int,
               out: torch.Tensor) -> None:
@@ -204,6 +232,8 @@ class DecodeGraphs:
                                                            self.pool)
         self.pool = graph.pool()
         self.graphs[B, steps] = (graph, logits, captured, sampled)
+        if self.capture_layers and steps > 1:
+            self.ring_offset.fill_(self.ring_written)  # the warm-up run before the capture moved it
 
     def capture_all(self, steps: int) -> None:
         """Every bucket's graph of `steps` decode steps (1: the single-step one)."""
@@ -225,10 +255,11 @@ class DecodeGraphs:
         return logits[:n], {k: v[:n] for k, v in captured.items()}, None if sampled is None else sampled[:, :n]
 
     def replay_steps(self, seqs: Seq[Sequence], steps: int, seed: int = 0, chained: bool = False
-                     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     ) -> tuple[torch.Tensor, int]:
         """`steps` decode steps of `seqs` in one replay: the graph's static draws, float64
         [steps, 2, bucket] (tokens; log-probs), of which the first len(seqs) columns are `seqs`',
-        and the captured hidden states of every step ({layer: [steps, bucket, hidden]}, static too).
+        and, with feature capture, where the replay's rows start in the feature ring (see
+        `ring_rows`; 0 without capture).
 
         Every sequence's block table must already cover its next `steps` tokens, and `steps` must
         not exceed the block size (padding rows stay in the scratch block). `chained`: continue
@@ -245,12 +276,20 @@ class DecodeGraphs:
             self._upload_grown_tables(seqs, B)
         else:
             B = self._prepare(seqs, seed, steps)
-        graph, _, captured, sampled = self.graphs[B, steps]
+        graph, _, _, sampled = self.graphs[B, steps]
+        start = self.ring_written
+        if self.capture_layers:
+            self.ring_written += steps * B
         if graph is None:
-            _, captured, sampled = self._forward(B, steps)
+            _, _, sampled = self._forward(B, steps)
         else:
             graph.replay()
-        return sampled, captured
+        return sampled, start
+
+    def ring_rows(self, start: int, steps: np.ndarray, columns: np.ndarray, bucket: int) -> np.ndarray:
+        """Feature-ring rows of (step, batch column) pairs of the replay of `bucket` whose rows
+        start at `start`."""
+        return (start + steps * bucket + columns) % self.ring_size
 
     def _upload_grown_tables(self, seqs: Seq[Sequence], B: int) -> None:
         """Copy the block tables of `seqs` to the device if one grew since the last upload, from

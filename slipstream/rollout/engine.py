@@ -267,6 +267,10 @@ class Engine:
                                            [seq.num_output_tokens - n for seq, n in zip(seqs, before)])
         if self._inflight is not None and all(seq.is_finished for seq in seqs):
             self._inflight = None  # nothing to read there; the GPU finishes it before any later work
+        if capture and (self._inflight is None or finished):
+            # the rows wait in the graphs' ring while the chain runs (no kernel between chained
+            # replays); where it ends, or before a finished sequence's drafting state is released
+            self.runner.flush_features()
         if finished and self.speculator is not None:
             self.speculator.finished(finished)
         t_prev, dt = t0, (time.perf_counter() - t0) / K
@@ -289,6 +293,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - the error being handled is the one to report
                 pass
         self._inflight = None  # its draws are not read
+        self.runner.drop_features()
         self.scheduler.abort_all()
         if self.speculator is not None:
             self.speculator.end(record=False)

@@ -45,7 +45,8 @@ class LaunchedSteps:
     draws: torch.Tensor
     done: torch.cuda.Event | None
     num_seqs: int
-    hidden: dict[int, torch.Tensor]  # captured hidden states {layer: [steps, bucket, hidden]} (feature capture)
+    bucket: int
+    ring_start: int  # feature capture: where the replay's rows start in the graphs' feature ring
 
 
 class ModelRunner:
@@ -73,6 +74,9 @@ class ModelRunner:
         self.seeds = random.Random(seed)  # seeds of the fused sampling kernel
         self.draw_hosts: list[torch.Tensor] | None = None  # pinned buffers of launched decode steps' draws
         self.draw_flip = 0
+        # several-step replays' feature rows not handed to the sink yet: (keys, [4, rows] int64 grid)
+        self._pending_features: list[tuple[list, np.ndarray]] = []
+        self._pending_start = 0  # ring offset of the oldest pending replay's rows
 
     def allocate_cache(self) -> None:
         """Allocate the KV cache, if released: the block manager's blocks plus one scratch block that
@@ -94,6 +98,7 @@ class ModelRunner:
 
     def release_cache(self) -> None:
         """Free the KV cache and the graphs that point into it."""
+        self.flush_features()
         self.graphs = None
         self.kv_caches = []
 
@@ -119,12 +124,15 @@ class ModelRunner:
         `finish_decode_steps` reads the draws. Their block tables must cover the `steps` new tokens.
         `chained`: continue the replay launched just before, of the same `seqs` and `steps`, whose
         draws the host has not read yet (`DecodeGraphs.replay_steps`)."""
-        sampled, captured = self.graphs.replay_steps(seqs, steps, 0 if chained else self.seeds.getrandbits(31),
-                                                     chained=chained)
-        # copies taken in stream order, before a chained replay overwrites the graph's buffers
-        hidden = {key: h.clone() for key, h in captured.items()}
+        graphs = self.graphs
+        if self._pending_features and graphs.ring_written + steps * graphs.bucket_for(len(seqs)) \
+                - self._pending_start > graphs.ring_size:
+            self.flush_features()  # this replay would overwrite pending rows: gather them first
+        sampled, ring_start = graphs.replay_steps(seqs, steps, 0 if chained else self.seeds.getrandbits(31),
+                                                  chained=chained)
+        bucket = graphs.last_bucket
         if self.device.type != "cuda":
-            return LaunchedSteps(sampled.clone(), None, len(seqs), hidden)
+            return LaunchedSteps(sampled.clone(), None, len(seqs), bucket, ring_start)
         if self.draw_hosts is None:  # two, alternating: a launch may start while the previous one's copy is queued
             size = self.block_size * 2 * self.graphs.max_batch
             self.draw_hosts = [torch.empty(size, dtype=torch.float64, pin_memory=True) for _ in range(2)]
@@ -133,7 +141,7 @@ class ModelRunner:
         host.copy_(sampled, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return LaunchedSteps(host, done, len(seqs), hidden)
+        return LaunchedSteps(host, done, len(seqs), bucket, ring_start)
 
     def finish_decode_steps(self, launched: "LaunchedSteps") -> tuple[list[list[int]], list[list[float]]]:
         """Wait for a launch's draws: tokens[k][i] and logprobs[k][i] of step k for its seqs[i]."""
@@ -142,18 +150,15 @@ class ModelRunner:
         draws = launched.draws[:, :, :launched.num_seqs]
         return draws[:, 0].long().tolist(), draws[:, 1].tolist()
 
-    @torch.inference_mode()  # as `run`: a sink's tensors made in one must be writable in the other
     def emit_step_features(self, launched: "LaunchedSteps", seqs: list, columns: list[int],
                            first: list[tuple[int, int]], tokens: list[list[int]], taken: list[int]) -> None:
-        """Hand the feature sink the rows of a launch's steps in one StepFeatures: seqs[j] (column
-        columns[j] of the launch) fed first[j] = (token, position) at step 0 and its draw of step
-        k - 1 at step k, and is in the steps before its `taken[j]` draws ended.
-
-        The rows' ids, positions and owners go to the device in one asynchronous copy from
-        page-locked memory: a synchronous copy would wait for the replay chained behind this one."""
+        """Queue for the feature sink the rows of a launch's steps: seqs[j] (column columns[j] of
+        the launch) fed first[j] = (token, position) at step 0 and its draw of step k - 1 at step
+        k, and is in the steps before its `taken[j]` draws ended. Host work only: the rows stay in
+        the graphs' feature ring until `flush_features` (the engine calls it where a chain of
+        replays ends; a replay that would overwrite queued rows calls it first)."""
         # A few numpy ops rather than loops over rows: the host's time per replay grows with the batch.
         K, n = len(tokens), len(seqs)
-        width = next(iter(launched.hidden.values())).shape[1]
         taken_a = np.asarray(taken, dtype=np.int64)
         rows_in = np.arange(K)[:, None] < taken_a[None]  # [K, n]: seq j is in step k
         if not K or not rows_in.any():
@@ -165,14 +170,36 @@ class ModelRunner:
         grid[1] = first_a[:, 1] + np.arange(K)[:, None]  # position
         grid[2, 0] = first_a[:, 0]  # the token fed at step k: the first, then step k - 1's draw
         grid[2, 1:] = np.asarray(tokens[:-1], dtype=np.int64).reshape(K - 1, n)
-        grid[3] = np.arange(K)[:, None] * width + np.asarray(columns, dtype=np.int64)  # row of the launch's [K * width]
-        host = torch.from_numpy(grid[:, rows_in])
+        grid[3] = self.graphs.ring_rows(launched.ring_start, np.arange(K)[:, None],
+                                        np.asarray(columns, dtype=np.int64)[None], launched.bucket)
+        if not self._pending_features:
+            self._pending_start = launched.ring_start
+        self._pending_features.append((keys, grid[:, rows_in]))
+
+    @torch.inference_mode()  # as `run`: a sink's tensors made in one must be writable in the other
+    def flush_features(self) -> None:
+        """Hand the feature sink the queued rows of several-step replays, in one StepFeatures
+        (each sequence's rows in the order of its positions). The rows' ids, positions and owners
+        go to the device in one asynchronous copy from page-locked memory."""
+        if not self._pending_features:
+            return
+        pending, self._pending_features = self._pending_features, []
+        index, grids = {}, []
+        for replay_keys, grid in pending:  # one owner numbering over all the replays
+            ids = np.asarray([index.setdefault(k, len(index)) for k in replay_keys], dtype=np.int64)
+            grids.append(np.concatenate([ids[grid[0]][None], grid[1:]]))
+        keys = list(index)
+        host = torch.from_numpy(np.concatenate(grids, axis=1))
         if self.device.type == "cuda":
             host = host.pin_memory()
         rows = host.to(self.device, non_blocking=True)
         self.feature_sink(StepFeatures(keys, rows[0], rows[1], rows[2],
-                                       {key: h.flatten(0, 1).index_select(0, rows[3])
-                                        for key, h in launched.hidden.items()}))
+                                       {key: ring.index_select(0, rows[3])
+                                        for key, ring in self.graphs.feature_ring.items()}))
+
+    def drop_features(self) -> None:
+        """Forget the queued rows (after a failed step)."""
+        self._pending_features = []
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -180,6 +207,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
+        self.flush_features()  # the sink sees every sequence's rows in the order of its positions
         entries = batch.entries
         if (self.graphs is not None and entries and len(entries) <= self.graphs.max_batch
                 and all(e.num_new == 1 and e.samples for e in entries)):

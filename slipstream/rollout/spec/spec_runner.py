@@ -120,6 +120,7 @@ class SpecRunner:
         draft_probs [sampling entries, K, V]: the distributions a drafter drew the drafts from
         (None: deterministic drafts)."""
         r = self.runner
+        r.flush_features()  # the sink sees every sequence's rows in the order of its positions
         device = r.device
         sampling = batch.sampling
         K = max(len(e.draft) for e in sampling)
