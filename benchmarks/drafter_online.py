@@ -30,7 +30,11 @@ rollouts and the update the online drafter trains `--drafter-steps` steps (the s
 their time is reported apart, not in any makespan) and its new weights swap in for the next
 step; the side stream is off, so no makespan includes training. Per step and mode: makespan,
 tokens, tokens/s, acceptance length overall and per draft source, time with fewer than 16 live
-sequences; per step: reward, the drafter's loss and training time. Writes benchmarks/results/drafter_online.json.
+sequences; per step: reward, the drafter's loss and training time, and both drafters' expected
+acceptance on the same batch of the step's training rollout before the online one trains on it
+(`rollout_accept`: the probability that a first draft token is accepted, whatever the policies
+chose to draft; the issue's drafter targets are read from it). Writes
+benchmarks/results/drafter_online.json.
 """
 
 from __future__ import annotations
@@ -177,7 +181,7 @@ def warm_start(online, frozen, decoder, tokenizer, ecfg, requests, steps: int, d
 
 def summarize(steps: list[dict], modes: list[str]) -> dict:
     """Mean makespan and speedup over off per mode; the online and frozen drafters' acceptance over the run."""
-    out: dict = {"makespan_mean_s": {}, "speedup_vs_off_mean": {}, "acceptance_len": {}}
+    out: dict = {"makespan_mean_s": {}, "speedup_vs_off_mean": {}, "acceptance_len": {}, "rollout_accept": {}}
     for m in modes:
         spans = [s["modes"][m]["makespan_s"] for s in steps]
         out["makespan_mean_s"][m] = statistics.mean(spans)
@@ -187,11 +191,13 @@ def summarize(steps: list[dict], modes: list[str]) -> dict:
         lens = [s["modes"][m]["sources"].get("drafter", {}).get("acceptance_len") for s in steps]
         if any(v is not None for v in lens):
             out["acceptance_len"][m] = lens
+    for m in ("drafter-online", "drafter-frozen"):
+        out["rollout_accept"][m] = [s["rollout_accept"].get(m) for s in steps]
     # the targets: the online drafter within 10% of its best step, the frozen one decaying
-    online = [v for v in out["acceptance_len"].get("drafter-online", []) if v is not None]
+    online = [v for v in out["rollout_accept"]["drafter-online"] if v is not None]
     if online and max(online) > 0:
         out["online_last_over_best"] = online[-1] / max(online)
-    frozen = [v for v in out["acceptance_len"].get("drafter-frozen", []) if v is not None]
+    frozen = [v for v in out["rollout_accept"]["drafter-frozen"] if v is not None]
     if frozen and frozen[0] > 0:
         out["frozen_last_over_first"] = frozen[-1] / frozen[0]
     if {"off", "both"} <= set(modes):
@@ -206,6 +212,7 @@ def summarize(steps: list[dict], modes: list[str]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from slipstream.config import compose
+    from slipstream.drafter.bubble_trainer import expected_acceptance
     from slipstream.models.weights import decoder_from_hf_module
     from slipstream.rollout.types import Request, SamplingParams
     from slipstream.trainer.batch import build_batch
@@ -255,6 +262,11 @@ def main(argv=None) -> dict:
             row["modes"][mode] = measured
             if mode == args.train_on:
                 training = completions
+        # both drafters on the same batch of this step's training rollout, before the online one trains on it
+        held_out = online.buffer.sample(torch.Generator().manual_seed(step), step=step)
+        row["rollout_accept"] = {} if held_out is None else {
+            "drafter-online": expected_acceptance(online.drafter, held_out),
+            "drafter-frozen": expected_acceptance(frozen.drafter, held_out)}
         # rewards, the drafter's bubble, the update, the weights into every engine
         texts = tokenizer.batch_decode([c.tokens for c in training], skip_special_tokens=True)
         rewards = [task.reward(by_uid[c.group_id], t) for c, t in zip(training, texts)]
@@ -277,8 +289,10 @@ def main(argv=None) -> dict:
         spans = "  ".join(f"{m} {row['modes'][m]['makespan_s']:.2f}s"
                           f"/{row['modes'][m]['sources'].get('drafter', {}).get('acceptance_len', float('nan')):.2f}"
                           for m in modes)
+        accept = "  ".join(f"{m} {v:.3f}" for m, v in row["rollout_accept"].items())
         print(f"step {step:2d} reward {row['reward_mean']:.3f}  makespan/drafter accept_len: {spans}  "
-              f"drafter loss {row['drafter'].get('drafter/loss', float('nan')):.3f}", flush=True)
+              f"drafter loss {row['drafter'].get('drafter/loss', float('nan')):.3f}  rollout accept: {accept}",
+              flush=True)
         write_result(args, meta, steps, modes, warmup, final=False)
 
     result = write_result(args, meta, steps, modes, warmup, final=True)

@@ -40,7 +40,7 @@ from slipstream.drafter.model import Drafter
 from slipstream.drafter.swap import DrafterSlot
 
 __all__ = ["BubbleTimeout", "BubbleTrainer", "RankBubble", "SideStreamTrainer", "SlowdownGate", "average_drafter",
-           "broadcast_drafter", "drafter_loss"]
+           "broadcast_drafter", "drafter_loss", "expected_acceptance"]
 
 T = TypeVar("T")
 
@@ -73,6 +73,24 @@ def drafter_loss(drafter: Drafter, batch: DrafterBatch) -> tuple[torch.Tensor, d
     return loss, stats
 
 
+def expected_acceptance(drafter: Drafter, batch: DrafterBatch, rows_per_chunk: int = 256) -> float:
+    """Mean over the batch's valid rows of sum_x min(p(x), q(x)), p the target's next-token
+    distribution and q the drafter's (both at temperature 1, untruncated): the probability that
+    lossless speculative sampling accepts a first draft token drawn from q, given the target's
+    own features as context. Unlike acceptance measured in the engine it does not depend on what
+    the policies chose to draft, so drafters compare on the same data. One host read."""
+    with torch.inference_mode():
+        predicted = drafter(batch.features, batch.next_tokens, batch.positions, batch.segment_ids)
+        valid = batch.valid
+        predicted, target = predicted[valid], batch.target_features[valid].to(predicted.dtype)
+        head, total = drafter.head, predicted.new_zeros((), dtype=torch.float32)
+        for i in range(0, predicted.shape[0], rows_per_chunk):  # [rows, vocab] twice, a chunk at a time
+            q = head.read(head.normed(predicted[i:i + rows_per_chunk])).float().softmax(-1)
+            p = head.read(head.normed(target[i:i + rows_per_chunk])).float().softmax(-1)
+            total += torch.minimum(p, q).sum()
+        return float(total) / max(predicted.shape[0], 1)
+
+
 class BubbleTrainer:
     """Trains `drafter` (its own copy, not the one drafts use) on `buffer`; publishes into `slot`."""
 
@@ -86,6 +104,7 @@ class BubbleTrainer:
         cfg = self.config = drafter.config
         self.optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # draws the batches' pieces
+        self.eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # and the evaluations' (apart)
         self.steps = 0
         self.newest_data_step: int | None = None
         self.last_stats: dict[str, torch.Tensor] = {}  # the latest step's loss terms (device tensors)
@@ -109,6 +128,18 @@ class BubbleTrainer:
         self.metrics.record_train(stats, batch.mean_step)
         self.last_stats = stats
         return True
+
+    def rollout_acceptance(self, step: int) -> float | None:
+        """`expected_acceptance` of the drafter on a batch of RL step `step`'s rollout (None while
+        the buffer holds none of it); logged as drafter/rollout_accept. Called after the rollout
+        and before the bubbles that train on it, it measures how well the drafter predicts the
+        policy it has not yet trained on (the side stream may have trained on the rollout's tail)."""
+        batch = self.buffer.sample(self.eval_generator, device=self.drafter.device, step=step)
+        if batch is None:
+            return None
+        value = expected_acceptance(self.drafter, batch)
+        self.metrics.record_rollout_acceptance(value)
+        return value
 
     def train_slice(self, limit: int | None = None) -> int:
         """Up to `slice_steps` (and `limit`) optimizer steps; returns how many ran (0: no data)."""

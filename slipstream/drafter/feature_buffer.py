@@ -228,11 +228,12 @@ class FeatureBuffer:
         with self._lock:
             return int(self._index().feature_rows.shape[0])
 
-    def sample(self, generator: torch.Generator | None = None, device=None, refresh: bool = True
-               ) -> DrafterBatch | None:
+    def sample(self, generator: torch.Generator | None = None, device=None, refresh: bool = True,
+               step: int | None = None) -> DrafterBatch | None:
         """A batch of about `batch_tokens` pairs in rows of `seq_len`, on `device` (default: the
         buffer's device); None while the buffer holds no pair. Pieces start at uniformly drawn
-        pairs and run to the end of their run or of the row.
+        pairs and run to the end of their run or of the row. `step`: only pairs of that RL
+        step's rollout (None if it has none).
 
         refresh=False samples from the pairs indexed before, without reading the newest steps'
         rows (which costs host syncs), as long as none of the indexed rows has been overwritten:
@@ -247,7 +248,13 @@ class FeatureBuffer:
                 return None
             index = torch.full((B, L), -1, dtype=torch.long)
             segments = torch.full((B, L), -1, dtype=torch.long)
-            starts = torch.randint(P, (B * L,), generator=generator).tolist()
+            if step is None:
+                starts = torch.randint(P, (B * L,), generator=generator).tolist()
+            else:  # a run is one sequence of one rollout: pieces from these starts stay in the step
+                of_step = torch.nonzero(pairs.steps == step).squeeze(-1)
+                if of_step.numel() == 0:
+                    return None
+                starts = of_step[torch.randint(of_step.numel(), (B * L,), generator=generator)].tolist()
             run_end = pairs.run_end
             draws = iter(starts)
             for b in range(B):

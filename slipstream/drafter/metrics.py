@@ -26,7 +26,9 @@ class DrafterMetrics:
     """Accumulates over one RL step; `as_dict` returns the numbers and starts the next step.
 
     Acceptance comes from verification results, per draft source ("suffix", "drafter", ...):
-    accepted draft tokens per verification (acceptance length) and accepted / drafted.
+    accepted draft tokens per verification (acceptance length) and accepted / drafted; and,
+    whatever was drafted, from the step's rollout: `rollout_accept`, the probability that a first
+    draft token is accepted (`bubble_trainer.expected_acceptance`), before the drafter trains on it.
     Staleness: `data_staleness` is the current step minus the mean RL step of the rows trained on
     this step; `weights_staleness` the current step minus the newest step whose data the drafter
     has been trained on (how many policy updates the drafter lags behind).
@@ -40,6 +42,11 @@ class DrafterMetrics:
         self._data_steps: list[float] = []
         self._bubbles: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
         self._accept: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+        self._rollout_accept: float | None = None
+
+    def record_rollout_acceptance(self, value: float) -> None:
+        """The drafter's expected acceptance on this step's rollout (`expected_acceptance`)."""
+        self._rollout_accept = value
 
     def record_train(self, stats: dict[str, torch.Tensor], mean_data_step: float) -> None:
         self._loss.append(torch.stack([stats["loss"], stats["feature_loss"], stats["token_kl"], stats["top1"]]))
@@ -70,6 +77,8 @@ class DrafterMetrics:
             out.update({"drafter/loss": loss, "drafter/feature_loss": feature, "drafter/token_kl": kl,
                         "drafter/top1": top1, "drafter/train_steps": float(len(self._loss)),
                         "drafter/data_staleness": current_step - sum(self._data_steps) / len(self._data_steps)})
+        if self._rollout_accept is not None:
+            out["drafter/rollout_accept"] = self._rollout_accept
         if newest_data_step is not None:
             out["drafter/weights_staleness"] = float(current_step - newest_data_step)
         if version is not None:

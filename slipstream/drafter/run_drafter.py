@@ -5,7 +5,7 @@ buffer the engine's feature capture fills (through `DraftingSpeculator`, which a
 drafting context), and, when it trains online, the bubble trainer:
 
     engine = run_drafter.build_engine(decoder, eos, engine_config, seed, spec, sources)
-    per RL step:  start_step(step) -> rollout -> [rank_idle(step)] -> train_while(rewards)
+    per RL step:  start_step(step) -> rollout -> evaluate_rollout(step) -> [rank_idle(step)] -> train_while(rewards)
                   -> train_after_rollout() -> publish() -> update -> log(step)
     checkpoints:  state_dict() / load_state_dict()
 
@@ -101,6 +101,11 @@ class RunDrafter:
         """Before the rollout of RL step `step`: its features are that step's data."""
         if self.buffer is not None:
             self.buffer.set_step(step)
+
+    def evaluate_rollout(self, step: int) -> float | None:
+        """Online: the drafter's expected acceptance on this step's rollout, before it trains on
+        it (logged as drafter/rollout_accept); None for a frozen drafter (it keeps no rollouts)."""
+        return self.trainer.rollout_acceptance(step) if self.trainer is not None else None
 
     def rank_idle(self, step: int) -> None:
         """Bubble (a), under torchrun: train until every rank's rollout is done, then average."""

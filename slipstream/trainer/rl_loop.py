@@ -232,7 +232,8 @@ def train(cfg: SlipstreamConfig) -> dict:
                 spec_metrics, timeline = (engine.rollout_metrics(), engine.timeline.to_columns()) if native else ({}, None)
                 spec_metrics["rollout/gc_s"] = gc_time.seconds - gc_rollout
                 sparsity = engine.sparsity() if cfg.attention.kind == "blasst" else {}
-                if drafter is not None:  # bubble: ranks done early train until every rank is
+                if drafter is not None:  # how well it predicts the rollout, then the bubble: ranks done early train
+                    drafter.evaluate_rollout(step)
                     drafter.rank_idle(step)
                 # 3. rewards (the learned drafter trains meanwhile)
                 t0 = time.perf_counter()

@@ -190,3 +190,39 @@ def test_the_loss_reads_features_as_the_head_does():
     assert float(base["feature_loss"]) > 0.01  # the untrained drafter is far from the targets
     assert torch.allclose(scaled["feature_loss"], base["feature_loss"], rtol=1e-4)
     assert torch.allclose(scaled["token_kl"], base["token_kl"], rtol=1e-4)
+
+
+def test_expected_acceptance_is_what_verification_accepts():
+    # The metric claims to be the probability that lossless verification accepts a first draft
+    # token drawn from the drafter's q against the target's p: draw such tokens and verify them.
+    from slipstream.drafter.bubble_trainer import expected_acceptance
+    from slipstream.rollout.spec.verify import verify_drafts
+
+    t = _trainer()
+    batch = t.buffer.sample(torch.Generator().manual_seed(0))
+    value = expected_acceptance(t.drafter, batch, rows_per_chunk=7)  # chunks that do not divide the rows
+    assert 0.0 < value < 1.0
+    with torch.no_grad():
+        head, v = t.drafter.head, batch.valid
+        predicted = t.drafter(batch.features, batch.next_tokens, batch.positions, batch.segment_ids)[v]
+        q = head.read(head.normed(predicted)).float().softmax(-1)
+        target_logits = head.read(head.normed(batch.target_features[v])).float()
+    draws = 400
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.multinomial(q, draws, replacement=True, generator=g).T.reshape(-1, 1)  # [draws * rows, 1]
+    S = tokens.shape[0]
+    logits = target_logits.repeat(draws, 1)[:, None].expand(S, 2, V)
+    ones = torch.ones(S)
+    result = verify_drafts(logits, tokens, torch.ones(S, dtype=torch.long), ones, ones, torch.zeros(S, dtype=torch.long),
+                           draft_probs=q.repeat(draws, 1)[:, None], generator=g)
+    accepted = result.accepted_lens.float().mean().item()
+    sigma = (value * (1 - value) / S) ** 0.5
+    assert abs(accepted - value) < 4 * sigma + 1e-3, (accepted, value)
+
+
+def test_the_rollout_acceptance_is_logged_and_reads_only_its_step():
+    t = _trainer()
+    assert t.rollout_acceptance(step=3) is None  # the buffer holds step 0 only
+    value = t.rollout_acceptance(step=0)
+    assert value is not None and t.log(0)["drafter/rollout_accept"] == value
+    assert "drafter/rollout_accept" not in t.log(1)  # a step's metrics start empty

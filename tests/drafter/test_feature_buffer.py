@@ -126,3 +126,16 @@ def test_sampling_without_refresh_reuses_the_index_until_indexed_rows_are_overwr
     after = buf.sample(torch.Generator().manual_seed(0), refresh=False)
     assert set(after.features[after.valid][:, 0].tolist()) == {1.0, 2.0, 3.0}
     _check_alignment(after)
+
+
+def test_sampling_one_steps_pairs():
+    buf = _buffer(buffer_max_age=5)
+    for step in range(3):
+        buf.set_step(step)
+        buf(_step([(step, p) for p in range(6)]))
+    for step in range(3):
+        batch = buf.sample(torch.Generator().manual_seed(step), step=step)
+        assert set(batch.data_steps[batch.valid].tolist()) == {step}
+        assert set(batch.features[batch.valid][:, 0].tolist()) == {float(step)}
+        _check_alignment(batch)
+    assert buf.sample(torch.Generator().manual_seed(0), step=7) is None
