@@ -32,6 +32,7 @@ def test_drafter_trains_in_the_loop_and_resumes_from_the_checkpoint(tmp_path, mo
         assert "drafter/bubble_reward_available_s" in m and m["drafter/loss"] > 0
         assert m["drafter/weights_staleness"] == 0.0  # trained on this step's rollouts
         assert m["spec/drafter/drafted_tokens"] > 0 and "spec/drafter/acceptance_len" in m
+        assert 0.0 < m["drafter/rollout_accept"] < 1.0  # measured on the step's rollout before training
     # step 1's rollout drafted with the initial weights (version 0), step 2's with those published after step 1
     assert rows[1]["spec/drafter/version"] == 0.0 and rows[2]["spec/drafter/version"] == 1.0
 
