@@ -971,21 +971,12 @@ class SuffixDrafter:
         limit = cfg.cap if max_len is None else min(cfg.cap, int(max_len))
         if limit <= 0:
             return SuffixDraft()
-        sources: list[tuple[str, SuffixTree]] = []
-        req = self._requests.get(request_key) if request_key is not None else None
-        if req is not None:
-            sources.append(("own", req.tree))
-        group = self._groups.get(group_id)
-        if group is not None:
-            sources.append(("siblings", group.tree))
-        h = self._prompts.get(group_id)
-        if h is not None and h.tree.num_tokens:
-            sources.append(("window", h.tree))
+        sources = self.sources(request_key, group_id)
         if not sources:
             return SuffixDraft()
         ctx = _tail(context_tokens, cfg.max_depth)
         best = SuffixDraft()
-        for name, tree in sources:
+        for name, tree in sources.items():
             node, length = tree._match(ctx)
             k = min(limit, math.floor(cfg.alpha * length + 1e-9))
             if k <= 0:
@@ -1000,6 +991,21 @@ class SuffixDrafter:
             if (score, length) > (best.score, best.match_len):
                 best = SuffixDraft(tokens, probs, name, length, score)
         return best
+
+    def sources(self, request_key: Hashable | None, group_id: Hashable) -> dict[str, SuffixTree]:
+        """The trees a request's drafts come from, by `SuffixDraft.source` name: its own text,
+        its group's live outputs, its prompt's window of earlier rollouts (those that exist)."""
+        out: dict[str, SuffixTree] = {}
+        req = self._requests.get(request_key) if request_key is not None else None
+        if req is not None:
+            out["own"] = req.tree
+        group = self._groups.get(group_id)
+        if group is not None:
+            out["siblings"] = group.tree
+        h = self._prompts.get(group_id)
+        if h is not None and h.tree.num_tokens:
+            out["window"] = h.tree
+        return out
 
     # ---------------------------------------------------------------- history queries
 
