@@ -15,9 +15,9 @@ A random-weight model of SmolLM2-135M's shape (throughput depends on shapes, not
   learned-drafter engines do.
 
 Prints tokens/s per engine and batch and the ratio to `off` measured in the same run, and per
-decode step: the host's time in the hand-over (`emit_step_features`, the sink included) and the
-GPU's time inside the decode replays (CUDA events around each graph replay), apart from the
-GPU's work between replays.
+decode step: the host's time in the hand-over (`emit_step_features` and `flush_features`, the
+sink included) and the GPU's time inside the decode replays (CUDA events around each graph
+replay), apart from the GPU's work between replays.
 """
 
 from __future__ import annotations
@@ -70,31 +70,40 @@ def sinks(variant: str, decoder, device):
     return (-1,), sink
 
 
-def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, repeats: int
-                 ) -> tuple[list[float], float, float]:
-    """Wall seconds of each run, and per decode step (over the runs): the host's microseconds in
-    the hand-over of features, the GPU's microseconds inside the decode graph replays."""
+def greedy_engine(decoder, prompts: torch.Tensor, new_tokens: int, capture_layers, feature_sink, decode_steps: int = 4):
+    """An engine sized for `prompts` [batch, length] and `new_tokens` each, and their greedy requests."""
     from slipstream.rollout.engine import Engine, EngineConfig
     from slipstream.rollout.types import Request, SamplingParams
 
     batch, plen = prompts.shape
     max_len = plen + new_tokens + 16
     cfg = EngineConfig(block_size=16, kv_cache_gb=kv_cache_gb(decoder, batch * max_len), max_num_seqs=batch,
-                       max_num_batched_tokens=max(8192, batch * plen), max_model_len=max_len)
-    layers, sink = sinks(variant, decoder, prompts.device)
-    engine = Engine(decoder, eos_token_ids=[], cfg=cfg, capture_layers=layers, feature_sink=sink)
-    engine.capture_graphs()
+                       max_num_batched_tokens=max(8192, batch * plen), max_model_len=max_len,
+                       decode_steps=decode_steps)
+    engine = Engine(decoder, eos_token_ids=[], cfg=cfg, capture_layers=capture_layers, feature_sink=feature_sink)
     reqs = [Request(p.tolist(), SamplingParams(temperature=0.0, max_tokens=new_tokens), str(i), str(i))
             for i, p in enumerate(prompts)]
+    return engine, reqs
+
+
+def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, repeats: int
+                 ) -> tuple[list[float], float, float]:
+    """Wall seconds of each run, and per decode step (over the runs): the host's microseconds in
+    the hand-over of features (queueing a replay's rows and handing them to the sink), the GPU's
+    microseconds inside the decode graph replays."""
+    engine, reqs = greedy_engine(decoder, prompts, new_tokens, *sinks(variant, decoder, prompts.device))
+    engine.capture_graphs()
     engine.generate(reqs)  # warm-up: kernels compiled, every bucket's graph replayed once
     runner, graphs = engine.runner, engine.runner.graphs
-    emit, replay_steps, launch = runner.emit_step_features, graphs.replay_steps, runner.launch_decode_steps
+    replay_steps, launch = graphs.replay_steps, runner.launch_decode_steps
     handover, replays = [0.0], []
 
-    def timed_emit(*a, **kw):
-        t = time.perf_counter()
-        emit(*a, **kw)
-        handover[0] += time.perf_counter() - t
+    def timed(fn):
+        def call(*a, **kw):
+            t = time.perf_counter()
+            fn(*a, **kw)
+            handover[0] += time.perf_counter() - t
+        return call
 
     def timed_replay(*a, **kw):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -111,7 +120,8 @@ def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, 
         scratch.add_(1)
         return launched
 
-    runner.emit_step_features, graphs.replay_steps = timed_emit, timed_replay
+    runner.emit_step_features, runner.flush_features = timed(runner.emit_step_features), timed(runner.flush_features)
+    graphs.replay_steps = timed_replay
     if variant == "off+kernel":
         runner.launch_decode_steps = launch_and_kernel
     times, gpu_ms = [], 0.0
@@ -132,11 +142,6 @@ def check_features(decoder, prompts: torch.Tensor, new_tokens: int) -> dict:
     """The features several-step replays hand over (through the graphs' feature ring) against
     those of single decode steps (handed over as each step runs), same greedy generation: the same
     (sequence, position) rows, the same fed tokens, and how far the hidden states differ."""
-    from slipstream.rollout.engine import Engine, EngineConfig
-    from slipstream.rollout.types import Request, SamplingParams
-
-    batch, plen = prompts.shape
-    max_len = plen + new_tokens + 16
     seen = []
     for steps in (4, 1):
         rows: dict = {}
@@ -146,11 +151,8 @@ def check_features(decoder, prompts: torch.Tensor, new_tokens: int) -> dict:
             for r, (key, pos, tok) in enumerate(zip(keys, f.positions.tolist(), f.token_ids.tolist())):
                 rows[key, pos] = (tok, f.hidden[-1][r])
 
-        cfg = EngineConfig(block_size=16, kv_cache_gb=kv_cache_gb(decoder, batch * max_len), max_num_seqs=batch,
-                           max_num_batched_tokens=max(8192, batch * plen), max_model_len=max_len, decode_steps=steps)
-        engine = Engine(decoder, eos_token_ids=[], cfg=cfg, capture_layers=(-1,), feature_sink=sink)
-        engine.generate([Request(p.tolist(), SamplingParams(temperature=0.0, max_tokens=new_tokens), str(i), str(i))
-                         for i, p in enumerate(prompts)])
+        engine, reqs = greedy_engine(decoder, prompts, new_tokens, (-1,), sink, decode_steps=steps)
+        engine.generate(reqs)
         seen.append(rows)
     multi, single = seen
     same_tokens = all(multi[k][0] == single[k][0] for k in single if k in multi)

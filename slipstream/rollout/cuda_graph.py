@@ -21,14 +21,15 @@ The graph ends with the logits and, on GPU, the fused sampling kernel's draw for
 top-k / top-p sample from the logits after the replay instead. `replay` returns static output
 tensors: copy what must outlive the next step.
 
+On CPU the same padded, static-buffer forward runs eagerly (`capture=False`): it is how the tests
+check the padding, the scratch block and the buffer layout.
+
 Captured hidden states (feature capture for a learned drafter) of several-step replays are written
 by the graph itself into a device ring of rows (`feature_ring`), at a write offset the graph keeps
 on the device and the host mirrors (`ring_written`). Nothing is launched between two chained
 replays to save them: on an H200 any kernel launched there, even an unrelated one, cost the
 replays after it the gain of programmatic dependent launch, 10% at batch 64
 (`benchmarks/capture_overhead.py`). The host gathers the rows it needs later, where the chain ends.
-On CPU the same padded, static-buffer forward runs eagerly (`capture=False`): it is how the tests
-check the padding, the scratch block and the buffer layout.
 """
 
 from __future__ import annotations
