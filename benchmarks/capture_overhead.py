@@ -15,9 +15,9 @@ A random-weight model of SmolLM2-135M's shape (throughput depends on shapes, not
   learned-drafter engines do.
 
 Prints tokens/s per engine and batch and the ratio to `off` measured in the same run, and per
-decode step: the host's time in the hand-over (`emit_step_features` and `flush_features`, the
-sink included) and the GPU's time inside the decode replays (CUDA events around each graph
-replay), apart from the GPU's work between replays.
+decode step: the host's time in the hand-over (`emit_step_features`, the rows' indexing after
+the next launch and `flush_features`, the sink included) and the GPU's time inside the decode
+replays (CUDA events around each graph replay), apart from the GPU's work between replays.
 """
 
 from __future__ import annotations
@@ -96,13 +96,18 @@ def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, 
     engine.generate(reqs)  # warm-up: kernels compiled, every bucket's graph replayed once
     runner, graphs = engine.runner, engine.runner.graphs
     replay_steps, launch = graphs.replay_steps, runner.launch_decode_steps
-    handover, replays = [0.0], []
+    handover, replays, depth = [0.0], [], [0]
 
-    def timed(fn):
+    def timed(fn):  # the outermost call only (flush_features indexes the queued rows itself)
         def call(*a, **kw):
             t = time.perf_counter()
-            fn(*a, **kw)
-            handover[0] += time.perf_counter() - t
+            depth[0] += 1
+            try:
+                return fn(*a, **kw)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    handover[0] += time.perf_counter() - t
         return call
 
     def timed_replay(*a, **kw):
@@ -121,6 +126,7 @@ def time_variant(variant: str, decoder, prompts: torch.Tensor, new_tokens: int, 
         return launched
 
     runner.emit_step_features, runner.flush_features = timed(runner.emit_step_features), timed(runner.flush_features)
+    runner._index_queued_steps = timed(runner._index_queued_steps)
     graphs.replay_steps = timed_replay
     if variant == "off+kernel":
         runner.launch_decode_steps = launch_and_kernel

@@ -17,10 +17,10 @@ the same way, and takes the learned-drafter engine apart:
   capture them into the feature ring).
 
 Per engine: the median makespan over `--rounds` rollouts (engines alternate within a round),
-tokens/s by live batch, and per rollout: the host's time queueing rows (`emit_step_features`) and
-handing them over (`flush_features`, the sink included), the decode replays launched unchained
-(after the host read the previous one) and chained, and the GPU's time inside the replays (CUDA
-events around each replay).
+tokens/s by live batch, and per rollout: the host's time queueing rows (`emit_step_features`),
+indexing them after the next launch and handing them over (`flush_features`, the sink and the
+indexing it does included), the decode replays launched unchained (after the host read the
+previous one) and chained, and the GPU's time inside the replays (CUDA events around each replay).
 """
 
 from __future__ import annotations
@@ -68,11 +68,12 @@ class Probe:
 
     def __init__(self, engine, drop_sink: bool, no_handover: bool):
         runner, graphs = engine.runner, engine.runner.graphs
-        self.emit_s = self.flush_s = 0.0
+        self.emit_s = self.index_s = self.flush_s = 0.0
+        self.flushing = False
         self.unchained = self.chained = 0
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        emit, flush, launch, replay = (runner.emit_step_features, runner.flush_features,
-                                       runner.launch_decode_steps, graphs.replay_steps)
+        emit, index, flush, launch, replay = (runner.emit_step_features, runner._index_queued_steps,
+                                              runner.flush_features, runner.launch_decode_steps, graphs.replay_steps)
         if drop_sink:
             runner.feature_sink = lambda features: None
 
@@ -82,9 +83,17 @@ class Probe:
                 emit(*a, **kw)
             self.emit_s += time.perf_counter() - t
 
+        def timed_index():
+            t = time.perf_counter()
+            index()
+            if not self.flushing:  # else counted in the flush
+                self.index_s += time.perf_counter() - t
+
         def timed_flush(*a, **kw):
             t = time.perf_counter()
+            self.flushing = True
             flush(*a, **kw)
+            self.flushing = False
             self.flush_s += time.perf_counter() - t
 
         def counted_launch(seqs, steps, chained=False):
@@ -103,14 +112,15 @@ class Probe:
             return out
 
         runner.emit_step_features, runner.flush_features = timed_emit, timed_flush
+        runner._index_queued_steps = timed_index
         runner.launch_decode_steps, graphs.replay_steps = counted_launch, timed_replay
 
     def take(self) -> dict:
         torch.cuda.synchronize()
-        out = {"emit_ms": self.emit_s * 1e3, "flush_ms": self.flush_s * 1e3, "unchained_replays": self.unchained,
-               "chained_replays": self.chained,
+        out = {"emit_ms": self.emit_s * 1e3, "index_ms": self.index_s * 1e3, "flush_ms": self.flush_s * 1e3,
+               "unchained_replays": self.unchained, "chained_replays": self.chained,
                "gpu_in_replays_ms": sum(a.elapsed_time(b) for a, b in self.events)}
-        self.emit_s = self.flush_s = 0.0
+        self.emit_s = self.index_s = self.flush_s = 0.0
         self.unchained = self.chained = 0
         self.events.clear()
         return out
@@ -162,12 +172,12 @@ def main(argv=None) -> dict:
                             "by_live_batch": measured.get("by_live_batch", {}), **probe.take()})
     summary = {}
     base = statistics.median(x["makespan_s"] for x in rows[args.variants[0]])
-    print(f"{'engine':24s} {'makespan':>9s} {'vs ' + args.variants[0]:>8s} {'emit':>7s} {'flush':>7s} "
+    print(f"{'engine':24s} {'makespan':>9s} {'vs ' + args.variants[0]:>8s} {'emit':>7s} {'index':>7s} {'flush':>7s} "
           f"{'unchained':>9s} {'chained':>8s} {'GPU in replays':>14s}  tok/s by live batch")
     for v in args.variants:
         med = statistics.median(x["makespan_s"] for x in rows[v])
         mean = {k: statistics.mean(x[k] for x in rows[v])
-                for k in ("emit_ms", "flush_ms", "unchained_replays", "chained_replays", "gpu_in_replays_ms")}
+                for k in ("emit_ms", "index_ms", "flush_ms", "unchained_replays", "chained_replays", "gpu_in_replays_ms")}
         buckets = {}
         for x in rows[v]:
             for b, m in x["by_live_batch"].items():
@@ -176,7 +186,7 @@ def main(argv=None) -> dict:
                 acc[1] += m["seconds"]
         by_live = {b: t / s for b, (t, s) in sorted(buckets.items(), key=lambda kv: int(kv[0])) if s > 0}
         summary[v] = {"makespan_median_s": med, "vs_first": base / med, **mean, "tokens_per_s_by_live": by_live}
-        print(f"{v:24s} {med:8.3f}s {base / med:7.3f}x {mean['emit_ms']:6.1f}ms {mean['flush_ms']:6.1f}ms "
+        print(f"{v:24s} {med:8.3f}s {base / med:7.3f}x {mean['emit_ms']:6.1f}ms {mean['index_ms']:6.1f}ms {mean['flush_ms']:6.1f}ms "
               f"{mean['unchained_replays']:9.0f} {mean['chained_replays']:8.0f} {mean['gpu_in_replays_ms']:12.1f}ms  "
               + " ".join(f"{b}:{t / 1e3:.1f}k" for b, t in by_live.items()))
     out = {"meta": {"benchmark": "drafter_engine_gap", "device": torch.cuda.get_device_name(device),

@@ -43,6 +43,9 @@ class ContextWindows:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._slots: dict[Hashable, int] = {}
         self._free: list[int] = []
+        # Sequences given back: rows of theirs that arrive later (the engine hands queued rows
+        # over lazily) are dropped rather than given a slot nobody would release.
+        self._released: set[Hashable] = set()
         self._allocate(max_seqs)
 
     def _allocate(self, n: int) -> None:
@@ -77,7 +80,8 @@ class ContextWindows:
                            f"{sorted(features.hidden)}")
         if hidden.shape[0] == 0:
             return
-        slots = torch.tensor([self._slot(k) for k in features.seq_keys], dtype=torch.long)
+        ids = [-1 if k in self._released else self._slot(k) for k in features.seq_keys]
+        slots = torch.tensor([i if i >= 0 else self.capacity for i in ids], dtype=torch.long)  # scratch
         slots = slots.to(self.device, non_blocking=True)[features.owner.to(self.device)]
         pos = features.positions.to(self.device)
         # Only each sequence's newest `window` rows of this step are written (distinct cells).
@@ -97,10 +101,12 @@ class ContextWindows:
             slot = self._slots.pop(key, None)
             if slot is not None:
                 self._free.append(slot)
+            self._released.add(key)
 
     def clear(self) -> None:
         """Forget every sequence (end of a rollout)."""
         self.release(list(self._slots))
+        self._released.clear()
 
     def context(self, keys: Sequence[Hashable], last_tokens: torch.Tensor) -> DraftContext:
         """The DraftContext of sequences `keys`, whose newest tokens x_n (sampled after the newest

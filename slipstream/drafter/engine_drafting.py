@@ -148,6 +148,7 @@ class DraftingSpeculator(Speculator):
     def _learned_draft(self, seqs: list[Sequence], k: int) -> Draft:
         """One chain of k tokens for every sequence of `seqs`, batched, with their sampling parameters."""
         t0 = time.perf_counter()
+        self.flush_features()  # the windows then hold every step the sequences decoded
         device = self.windows.device
         keys = [(s.request_id, s.sample_index) for s in seqs]
         params = [s.params for s in seqs]

@@ -81,6 +81,8 @@ class Engine:
         elif spec is not None:
             speculator = Speculator(spec)
         self.speculator = speculator
+        if speculator is not None:
+            speculator.flush_features = self.runner.flush_features
         # Verification graphs only for the batch sizes that speculate.
         self.spec_runner = SpecRunner(self.runner, min(cfg.max_graph_batch, spec.policy.min_batch_for_off)) \
             if spec is not None else None
@@ -267,9 +269,11 @@ class Engine:
                                            [seq.num_output_tokens - n for seq, n in zip(seqs, before)])
         if self._inflight is not None and all(seq.is_finished for seq in seqs):
             self._inflight = None  # nothing to read there; the GPU finishes it before any later work
-        if capture and (self._inflight is None or finished):
-            # the rows wait in the graphs' ring while the chain runs (no kernel between chained
-            # replays); where it ends, or before a finished sequence's drafting state is released
+        if capture and self._inflight is None and 2 * self.runner.pending_feature_rows > self.runner.graphs.ring_size:
+            # The rows wait in the graphs' ring: any kernel launched near the decode replays costs
+            # them their overlap (PDL), so they are gathered only when a reader needs them (a
+            # learned draft, a prefill or verification step, the rollout's end) or, as here, where
+            # a chain ends with the ring half full, rather than between the next chain's replays.
             self.runner.flush_features()
         if finished and self.speculator is not None:
             self.speculator.finished(finished)
@@ -330,6 +334,7 @@ class Engine:
         except BaseException:
             self._abort()
             raise
+        self.runner.flush_features()  # the sink has every captured row when the call returns
         if self.speculator is not None:
             self.speculator.end(record=history)
         self.stats["preemptions"] += self.scheduler.num_preemptions - preempted_before

@@ -74,8 +74,9 @@ class ModelRunner:
         self.seeds = random.Random(seed)  # seeds of the fused sampling kernel
         self.draw_hosts: list[torch.Tensor] | None = None  # pinned buffers of launched decode steps' draws
         self.draw_flip = 0
-        # several-step replays' feature rows not handed to the sink yet: (keys, [4, rows] int64 grid)
-        self._pending_features: list[tuple[list, np.ndarray]] = []
+        # several-step replays' feature rows not handed to the sink yet
+        self._queued_steps: list[tuple] = []  # launches' rows queued by emit_step_features, not yet indexed
+        self._pending_features: list[tuple[list, np.ndarray]] = []  # and indexed: (owner keys, row grid)
         self._pending_start = 0  # ring offset of the oldest pending replay's rows
 
     def allocate_cache(self) -> None:
@@ -125,13 +126,14 @@ class ModelRunner:
         `chained`: continue the replay launched just before, of the same `seqs` and `steps`, whose
         draws the host has not read yet (`DecodeGraphs.replay_steps`)."""
         graphs = self.graphs
-        if self._pending_features and graphs.ring_written + steps * graphs.bucket_for(len(seqs)) \
+        if self.pending_feature_rows and graphs.ring_written + steps * graphs.bucket_for(len(seqs)) \
                 - self._pending_start > graphs.ring_size:
             self.flush_features()  # this replay would overwrite pending rows: gather them first
         sampled, ring_start = graphs.replay_steps(seqs, steps, 0 if chained else self.seeds.getrandbits(31),
                                                   chained=chained)
         bucket = graphs.last_bucket
         if self.device.type != "cuda":
+            self._index_queued_steps()
             return LaunchedSteps(sampled.clone(), None, len(seqs), bucket, ring_start)
         if self.draw_hosts is None:  # two, alternating: a launch may start while the previous one's copy is queued
             size = self.block_size * 2 * self.graphs.max_batch
@@ -141,6 +143,7 @@ class ModelRunner:
         host.copy_(sampled, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
+        self._index_queued_steps()  # host work while the GPU runs the replay
         return LaunchedSteps(host, done, len(seqs), bucket, ring_start)
 
     def finish_decode_steps(self, launched: "LaunchedSteps") -> tuple[list[list[int]], list[list[float]]]:
@@ -154,33 +157,43 @@ class ModelRunner:
                            first: list[tuple[int, int]], tokens: list[list[int]], taken: list[int]) -> None:
         """Queue for the feature sink the rows of a launch's steps: seqs[j] (column columns[j] of
         the launch) fed first[j] = (token, position) at step 0 and its draw of step k - 1 at step
-        k, and is in the steps before its `taken[j]` draws ended. Host work only: the rows stay in
-        the graphs' feature ring until `flush_features` (the engine calls it where a chain of
-        replays ends; a replay that would overwrite queued rows calls it first)."""
-        # A few numpy ops rather than loops over rows: the host's time per replay grows with the batch.
-        K, n = len(tokens), len(seqs)
-        taken_a = np.asarray(taken, dtype=np.int64)
-        rows_in = np.arange(K)[:, None] < taken_a[None]  # [K, n]: seq j is in step k
-        if not K or not rows_in.any():
-            return
-        keys = [(seq.request_id, seq.sample_index) for seq, t in zip(seqs, taken) if t > 0]
-        first_a = np.asarray(first, dtype=np.int64).reshape(n, 2)
-        grid = np.empty((4, K, n), dtype=np.int64)
-        grid[0] = np.cumsum(taken_a > 0) - 1  # owner: index into `keys`
-        grid[1] = first_a[:, 1] + np.arange(K)[:, None]  # position
-        grid[2, 0] = first_a[:, 0]  # the token fed at step k: the first, then step k - 1's draw
-        grid[2, 1:] = np.asarray(tokens[:-1], dtype=np.int64).reshape(K - 1, n)
-        grid[3] = self.graphs.ring_rows(launched.ring_start, np.arange(K)[:, None],
-                                        np.asarray(columns, dtype=np.int64)[None], launched.bucket)
-        if not self._pending_features:
+        k, and is in the steps before its `taken[j]` draws ended. The rows stay in the graphs'
+        feature ring until `flush_features` (called where the rows are read: before a learned
+        draft, a prefill or verification step and at the rollout's end; a replay that would
+        overwrite queued rows calls it first). Their ids are worked out later, after the next
+        launch (while the GPU runs it) or in `flush_features`: here the host only queues them,
+        as it may be all that stands between two replays."""
+        if not (self._queued_steps or self._pending_features):
             self._pending_start = launched.ring_start
-        self._pending_features.append((keys, grid[:, rows_in]))
+        self._queued_steps.append((launched.ring_start, launched.bucket, seqs, columns, first, tokens, taken))
+
+    def _index_queued_steps(self) -> None:
+        """The queued launches' rows: owner, position, token fed and ring row of each."""
+        # A few numpy ops rather than loops over rows: the host's time per replay grows with the batch.
+        queued, self._queued_steps = self._queued_steps, []
+        for ring_start, bucket, seqs, columns, first, tokens, taken in queued:
+            K, n = len(tokens), len(seqs)
+            taken_a = np.asarray(taken, dtype=np.int64)
+            rows_in = np.arange(K)[:, None] < taken_a[None]  # [K, n]: seq j is in step k
+            if not K or not rows_in.any():
+                continue
+            keys = [(seq.request_id, seq.sample_index) for seq, t in zip(seqs, taken) if t > 0]
+            first_a = np.asarray(first, dtype=np.int64).reshape(n, 2)
+            grid = np.empty((4, K, n), dtype=np.int64)
+            grid[0] = np.cumsum(taken_a > 0) - 1  # owner: index into `keys`
+            grid[1] = first_a[:, 1] + np.arange(K)[:, None]  # position
+            grid[2, 0] = first_a[:, 0]  # the token fed at step k: the first, then step k - 1's draw
+            grid[2, 1:] = np.asarray(tokens[:-1], dtype=np.int64).reshape(K - 1, n)
+            grid[3] = self.graphs.ring_rows(ring_start, np.arange(K)[:, None],
+                                            np.asarray(columns, dtype=np.int64)[None], bucket)
+            self._pending_features.append((keys, grid[:, rows_in]))
 
     @torch.inference_mode()  # as `run`: a sink's tensors made in one must be writable in the other
     def flush_features(self) -> None:
         """Hand the feature sink the queued rows of several-step replays, in one StepFeatures
         (each sequence's rows in the order of its positions). The rows' ids, positions and owners
         go to the device in one asynchronous copy from page-locked memory."""
+        self._index_queued_steps()
         if not self._pending_features:
             return
         pending, self._pending_features = self._pending_features, []
@@ -197,9 +210,14 @@ class ModelRunner:
                                        {key: ring.index_select(0, rows[3])
                                         for key, ring in self.graphs.feature_ring.items()}))
 
+    @property
+    def pending_feature_rows(self) -> int:
+        """Rows queued by `emit_step_features` and not yet handed to the sink."""
+        return self.graphs.ring_written - self._pending_start if self._queued_steps or self._pending_features else 0
+
     def drop_features(self) -> None:
         """Forget the queued rows (after a failed step)."""
-        self._pending_features = []
+        self._queued_steps, self._pending_features = [], []
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)

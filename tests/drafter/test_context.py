@@ -80,3 +80,28 @@ def test_a_short_sequence_is_left_padded():
     assert ctx.next_tokens.tolist() == [[0, 0, 8, 9]]
     assert ctx.features[0, :, 0].tolist() == [0.0, 0.0, 1.0, 2.0]
     assert ctx.positions[0, 2:].tolist() == [0, 1]
+
+
+def test_rows_arriving_after_a_release_are_dropped_without_taking_a_slot():
+    # The engine hands queued rows over lazily: a finished sequence's last rows may reach the
+    # windows after its slot was given back (and taken by another sequence).
+    from slipstream.rollout.model_runner import StepFeatures
+
+    windows = ContextWindows(4, 2, max_seqs=1)
+
+    def rows(keys, owner, positions, value):
+        n = len(owner)
+        return StepFeatures(keys, torch.tensor(owner), torch.tensor(positions), torch.arange(n) + 10,
+                            {-1: torch.full((n, 2), value)})
+
+    windows(rows([("a", 0)], [0], [0], 1.0))
+    windows.release([("a", 0)])
+    windows(rows([("b", 0), ("a", 0)], [0, 1, 1], [0, 1, 2], 2.0))  # b takes a's slot; a's late rows
+    assert windows.capacity == 1 and list(windows._slots) == [("b", 0)]
+    ctx = windows.context([("b", 0)], torch.tensor([5]))
+    assert ctx.lengths.tolist() == [1] and ctx.features[0, -1].tolist() == [2.0, 2.0]
+    with pytest.raises(KeyError, match="no features captured"):
+        windows.context([("a", 0)], torch.tensor([5]))
+    windows.clear()  # a new rollout may reuse the keys
+    windows(rows([("a", 0)], [0], [3], 3.0))
+    assert windows.context([("a", 0)], torch.tensor([5])).features[0, -1].tolist() == [3.0, 3.0]

@@ -219,7 +219,22 @@ def test_multi_step_replays_feed_the_drafter_and_drafting_follows_losslessly(tin
     ended = []
     release = engine.speculator.finished
     engine.speculator.finished = lambda seqs: ended.extend(seqs) or release(seqs)
+    # The replays' rows wait in the graphs' ring until read: each learned draft must see every
+    # sequence's newest feature h_{n-1} (position num_tokens - 2) in the windows.
+    fresh, windows, draft, context = [], engine.speculator.windows, engine.speculator._learned_draft, \
+        engine.speculator.windows.context
+
+    def learned_draft(seqs, k):
+        expected = {(s.request_id, s.sample_index): s.num_tokens - 2 for s in seqs}
+
+        def checked_context(keys, last):
+            fresh.append(windows._newest[[windows._slots[key] for key in keys]].tolist() == [expected[key] for key in keys])
+            return context(keys, last)
+        windows.context = checked_context
+        return draft(seqs, k)
+    engine.speculator._learned_draft = learned_draft
     comps = engine.generate(requests())
+    assert fresh and all(fresh)
     assert len({(s.request_id, s.sample_index) for s in ended}) == 8  # every window given back as its sequence ended
     assert [c.tokens for c in comps] == [c.tokens for c in plain]
     for a, b in zip(comps, plain):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,9 @@ class Speculator:
         self._worker: threading.Thread | None = None
         self.draft_seconds = 0.0  # spent indexing and proposing in this rollout
         self.idle_seconds = 0.0  # spent catching up while the engine waited for the GPU
+        # Set by the engine: hands the feature sink the captured rows still queued in the decode
+        # graphs' ring (a drafter that reads features calls it before it drafts).
+        self.flush_features: Callable[[], None] = lambda: None
 
     # ---------------------------------------------------------------- rollout lifecycle
 
