@@ -82,14 +82,17 @@ def parse_args(argv=None):
                    help="draft with the learned drafter eagerly (default on GPU: CUDA graphs of its chain)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--quick", action="store_true",
-                   help=f"a shorter run: {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in QUICK.items())}")
+                   help=f"a shorter run: {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in QUICK.items())} "
+                        "(options given on the command line win)")
     p.add_argument("--commit", default=None,
                    help="commit to record (default: $SLIPSTREAM_COMMIT, else git rev-parse of this checkout)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "drafter_online.json"))
     args = p.parse_args(argv)
-    if args.quick:
+    if args.quick:  # its settings, except those given on the command line
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
         for k, v in QUICK.items():
-            setattr(args, k, v)
+            if f"--{k.replace('_', '-')}" not in given:
+                setattr(args, k, v)
     for name in ("steps", "prompts", "samples", "max_tokens", "warmup_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
