@@ -19,8 +19,8 @@ DEVICE = torch.device(os.environ.get("SLIPSTREAM_TEST_DEVICE", "cpu"))
 
 
 def _decoder(device="cpu") -> Decoder:
-    cfg = DecoderConfig(model_type="llama", vocab_size=16, hidden_size=32, num_layers=1, num_heads=2,
-                        num_kv_heads=1, head_dim=16, intermediate_size=32)  # head_dim 16: the GPU kernels' smallest
+    cfg = DecoderConfig(model_type="llama", vocab_size=16, hidden_size=16, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=8, intermediate_size=32)
     dec = Decoder(cfg, dtype=torch.float32, device=device)
     with torch.no_grad():
         for p in dec.parameters():
