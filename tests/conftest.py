@@ -7,10 +7,8 @@ import pytest
 # module comes first. So the interpreter is on for the whole collection; afterwards the variable is
 # put back, so that the suite keeps the torch paths on CPU, and tests/kernels turns it on again
 # around each kernel test.
-# Tests that honour SLIPSTREAM_TEST_DEVICE=cuda (run on the GPU machine) need the compiled kernels.
 _SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if os.environ.get("SLIPSTREAM_TEST_DEVICE", "cpu") == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_finish(session):
