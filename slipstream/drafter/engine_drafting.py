@@ -128,10 +128,6 @@ class DraftingSpeculator(Speculator):
     def catches_up_in_idle_time(self) -> bool:
         return any(s in self.sources.config.sources for s in ("suffix", "both"))
 
-    @property
-    def drafts_with_probs(self) -> bool:
-        return any(s in self.sources.config.sources for s in ("drafter", "both"))
-
     def will_draft(self, live: int) -> bool:
         """Whether the next step at this live batch may draft: the source policy chooses now, as
         `propose` would. If it picks "none", the engine chains its decode replays as without

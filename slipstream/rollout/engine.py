@@ -84,8 +84,8 @@ class Engine:
         if speculator is not None:
             speculator.flush_features = self.runner.flush_features
         # Verification graphs only for the batch sizes that speculate.
-        self.spec_runner = SpecRunner(self.runner, min(cfg.max_graph_batch, spec.policy.min_batch_for_off),
-                                      with_draft_probs=speculator.drafts_with_probs) if spec is not None else None
+        self.spec_runner = SpecRunner(self.runner, min(cfg.max_graph_batch, spec.policy.min_batch_for_off)) \
+            if spec is not None else None
         self.timeline = Timeline()
         if cfg.capture_graphs_at_start and self.runner.graphs is not None:
             self.capture_graphs()

@@ -23,7 +23,7 @@ from slipstream.kernels.attention import MAX_DECODE_Q_LEN
 from slipstream.models.decoder import AttentionMetadata
 from slipstream.rollout.model_runner import ModelRunner, StepFeatures
 from slipstream.rollout.scheduler import ScheduledBatch
-from slipstream.rollout.spec.verify import VerifyResult, verify_drafts
+from slipstream.rollout.spec.verify import verify_drafts
 from slipstream.rollout.spec.verify_graphs import VerifyGraphs
 
 
@@ -35,10 +35,9 @@ class SpecRunner:
     other steps run eagerly.
     """
 
-    def __init__(self, runner: ModelRunner, max_graph_batch: int = 32, with_draft_probs: bool = False):
+    def __init__(self, runner: ModelRunner, max_graph_batch: int = 32):
         self.runner = runner
         self.max_graph_batch = max_graph_batch
-        self.with_draft_probs = with_draft_probs  # the graphs verify against a drafter's q (see VerifyGraphs)
         self.graphs: VerifyGraphs | None = None
         self._static = False
         # (batch, first row of each entry, input ids, positions, captured) until `emit_features`
@@ -67,14 +66,11 @@ class SpecRunner:
             self.graphs = VerifyGraphs(r.decoder, r.kv_caches, r.block_size, r.max_model_len,
                                        scratch_block=r.num_blocks, max_batch=self.max_graph_batch,
                                        capture=r.use_graphs, skip_scale=r.decode_skip_scale,
-                                       counters=r.tile_counters["decode"], capture_layers=r.capture_layers,
-                                       with_draft_probs=self.with_draft_probs)
+                                       counters=r.tile_counters["decode"], capture_layers=r.capture_layers)
         return self.graphs
 
-    def _graph_step(self, batch: ScheduledBatch, K: int, draft_probs: torch.Tensor | None, truncate: bool
-                    ) -> tuple[torch.Tensor, bool] | None:
-        """Target logits [S, K + 1, V] from a verification graph, and whether the graph verified
-        the drafts too (then read `graphs.verified`); None if the step runs eagerly."""
+    def _graph_logits(self, batch: ScheduledBatch, K: int) -> torch.Tensor | None:
+        """Target logits [S, K + 1, V] from a verification graph, None if the step runs eagerly."""
         entries = batch.entries
         if any(not e.samples or e.num_new != 1 + len(e.draft) for e in entries):
             return None
@@ -82,14 +78,12 @@ class SpecRunner:
         shape = graphs.shape_for(len(entries), K) if graphs is not None else None
         if shape is None:
             return None
-        verify = not truncate and (draft_probs is None) == (graphs.draft_probs is None)
-        logits = graphs.replay(entries, *shape, verify=verify, draft_probs=draft_probs,
-                               generator=self.runner.generator)[:len(entries), :K + 1]
+        logits = graphs.replay(entries, *shape)[:len(entries), :K + 1]
         if self.runner.capture_layers:
             Q = shape[1]
             ids, positions = graphs.last_inputs()
             self._features = (batch, [i * Q for i in range(len(entries))], ids, positions, graphs.captured)
-        return logits, verify
+        return logits
 
     def _eager_logits(self, batch: ScheduledBatch, K: int) -> torch.Tensor:
         """Target logits [S, K + 1, V] from a packed eager forward (rows past an entry's draft
@@ -130,22 +124,20 @@ class SpecRunner:
         device = r.device
         sampling = batch.sampling
         K = max(len(e.draft) for e in sampling)
+        logits = self._graph_logits(batch, K)
+        if logits is None:
+            logits = self._eager_logits(batch, K)
+        drafts = [list(e.draft) + [0] * (K - len(e.draft)) for e in sampling]
+        draft_tokens = torch.tensor(drafts, dtype=torch.long).reshape(len(sampling), K).to(device, non_blocking=True)
+        draft_lens = torch.tensor([len(e.draft) for e in sampling], dtype=torch.long).to(device, non_blocking=True)
+
         params = [e.seq.params for e in sampling]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device, non_blocking=True)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(device, non_blocking=True)
         truncate = any(p.truncates for p in params)
-        graph = self._graph_step(batch, K, draft_probs, truncate)
-        if graph is not None and graph[1]:
-            v, S = self.graphs.verified, len(sampling)
-            result = VerifyResult(v.accepted_lens[:S], v.output_tokens[:S, :K + 1], v.output_logprobs[:S, :K + 1])
-        else:
-            logits = graph[0] if graph is not None else self._eager_logits(batch, K)
-            drafts = [list(e.draft) + [0] * (K - len(e.draft)) for e in sampling]
-            draft_tokens = torch.tensor(drafts, dtype=torch.long).reshape(len(sampling), K).to(device, non_blocking=True)
-            draft_lens = torch.tensor([len(e.draft) for e in sampling], dtype=torch.long).to(device, non_blocking=True)
-            temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device, non_blocking=True)
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True)
-            top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(device, non_blocking=True)
-            result = verify_drafts(logits, draft_tokens, draft_lens, temperature, top_p, top_k,
-                                   draft_probs=draft_probs, generator=r.generator, truncate=truncate)
+        result = verify_drafts(logits, draft_tokens, draft_lens, temperature, top_p, top_k,
+                               draft_probs=draft_probs, generator=r.generator, truncate=truncate)
         # One host read: token ids are exact in float32 below 2**24.
         packed = torch.cat([result.accepted_lens[:, None].float(), result.output_tokens.float(),
                             result.output_logprobs.float()], dim=1).tolist()

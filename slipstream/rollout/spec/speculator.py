@@ -164,12 +164,6 @@ class Speculator:
         """Whether the suffix trees can draft (a subclass without suffix drafts says no)."""
         return True
 
-    @property
-    def drafts_with_probs(self) -> bool:
-        """Whether drafts come with the drafter's distributions (`draft_probs`): the engine's
-        verification graphs are built for one kind."""
-        return False
-
     def _catch_up_some(self, max_tokens: int) -> bool:
         for group_id, seqs in self._groups.items():
             if all(seq.is_finished for seq in seqs):

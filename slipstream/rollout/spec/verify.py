@@ -56,25 +56,20 @@ class VerifyResult:
 
 
 def verify_drafts(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_lens: torch.Tensor,
-                  temperature: torch.Tensor, top_p: torch.Tensor | None, top_k: torch.Tensor | None,
+                  temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                   draft_probs: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  pad_token_id: int = 0, truncate: bool | None = None, uniform: torch.Tensor | None = None,
-                  noise: torch.Tensor | None = None) -> VerifyResult:
+                  pad_token_id: int = 0, truncate: bool | None = None) -> VerifyResult:
     """Accept or reject each request's draft tokens and emit the corrected or bonus token.
 
     target_logits [B, K+1, V]: target logits at every draft position and the one after; row j of
         request b is only read for j <= draft_lens[b].
     draft_tokens [B, K] long: draft tokens; entries at j >= draft_lens[b] are ignored (any value).
     draft_lens [B] long in 0..K.
-    temperature, top_p, top_k [B]: per-request sampling parameters, as in ``sample`` (top_p and
-        top_k may be None with `truncate=False`).
+    temperature, top_p, top_k [B]: per-request sampling parameters, as in ``sample``.
     draft_probs [B, K, V] or None: the drafter's distribution q_j each draft token was drawn from
         (probabilities). None means deterministic drafts.
     generator: source of the acceptance draws and of the replacement/bonus draws.
     truncate: whether any row uses top-k/top-p, when the caller knows it (see ``shape_logits``).
-    uniform [B, K] in [0, 1) and noise [B, V] ~ Exp(1): the acceptance draws and the race's noise,
-        drawn beforehand (a CUDA graph holds no random state); None: drawn here from `generator`,
-        uniform first, as the same calls beforehand would.
     """
     B, K1, V = target_logits.shape
     K = K1 - 1
@@ -92,9 +87,8 @@ def verify_drafts(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft
     def per_position(x: torch.Tensor) -> torch.Tensor:
         return x[:, None].expand(B, K1).reshape(-1)
 
-    shaped = shape_logits(target_logits.reshape(B * K1, V), per_position(temperature),
-                          None if top_p is None else per_position(top_p), None if top_k is None else per_position(top_k),
-                          truncate).view(B, K1, V)
+    shaped = shape_logits(target_logits.reshape(B * K1, V), per_position(temperature), per_position(top_p),
+                          per_position(top_k), truncate).view(B, K1, V)
     log_norm = shaped.logsumexp(-1)  # [B, K+1]
     greedy = temperature <= 0
     target_argmax = shaped.argmax(-1)  # [B, K+1]
@@ -107,7 +101,7 @@ def verify_drafts(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft
         q_draft = torch.ones(B, K, device=device)
     else:
         q_draft = draft_probs.float().gather(-1, drafts[..., None]).squeeze(-1)
-    u = torch.rand(B, K, device=device, generator=generator) if uniform is None else uniform
+    u = torch.rand(B, K, device=device, generator=generator)
     # u < p/q without dividing: u in [0, 1), so p >= q always accepts and p == 0 never does.
     sampled_accept = u * q_draft < draft_logp.exp()
     accept = torch.where(greedy[:, None], drafts == target_argmax[:, :K], sampled_accept) & valid
@@ -128,8 +122,7 @@ def verify_drafts(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft
     residual = torch.where(rejected[:, None], p_n - q_n, p_n).clamp(min=0)
     # Rounding can leave no residual mass where a rejection was still (barely) possible: fall back to p.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
-    if noise is None:
-        noise = torch.empty_like(residual).exponential_(generator=generator)
+    noise = torch.empty_like(residual).exponential_(generator=generator)
     # Exponential race: argmax w_i / E_i picks i with probability w_i / sum(w); zero-weight tokens never win.
     race = torch.where(residual > 0, residual.log() - noise.log(), torch.full_like(residual, float("-inf")))
     last_token = torch.where(greedy, target_argmax[rows, n], race.argmax(-1))

@@ -19,19 +19,10 @@ Padding, and why it is harmless:
   max_model_len + Q positions: a padding row past the sequence's blocks reads the scratch block,
   never past the table.
 
-The graph computes the logits of every row (and, with `capture_layers`, the hidden states of
-those layers for a learned drafter: `captured`, read with `last_inputs` before the next replay),
-then verifies the drafts (`verify.verify_drafts`) inside the graph: the fifty-odd small kernels
-of the acceptance sampling would otherwise be launched one by one from Python after every
-replay. Its inputs are static too: the drafts are the query rows' input ids, their lengths follow
-the block tables in the int64 buffer, the temperatures come in a float32 twin, and the random
-draws (the acceptance uniforms [S, K], then the race's Exp(1) noise [S, V]) are drawn before the
-replay from the caller's generator in the order and shapes `verify_drafts` draws them, so a
-seeded step verifies as the eager path does. Graphs built `with_draft_probs` verify against a
-drafter's distributions q (copied into a static [B, Q - 1, V] buffer), the others deterministic
-drafts. Rows with top-k / top-p, or q where the graph expects none (or the reverse), are verified
-eagerly from the graph's logits (`replay(..., verify=False)`). On CPU the same padded static
-forward and verification run eagerly (`capture=False`), which is how the tests check the layout.
+The graph ends with the logits of every row (and, with `capture_layers`, the hidden states of
+those layers for a learned drafter: `captured`, read with `last_inputs` before the next replay);
+verification runs after it. On CPU the same padded static forward runs eagerly (`capture=False`),
+which is how the tests check the layout.
 """
 
 from __future__ import annotations
@@ -43,7 +34,6 @@ from slipstream.kernels.attention import MAX_DECODE_Q_LEN
 from slipstream.models.decoder import AttentionMetadata, Decoder
 from slipstream.rollout.cuda_graph import capture_graph, count_capture, default_buckets
 from slipstream.rollout.scheduler import ScheduledSeq
-from slipstream.rollout.spec.verify import VerifyResult, verify_drafts
 
 QUERY_WIDTHS = (2, 4, 8, 16)
 assert QUERY_WIDTHS[-1] == MAX_DECODE_Q_LEN
@@ -53,7 +43,7 @@ class VerifyGraphs:
     def __init__(self, decoder: Decoder, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  max_model_len: int, scratch_block: int, max_batch: int, *, capture: bool = True,
                  skip_scale: float = 0.0, counters: torch.Tensor | None = None,
-                 capture_layers: tuple[int, ...] = (), with_draft_probs: bool = False):
+                 capture_layers: tuple[int, ...] = ()):
         self.decoder, self.kv_caches, self.block_size = decoder, kv_caches, block_size
         self.capture_layers = tuple(capture_layers)
         self.captured: dict[int, torch.Tensor] = {}  # hidden states [B * Q, H] of the last replay
@@ -64,19 +54,9 @@ class VerifyGraphs:
         self.scratch_block = scratch_block
         self.capture_enabled = capture
         self.skip_scale, self.counters = skip_scale, counters
-        n = self.max_batch * (3 * QUERY_WIDTHS[-1] + 2 + self.width)
-        pinned = self.device.type == "cuda"
+        n = self.max_batch * (3 * QUERY_WIDTHS[-1] + 1 + self.width)
         self.staging = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self.host = torch.zeros(n, dtype=torch.int64, pin_memory=pinned)
-        # verification inputs besides the int64 ones: temperatures, the random draws, q
-        B, K, V = self.max_batch, QUERY_WIDTHS[-1] - 1, decoder.config.vocab_size
-        self.temperature = torch.ones(B, dtype=torch.float32, device=self.device)
-        self.temperature_host = torch.ones(B, dtype=torch.float32, pin_memory=pinned)
-        self.uniform = torch.full((B, K), 0.5, dtype=torch.float32, device=self.device)
-        self.noise = torch.ones(B, V, dtype=torch.float32, device=self.device)
-        self.draft_probs = torch.zeros(B, K, V, dtype=torch.float32, device=self.device) \
-            if with_draft_probs else None
-        self.verified: VerifyResult | None = None  # of the last replay that verified
+        self.host = torch.zeros(n, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         self.host_np = self.host.numpy()
         # (B, Q) -> (graph, logits, captured hidden states)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, dict]] = {}
@@ -94,11 +74,10 @@ class VerifyGraphs:
         ids, pos, slots = (s[i * R:(i + 1) * R] for i in range(3))
         lens = s[3 * R:3 * R + B]
         tables = s[3 * R + B:3 * R + B + B * self.width].view(B, self.width)
-        draft_lens = s[3 * R + B + B * self.width:3 * R + 2 * B + B * self.width]
-        return ids, pos, slots, lens, tables, draft_lens
+        return ids, pos, slots, lens, tables
 
-    def _forward(self, B: int, Q: int) -> tuple[torch.Tensor, dict[int, torch.Tensor], VerifyResult]:
-        ids, pos, slots, lens, tables, draft_lens = self._views(B, Q)
+    def _forward(self, B: int, Q: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        ids, pos, slots, lens, tables = self._views(B, Q)
         cu = torch.arange(0, (B + 1) * Q, Q, dtype=torch.int32, device=self.device)
         attn = AttentionMetadata(cu, lens.to(torch.int32), tables.to(torch.int32), slots, max_q_len=Q,
                                  skip_scale=self.skip_scale, counters=self.counters if self.skip_scale > 0 else None)
@@ -106,19 +85,13 @@ class VerifyGraphs:
             hidden, captured = self.decoder(ids, pos, attn, self.kv_caches, capture_layers=self.capture_layers)
         else:
             hidden, captured = self.decoder(ids, pos, attn, self.kv_caches), {}
-        logits = self.decoder.compute_logits(hidden)
-        K = Q - 1
-        verified = verify_drafts(logits.view(B, Q, -1), ids.view(B, Q)[:, 1:], draft_lens, self.temperature[:B],
-                                 None, None, truncate=False, uniform=self.uniform[:B, :K], noise=self.noise[:B],
-                                 draft_probs=None if self.draft_probs is None else self.draft_probs[:B, :K])
-        return logits, captured, verified
+        return self.decoder.compute_logits(hidden), captured
 
     def _fill(self, entries: list[ScheduledSeq], B: int, Q: int) -> None:
         """Write the step's inputs (padded to B sequences x Q rows) into the pinned host buffer."""
         h, bs, W, R = self.host_np, self.block_size, self.width, B * Q
         ids, pos, slots = h[:R].reshape(B, Q), h[R:2 * R].reshape(B, Q), h[2 * R:3 * R].reshape(B, Q)
         lens, tables = h[3 * R:3 * R + B], h[3 * R + B:3 * R + B + B * W].reshape(B, W)
-        draft_lens, temperature = h[3 * R + B + B * W:3 * R + 2 * B + B * W], self.temperature_host.numpy()
         j = np.arange(Q)
         scratch = self.scratch_block * bs + j % bs
         for i, e in enumerate(entries):
@@ -135,11 +108,7 @@ class VerifyGraphs:
             lens[i] = e.start + Q
             tables[i, :len(table)] = table
             tables[i, len(table):] = self.scratch_block
-            draft_lens[i] = k
-            temperature[i] = seq.params.temperature
         n = len(entries)
-        draft_lens[n:] = 0
-        temperature[n:B] = 1.0
         ids[n:] = 0
         pos[n:] = j
         slots[n:] = scratch
@@ -151,13 +120,12 @@ class VerifyGraphs:
         self.host_np[:] = 0
         self._fill([], B, Q)
         self.staging.copy_(self.host)
-        self.temperature.copy_(self.temperature_host)
         if not self.capture_enabled:
-            self.graphs[(B, Q)] = (None, None, {}, None)
+            self.graphs[(B, Q)] = (None, None, {})
             return
-        graph, (logits, captured, verified) = capture_graph(lambda: self._forward(B, Q), self.device, self.pool)
+        graph, (logits, captured) = capture_graph(lambda: self._forward(B, Q), self.device, self.pool)
         self.pool = graph.pool()
-        self.graphs[(B, Q)] = (graph, logits, captured, verified)
+        self.graphs[(B, Q)] = (graph, logits, captured)
 
     def capture_all(self) -> None:
         for B in self.buckets:
@@ -165,36 +133,20 @@ class VerifyGraphs:
                 if (B, Q) not in self.graphs:
                     self._capture(B, Q)
 
-    def replay(self, entries: list[ScheduledSeq], B: int, Q: int, verify: bool = False,
-               draft_probs: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def replay(self, entries: list[ScheduledSeq], B: int, Q: int) -> torch.Tensor:
         """Logits [B, Q, vocab] of a verification step (a static tensor: read it before the next
-        replay); row (i, j) is entry i's j-th query token: the last sampled token, then its draft.
-        `verify`: the graph's verification counts (`verified`, valid for rows < len(entries) and
-        columns <= their longest draft): draws from `generator` and, for graphs
-        `with_draft_probs`, the drafter's `draft_probs` [len(entries), longest draft, V]. Without
-        it, the graph's verification ran on stale inputs and is not to be read."""
+        replay); row (i, j) is entry i's j-th query token: the last sampled token, then its draft."""
         if (B, Q) not in self.graphs:
             self._capture(B, Q)
         self._fill(entries, B, Q)
-        size = 3 * B * Q + 2 * B + B * self.width
+        size = 3 * B * Q + B + B * self.width
         self.staging[:size].copy_(self.host[:size], non_blocking=True)
-        self.temperature[:B].copy_(self.temperature_host[:B], non_blocking=True)
-        if verify:
-            S, K = len(entries), max(len(e.draft) for e in entries)
-            if (draft_probs is None) != (self.draft_probs is None):
-                raise ValueError("draft_probs must be given exactly when the graphs verify with_draft_probs")
-            # the draws of `verify_drafts` for S rows and K drafts, in its order
-            self.uniform[:S, :K].copy_(torch.rand(S, K, device=self.device, generator=generator))
-            self.noise[:S].exponential_(generator=generator)
-            if draft_probs is not None:
-                self.draft_probs[:S, :K].copy_(draft_probs)
-        graph, logits, captured, verified = self.graphs[(B, Q)]
+        graph, logits, captured = self.graphs[(B, Q)]
         if graph is None:
-            logits, captured, verified = self._forward(B, Q)
+            logits, captured = self._forward(B, Q)
         else:
             graph.replay()
         self.captured, self.last_shape = captured, (B, Q)
-        self.verified = verified if verify else None
         return logits.view(B, Q, -1)
 
     def last_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
