@@ -26,7 +26,6 @@ previous one) and chained, and the GPU's time inside the replays (CUDA events ar
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.longtail import timed_rollout, workload  # noqa: E402
+from benchmarks.longtail import timed_rollout, workload, write_json  # noqa: E402
 
 VARIANTS = ("off", "suffix", "drafter", "drafter, sink dropped", "drafter, no hand-over")
 
@@ -142,7 +141,6 @@ def build(args, variant: str, decoder, tokenizer, device):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from benchmarks.longtail import commit_of
     from slipstream.models import load_model_and_tokenizer
     from slipstream.models.weights import decoder_from_hf_module
     from slipstream.config import ModelConfig
@@ -189,15 +187,7 @@ def main(argv=None) -> dict:
         print(f"{v:24s} {med:8.3f}s {base / med:7.3f}x {mean['emit_ms']:6.1f}ms {mean['index_ms']:6.1f}ms {mean['flush_ms']:6.1f}ms "
               f"{mean['unchained_replays']:9.0f} {mean['chained_replays']:8.0f} {mean['gpu_in_replays_ms']:12.1f}ms  "
               + " ".join(f"{b}:{t / 1e3:.1f}k" for b, t in by_live.items()))
-    out = {"meta": {"benchmark": "drafter_engine_gap", "device": torch.cuda.get_device_name(device),
-                    "torch": torch.__version__, "commit": commit_of(args.commit),
-                    "args": {k: v for k, v in vars(args).items() if k not in ("out", "commit")}},
-           "summary": summary, "rounds": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
-    return out
-
+    return write_json(args.out, "drafter_engine_gap", args, device, summary=summary, rounds=rows)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,6 @@ bucket, ms per step and tokens per step of both, so the break-even acceptance is
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.longtail import commit_of, sync, workload  # noqa: E402
+from benchmarks.longtail import sync, workload, write_json  # noqa: E402
 
 PHASES = ("propose", "schedule", "verify", "postprocess", "features", "observe")
 
@@ -180,17 +179,7 @@ def main(argv=None) -> dict:
             print(f"k={k} live {b:>2}+: {acc['steps']:4d} steps  {row['spec_ms_per_step']:.2f} ms/step "
                   f"{row['spec_tokens_per_step']:.1f} tok/step (accepted {row['accepted_per_verification']:.2f}/seq) "
                   f"{row['spec_tokens_per_s'] / 1e3:.1f}k tok/s | {off_txt} | {ph}", flush=True)
-    out = {"meta": {"benchmark": "drafting_step_cost",
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "commit": commit_of(args.commit),
-                    "args": {k: v for k, v in vars(args).items() if k not in ("out", "commit")},
-                    "warm_start": warm},
-           "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
-    return out
-
+    return write_json(args.out, "drafting_step_cost", args, device, warm_start=warm, rows=rows)
 
 if __name__ == "__main__":
     main()

@@ -77,6 +77,19 @@ def commit_of(arg: str | None) -> str | None:
     return out.stdout.strip() or None
 
 
+def write_json(out: str, benchmark: str, args, device: torch.device, **payload) -> dict:
+    """`payload` under a `meta` of the benchmark, device, torch version, commit and arguments, to `out`."""
+    meta = {"benchmark": benchmark,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "commit": commit_of(args.commit),
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "commit")}}
+    result = {"meta": meta, **payload}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
