@@ -174,8 +174,9 @@ def main(argv=None) -> dict:
           f"{'unchained':>9s} {'chained':>8s} {'GPU in replays':>14s}  tok/s by live batch")
     for v in args.variants:
         med = statistics.median(x["makespan_s"] for x in rows[v])
-        mean = {k: statistics.mean(x[k] for x in rows[v])
-                for k in ("emit_ms", "index_ms", "flush_ms", "unchained_replays", "chained_replays", "gpu_in_replays_ms")}
+        mean = {k: statistics.mean(x[k] for x in rows[v]) for k in ("emit_ms", "index_ms", "flush_ms",
+                                                                    "unchained_replays", "chained_replays",
+                                                                    "gpu_in_replays_ms")}
         buckets = {}
         for x in rows[v]:
             for b, m in x["by_live_batch"].items():
@@ -184,8 +185,9 @@ def main(argv=None) -> dict:
                 acc[1] += m["seconds"]
         by_live = {b: t / s for b, (t, s) in sorted(buckets.items(), key=lambda kv: int(kv[0])) if s > 0}
         summary[v] = {"makespan_median_s": med, "vs_first": base / med, **mean, "tokens_per_s_by_live": by_live}
-        print(f"{v:24s} {med:8.3f}s {base / med:7.3f}x {mean['emit_ms']:6.1f}ms {mean['index_ms']:6.1f}ms {mean['flush_ms']:6.1f}ms "
-              f"{mean['unchained_replays']:9.0f} {mean['chained_replays']:8.0f} {mean['gpu_in_replays_ms']:12.1f}ms  "
+        print(f"{v:24s} {med:8.3f}s {base / med:7.3f}x {mean['emit_ms']:6.1f}ms {mean['index_ms']:6.1f}ms "
+              f"{mean['flush_ms']:6.1f}ms {mean['unchained_replays']:9.0f} {mean['chained_replays']:8.0f} "
+              f"{mean['gpu_in_replays_ms']:12.1f}ms  "
               + " ".join(f"{b}:{t / 1e3:.1f}k" for b, t in by_live.items()))
     return write_json(args.out, "drafter_engine_gap", args, device, summary=summary, rounds=rows)
 

@@ -63,7 +63,6 @@ class Phases:
     """Host wall time of each phase of the engine's speculative steps, by live-batch bucket."""
 
     def __init__(self, engine):
-        self.engine = engine
         self.current: dict[str, float] = {}
         self.steps: list[tuple[int, dict[str, float]]] = []
         spec, sch, runner = engine.speculator, engine.scheduler, engine.spec_runner
@@ -71,7 +70,6 @@ class Phases:
                                    (runner, "run", "verify"), (sch, "postprocess_verified", "postprocess"),
                                    (runner, "emit_features", "features"), (spec, "observe", "observe")):
             setattr(owner, name, self._timed(getattr(owner, name), phase))
-        self._observe_live = None
 
     def _timed(self, fn, phase):
         def call(*a, **kw):

@@ -126,8 +126,7 @@ class ModelRunner:
         `chained`: continue the replay launched just before, of the same `seqs` and `steps`, whose
         draws the host has not read yet (`DecodeGraphs.replay_steps`)."""
         graphs = self.graphs
-        if self.pending_feature_rows and graphs.ring_written + steps * graphs.bucket_for(len(seqs)) \
-                - self._pending_start > graphs.ring_size:
+        if self.pending_feature_rows + steps * graphs.bucket_for(len(seqs)) > graphs.ring_size:
             self.flush_features()  # this replay would overwrite pending rows: gather them first
         sampled, ring_start = graphs.replay_steps(seqs, steps, 0 if chained else self.seeds.getrandbits(31),
                                                   chained=chained)

@@ -228,7 +228,8 @@ def test_multi_step_replays_feed_the_drafter_and_drafting_follows_losslessly(tin
         expected = {(s.request_id, s.sample_index): s.num_tokens - 2 for s in seqs}
 
         def checked_context(keys, last):
-            fresh.append(windows._newest[[windows._slots[key] for key in keys]].tolist() == [expected[key] for key in keys])
+            newest = windows._newest[[windows._slots[key] for key in keys]].tolist()
+            fresh.append(newest == [expected[key] for key in keys])
             return context(keys, last)
         windows.context = checked_context
         return draft(seqs, k)
