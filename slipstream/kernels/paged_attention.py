@@ -44,31 +44,17 @@ MAX_Q_LEN = MAX_DECODE_Q_LEN
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, s, m_tile, v, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update with one key tile: s are base-2 scores, -inf where masked; v its values."""
+def _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update with one key tile: s are base-2 scores, -inf where masked."""
     m_new = tl.maximum(m_i, m_tile)
     # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so no inf - inf appears.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
     p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
-
-
-@triton.jit
-def _score_tile(q, k_head, bt_row, t, t_end, ctx, pos, row_valid, offs_n, d, qk_scale, stride_kb, stride_ks,
-                BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Base-2 scores [BLOCK_M, BLOCK_N] of key tile t (-inf where masked), their row maxima, the
-    tile's page of each key and its key mask; a tile at or past t_end loads nothing."""
-    n = t * BLOCK_N + offs_n
-    kv_mask = n < tl.minimum(ctx, t_end * BLOCK_N)  # n >= t_end * BLOCK_N: t is past the split
-    page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
-    k = tl.load(k_head + page[None, :] * stride_kb + (n % PAGE)[None, :] * stride_ks + d[:, None],
-                mask=kv_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-    return s, tl.max(s, 1), page, kv_mask
 
 
 @triton.jit
@@ -91,7 +77,6 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     MIN_TILES: tl.constexpr,
     SKIP: tl.constexpr,
-    LOOKAHEAD: tl.constexpr,
     COUNT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
@@ -144,42 +129,26 @@ def _decode_kernel(
             s0 = tl.dot(q, k0, input_precision=DOT_PRECISION) * qk_scale
             s0 = tl.where(row_valid[:, None] & key0[None, :], s0, float("-inf"))
             m_ref = tl.max(s0, 1)
-    if SKIP & LOOKAHEAD:
-        # Scored one tile ahead: tile t's skip test needs only its scores, so its V load (masked
-        # off when skipped) is issued before tile t + 1's K is loaded and scored, and both loads
-        # are in flight together instead of the V load waiting behind its own tile's test.
-        s, m_tile, page, kv_mask = _score_tile(q, k_head, bt_row, t_begin, t_end, ctx, pos, row_valid, offs_n, d,
-                                               qk_scale, stride_kb, stride_ks, BLOCK_N, PAGE, DOT_PRECISION)
-        for t in range(t_begin, t_end):
+    for t in range(t_begin, t_end):
+        n = t * BLOCK_N + offs_n
+        kv_mask = n < ctx
+        page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
+        slot = n % PAGE
+        k = tl.load(k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None],
+                    mask=kv_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+        m_tile = tl.max(s, 1)
+        v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
+        if SKIP:
+            # A row with no visible key in this tile (m_tile = -inf, padding rows too) never blocks the skip.
             row_skip = (m_tile < tl.maximum(m_i, m_ref) + log2_lambda) | (m_tile == float("-inf"))
             tile_skip = tl.min(row_skip.to(tl.int32), 0)
-            slot = (t * BLOCK_N + offs_n) % PAGE
-            v = tl.load(v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :],
-                        mask=(kv_mask & (offs_n * 0 + tile_skip == 0))[:, None], other=0.0)
-            s_next, m_next, page_next, mask_next = _score_tile(
-                q, k_head, bt_row, t + 1, t_end, ctx, pos, row_valid, offs_n, d, qk_scale, stride_kb, stride_ks,
-                BLOCK_N, PAGE, DOT_PRECISION)
             if tile_skip == 0:
-                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v, DOT_PRECISION)
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION)
             n_skipped += tile_skip
-            s, m_tile, page, kv_mask = s_next, m_next, page_next, mask_next
-    else:
-        for t in range(t_begin, t_end):
-            s, m_tile, page, kv_mask = _score_tile(q, k_head, bt_row, t, t_end, ctx, pos, row_valid, offs_n, d,
-                                                   qk_scale, stride_kb, stride_ks, BLOCK_N, PAGE, DOT_PRECISION)
-            slot = (t * BLOCK_N + offs_n) % PAGE
-            v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
-            if SKIP:
-                # A row with no visible key in this tile (m_tile = -inf, padding rows too) never blocks the skip.
-                row_skip = (m_tile < tl.maximum(m_i, m_ref) + log2_lambda) | (m_tile == float("-inf"))
-                tile_skip = tl.min(row_skip.to(tl.int32), 0)
-                if tile_skip == 0:
-                    v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
-                    acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v, DOT_PRECISION)
-                n_skipped += tile_skip
-            else:
-                v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
-                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v, DOT_PRECISION)
+        else:
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -243,7 +212,6 @@ PROGRAMS_PER_SM = 2  # split-K aims at this many decode programs per SM
 # splits and 1.55 ms with 8; kept where a tile holds a retrieval key, 1.41 ms with 2 or 8 but
 # 1.61 ms with 5 and 1.50 ms with 9; dense takes 1.94 ms).
 SKIP_PROGRAMS_PER_SM = 16
-SKIP_LOOKAHEAD = True
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int, num_sms: int,
@@ -337,7 +305,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         H,
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         NUM_SPLITS=num_splits, MIN_TILES=min_tiles_per_split,
-        SKIP=skip_scale > 0, LOOKAHEAD=SKIP_LOOKAHEAD, COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        SKIP=skip_scale > 0, COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q),
     )
     if num_splits > 1:
