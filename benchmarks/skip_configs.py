@@ -38,8 +38,9 @@ PREFILL_CANDIDATES = [  # (block_m, block_n, num_warps, num_stages)
     (128, 128, 8, 2), (128, 128, 8, 3), (128, 256, 8, 2), (128, 64, 4, 3), (32, 128, 4, 2), (64, 64, 4, 2),
     (64, 64, 2, 2), (32, 64, 2, 2),
 ]
-# (block_n, num_warps, num_stages, splits): the product of these, splits None = the engine's heuristic
-DECODE_GRID = ((32, 64, 128), (2, 4, 8), (1, 2, 3), (None, 4, 16, 32))
+# decode candidates: the product of these lists (--block-n, --warps, --stages, --splits; splits 0 =
+# the engine's heuristic for that tile)
+DECODE_GRID = dict(block_n=[32, 64, 128], warps=[2, 4, 8], stages=[1, 2, 3], splits=[0, 4, 16, 32])
 
 
 def prefill_setup(bench, L):
@@ -67,7 +68,7 @@ def prefill_setup(bench, L):
     return data, engine, dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st), PREFILL_CANDIDATES, candidate
 
 
-def decode_setup(bench, L, batch):
+def decode_setup(bench, L, batch, grid):
     import triton
 
     from slipstream.kernels.attention import DECODE_BLOCK_N
@@ -98,7 +99,7 @@ def decode_setup(bench, L, batch):
     block_m = max(16, triton.next_power_of_2(q_len * a.heads // a.kv_heads))
     config = dict(block_n=DECODE_BLOCK_N, num_warps=8 if block_m * a.head_dim >= 128 * 128 else 4,
                   num_stages=2, num_splits=splits_for(DECODE_BLOCK_N))
-    candidates = sorted(set(itertools.product(*DECODE_GRID)), key=lambda c: tuple(x or 0 for x in c))
+    candidates = list(itertools.product(grid["block_n"], grid["warps"], grid["stages"], grid["splits"]))
     return data, engine, config, candidates, candidate
 
 
@@ -106,6 +107,10 @@ def main(argv=None):
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--phase", choices=["prefill", "decode"], default="prefill")
     own.add_argument("--target", type=float, default=0.7, help="sparsity each candidate is brought to")
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    for name, default in DECODE_GRID.items():
+        own.add_argument(f"--{name.replace('_', '-')}", type=ints, default=default,
+                         help=f"decode candidates' {name} (comma list, default {default})")
     mine, rest = own.parse_known_args(argv)
     target, phase = mine.target, mine.phase
     out = ROOT / "benchmarks" / "results" / f"{phase}_skip_configs.json"
@@ -123,7 +128,8 @@ def main(argv=None):
         if phase == "prefill":
             data, engine, config, candidates, candidate = prefill_setup(bench, L)
         else:
-            data, engine, config, candidates, candidate = decode_setup(bench, L, batch)
+            grid = {name: getattr(mine, name) for name in DECODE_GRID}
+            data, engine, config, candidates, candidate = decode_setup(bench, L, batch, grid)
         where = dict(context=L) if batch is None else dict(context=L, batch=batch)
         dense_ms = bench.time_ms(lambda: engine(), 3)
         dense_out = engine()
@@ -157,7 +163,7 @@ def main(argv=None):
                        speedup_vs_dense=dense_ms / ms, max_err_vs_dense=err)
             rows.append(row)
             print(f"  {' '.join(f'{k}={v}' for k, v in settings.items())}: scale {scale:9.3g} sparsity "
-                  f"{sparsity:.3f} {ms:8.3f} ms  {dense_ms / ms:.2f}x dense", flush=True)
+                  f"{sparsity:.3f} {ms:8.3f} ms  {dense_ms / ms:.2f}x dense  err {err:.2e}", flush=True)
         del data, dense_out
         torch.cuda.empty_cache()
     best = {}
