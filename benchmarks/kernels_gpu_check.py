@@ -22,7 +22,7 @@ DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # "cpu" with TRITON_INTERPRET=1
 SMALL = DEVICE == "cpu"
 
 from slipstream.kernels import paged_attention, paged_attention_ref
-from slipstream.kernels.attention import DECODE_BLOCK_N, MAX_DECODE_Q_LEN, prefill_config
+from slipstream.kernels.attention import MAX_DECODE_Q_LEN, decode_block_n, prefill_config
 from slipstream.kernels.sparse_reference import paged_attention_sparse_ref
 
 
@@ -66,7 +66,7 @@ def main() -> int:
                 counters = torch.zeros(2, dtype=torch.int64, device=DEVICE)
                 out = paged_attention(*args, scale, max_q_len=max_q, skip_scale=skip, counters=counters).float()
                 if max_q <= MAX_DECODE_Q_LEN:  # one split-K part: the decode kernel's tiling at num_splits=1
-                    block_m, block_n = None, DECODE_BLOCK_N
+                    block_m, block_n = None, decode_block_n(True)
                     counters_single = torch.zeros(2, dtype=torch.int64, device=DEVICE)
                     from slipstream.kernels.paged_attention import paged_decode_attention
 

@@ -30,12 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels.attention import DECODE_BLOCK_N, MAX_DECODE_Q_LEN
+from slipstream.kernels.attention import MAX_DECODE_Q_LEN, decode_block_n
 from slipstream.kernels.pdl import pdl_kwargs, pdl_prologue
 
 LOG2E = 1.0 / math.log(2.0)
 
-DEFAULT_BLOCK_N = DECODE_BLOCK_N
 # A split may be a single tile: at small batch the programs of one sequence are all the GPU has to
 # run in parallel (batch 1, 384 tokens of context: 11.5 us per layer with 4 tiles a split on an H200).
 DEFAULT_MIN_TILES_PER_SPLIT = 1
@@ -210,8 +209,9 @@ PROGRAMS_PER_SM = 2  # split-K aims at this many decode programs per SM
 # cannot be fetched ahead, so more programs per SM hide its latency, in a power-of-two number of
 # splits (H200, 64k contexts, batch 32, 70% of tiles skipped: skipped at random, 1.85 ms with 2
 # splits and 1.55 ms with 8; kept where a tile holds a retrieval key, 1.41 ms with 2 or 8 but
-# 1.61 ms with 5 and 1.50 ms with 9; dense takes 1.94 ms).
-SKIP_PROGRAMS_PER_SM = 16
+# 1.61 ms with 5 and 1.50 ms with 9; dense takes 1.94 ms). With 128-key tiles, 16 splits at batch
+# 32 (about 31 programs per SM) beat 8: 0.725 against 0.749 ms at 32k, 1.404 against 1.442 at 64k.
+SKIP_PROGRAMS_PER_SM = 32
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int, num_sms: int,
@@ -243,13 +243,14 @@ def check_counters(counters: torch.Tensor | None, device: torch.device) -> None:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                            scale: float, *, max_q_len: int, skip_scale: float = 0.0,
-                           counters: torch.Tensor | None = None, block_n: int = DEFAULT_BLOCK_N,
+                           counters: torch.Tensor | None = None, block_n: int | None = None,
                            num_splits: int | None = None,
                            min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT, num_warps: int | None = None,
                            num_stages: int | None = None) -> torch.Tensor:
     """Paged attention for sequences of at most 16 query tokens -> [T, heads, head_dim] in q.dtype.
 
-    Same contract as `paged_attention_ref`. `num_splits` forces the split-K factor (default: the
+    Same contract as `paged_attention_ref`. `block_n`: keys per tile (default `decode_block_n`,
+    which differs with skip-softmax). `num_splits` forces the split-K factor (default: the
     `choose_num_splits` heuristic, whose context bound is the block table's width, so no host sync).
     """
     T, H, D = q.shape
@@ -260,6 +261,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if Dk != D or H % KVH or D < 16 or D & (D - 1):
         raise ValueError(f"need head_dim a power of two >= 16 and heads % kv_heads == 0 (q {tuple(q.shape)}, "
                          f"cache {tuple(k_cache.shape)})")
+    block_n = decode_block_n(skip_scale > 0) if block_n is None else block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError("block_n must be a power of two >= 16")
     if skip_scale < 0:

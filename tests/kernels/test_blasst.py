@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from slipstream.kernels import paged_attention
+from slipstream.kernels.attention import decode_block_n
 from slipstream.kernels.paged_attention import paged_decode_attention
 from slipstream.kernels.prefill_attention import paged_prefill_attention
 from slipstream.kernels.sparse_reference import paged_attention_sparse_ref, split_bounds
@@ -168,7 +169,7 @@ def test_dispatcher_cpu_path_uses_the_sparse_reference(paged_batch, monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     counters = torch.zeros(2, dtype=torch.int64)
     out = paged_attention(*args, 0.125, max_q_len=2, skip_scale=1.0, counters=counters)
-    ref = paged_attention_sparse_ref(*args, 0.125, skip_scale=1.0, block_n=64)
+    ref = paged_attention_sparse_ref(*args, 0.125, skip_scale=1.0, block_n=decode_block_n(True))
     assert torch.equal(out, ref.out)
     assert counters.tolist() == [ref.skipped_tiles, ref.visited_tiles] and ref.skipped_tiles > 0
     # One split on this short block table: the kernel took the same decisions.
