@@ -11,6 +11,14 @@ tokens read back), `postprocess`, `features` (the kept positions handed to the w
 `observe`. Against them: the `spec=off` engine's time per decoded token-step in the same bucket
 (its replays of 4 steps chained on the device), measured in the same run. Prints, per live batch
 bucket, ms per step and tokens per step of both, so the break-even acceptance is visible.
+
+`--device-floor` (CUDA) then times, per batch bucket and draft length, the GPU alone: the engine's
+own graphs replayed back to back with nothing on the host between them (CUDA events): the learned
+drafter's chain, the verification forward, the acceptance (`verify_drafts`, captured in a graph
+here), and the plain decode step (a replay of 4 chained steps, divided by 4). A drafting step
+run entirely on the device, with one host read per several steps, would cost about chain +
+verify + acceptance; with the accepted tokens per sequence measured above, `ceiling` is the most
+such a step could gain over plain decoding: (1 + accepted) x plain / (chain + verify + acceptance).
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--source", default="drafter", choices=("drafter", "suffix", "both"))
     p.add_argument("--draft-lens", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--rounds", type=int, default=2, help="timed rollouts per engine")
+    p.add_argument("--device-floor", action="store_true",
+                   help="also time the drafting step's graphs on the GPU alone (see the module docstring)")
+    p.add_argument("--floor-buckets", type=int, nargs="+", default=[8, 16, 24])
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "drafting_step_cost.json"))
     args = p.parse_args(argv)
@@ -90,6 +101,65 @@ def force(engine, source: str, k: int) -> None:
     if hasattr(spec, "sources"):
         spec.sources.choose = lambda live: source
     spec.policy.plan = lambda items, live, arm=None: {sid: k for sid, _ in items}
+
+
+def replay_ms(graph, iters: int = 50) -> float:
+    """GPU milliseconds per replay of `graph`, replays back to back."""
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def device_floor(engine, buckets: list[int], draft_lens: list[int], accepted: dict) -> list[dict]:
+    """GPU time of each part of a drafting step and of a plain decode step (module docstring).
+    `accepted`: (draft length, bucket) -> accepted tokens per verified sequence in the rollouts."""
+    from slipstream.rollout.cuda_graph import capture_graph
+    from slipstream.rollout.spec.verify import verify_drafts
+
+    runner, verify = engine.runner, engine.spec_runner._verify_graphs()
+    slot = engine.speculator.slot
+    chains = slot._graphs[slot._front]  # the front copy's DraftGraphs (what drafts use)
+    decode, steps = runner.graphs, engine.cfg.decode_steps
+    device, V = runner.device, runner.decoder.config.vocab_size
+    rows = []
+    for B in buckets:
+        if (B, steps) not in decode.graphs:
+            decode._capture(B, steps)
+        plain = replay_ms(decode.graphs[B, steps][0]) / steps
+        for k in draft_lens:
+            cb, ck = chains.shape_for(B, k)
+            if (cb, ck) not in chains.graphs:
+                chains._capture(cb, ck)
+            chain = replay_ms(chains.graphs[cb, ck][0])
+            vb, Q = verify.shape_for(B, k)
+            if (vb, Q) not in verify.graphs:
+                verify._capture(vb, Q)
+            forward = replay_ms(verify.graphs[vb, Q][0])
+            gen = torch.Generator(device).manual_seed(0)
+            logits = torch.randn(B, k + 1, V, device=device, generator=gen)
+            drafts = torch.randint(0, V, (B, k), device=device, generator=gen)
+            probs = torch.softmax(torch.randn(B, k, V, device=device, generator=gen), -1)
+            lens = torch.full((B,), k, dtype=torch.long, device=device)
+            ones = torch.ones(B, device=device)
+            graph, _ = capture_graph(lambda: verify_drafts(logits, drafts, lens, ones, ones, lens * 0, probs,
+                                                           truncate=False), device)
+            accept = replay_ms(graph)
+            a = accepted.get((k, B))
+            total = chain + forward + accept
+            row = {"bucket": B, "draft_len": k, "chain_ms": chain, "verify_forward_ms": forward,
+                   "acceptance_ms": accept, "drafting_step_gpu_ms": total, "plain_step_gpu_ms": plain,
+                   "accepted_per_seq": a, "ceiling": None if a is None else (1 + a) * plain / total}
+            rows.append(row)
+            print(f"device floor B={B} k={k}: chain {chain:.3f} + verify {forward:.3f} + acceptance {accept:.3f} "
+                  f"= {total:.3f} ms against plain {plain:.3f} ms/step; accepted {a if a is None else round(a, 2)}"
+                  f" -> ceiling {row['ceiling'] if a is None else round(row['ceiling'], 2)}x", flush=True)
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -177,7 +247,14 @@ def main(argv=None) -> dict:
             print(f"k={k} live {b:>2}+: {acc['steps']:4d} steps  {row['spec_ms_per_step']:.2f} ms/step "
                   f"{row['spec_tokens_per_step']:.1f} tok/step (accepted {row['accepted_per_verification']:.2f}/seq) "
                   f"{row['spec_tokens_per_s'] / 1e3:.1f}k tok/s | {off_txt} | {ph}", flush=True)
-    return write_json(args.out, "drafting_step_cost", args, device, warm_start=warm, rows=rows)
+    floor = []
+    if args.device_floor and device.type == "cuda":
+        accepted = {(r["draft_len"], r["bucket"]): r["accepted_per_verification"] for r in rows}
+        # a floor bucket B is compared with the rollouts' bucket of B live sequences
+        floor = device_floor(engine, args.floor_buckets, args.draft_lens,
+                             {(k, B): accepted.get((k, bucket_of(B))) for k in args.draft_lens
+                              for B in args.floor_buckets})
+    return write_json(args.out, "drafting_step_cost", args, device, warm_start=warm, rows=rows, device_floor=floor)
 
 if __name__ == "__main__":
     main()
