@@ -15,7 +15,9 @@ bucket, ms per step and tokens per step of both, so the break-even acceptance is
 `--device-floor` (CUDA) then times, per batch bucket and draft length, the GPU alone: the engine's
 own graphs replayed back to back with nothing on the host between them (CUDA events): the learned
 drafter's chain, the verification forward, the acceptance (`verify_drafts`, captured in a graph
-here), and the plain decode step (a replay of 4 chained steps, divided by 4). A drafting step
+here), and the plain decode step (a replay of 4 chained steps, divided by 4); the forwards' inputs
+are padding rows (a context of a few tokens in the scratch block: attention is a small part of
+this model's step at the tail's contexts of a few hundred tokens). A drafting step
 run entirely on the device, with one host read per several steps, would cost about chain +
 verify + acceptance; with the accepted tokens per sequence measured above, `ceiling` is the most
 such a step could gain over plain decoding: (1 + accepted) x plain / (chain + verify + acceptance).
@@ -131,6 +133,9 @@ def device_floor(engine, buckets: list[int], draft_lens: list[int], accepted: di
     for B in buckets:
         if (B, steps) not in decode.graphs:
             decode._capture(B, steps)
+        # the static inputs' layout depends on the bucket: padding rows for this one
+        decode._fill([], B)
+        decode.staging.copy_(decode.host)
         plain = replay_ms(decode.graphs[B, steps][0]) / steps
         for k in draft_lens:
             cb, ck = chains.shape_for(B, k)
@@ -140,6 +145,8 @@ def device_floor(engine, buckets: list[int], draft_lens: list[int], accepted: di
             vb, Q = verify.shape_for(B, k)
             if (vb, Q) not in verify.graphs:
                 verify._capture(vb, Q)
+            verify._fill([], vb, Q)
+            verify.staging.copy_(verify.host)
             forward = replay_ms(verify.graphs[vb, Q][0])
             gen = torch.Generator(device).manual_seed(0)
             logits = torch.randn(B, k + 1, V, device=device, generator=gen)
