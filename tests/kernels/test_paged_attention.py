@@ -58,15 +58,15 @@ def test_split_heuristic():
     # One tile never splits; few sequences split to fill the GPU, down to one tile a part; a big batch needs none.
     assert choose_num_splits(batch=1, kv_heads=8, max_context=64, block_n=64, num_sms=132) == 1
     assert choose_num_splits(batch=1, kv_heads=2, max_context=448, block_n=64, num_sms=132) == 7
-    assert choose_num_splits(batch=1, kv_heads=8, max_context=65536, block_n=64, num_sms=132) == 32
-    assert choose_num_splits(batch=4, kv_heads=8, max_context=8192, block_n=64, num_sms=132) == 9
+    assert choose_num_splits(batch=1, kv_heads=8, max_context=65536, block_n=64, num_sms=132) == 64
+    assert choose_num_splits(batch=4, kv_heads=8, max_context=8192, block_n=64, num_sms=132) == 33
     assert choose_num_splits(batch=256, kv_heads=8, max_context=65536, block_n=64, num_sms=132) == 1
     # ... and never into parts shorter than min_tiles_per_split tiles.
     assert choose_num_splits(batch=1, kv_heads=1, max_context=1024, block_n=64, num_sms=132,
                              min_tiles_per_split=4) == 4
     # Skip-softmax aims at more programs per SM (its V loads wait on the skip test), in a power of
     # two of parts of at least two tiles, up to 128 parts.
-    assert choose_num_splits(batch=32, kv_heads=8, max_context=65536, block_n=64, num_sms=132) == 2
+    assert choose_num_splits(batch=32, kv_heads=8, max_context=65536, block_n=64, num_sms=132) == 5
     assert choose_num_splits(batch=32, kv_heads=8, max_context=65536, block_n=64, num_sms=132, skip=True) == 16
     assert choose_num_splits(batch=1, kv_heads=8, max_context=65536, block_n=128, num_sms=132, skip=True) == 128
     assert choose_num_splits(batch=8, kv_heads=8, max_context=8192, block_n=128, num_sms=132, skip=True) == 32
