@@ -9,25 +9,18 @@ import torch
 
 from slipstream.drafter import (BubbleTrainer, Drafter, DrafterConfig, DrafterSlot, FeatureBuffer, SideStreamTrainer,
                                 SlowdownGate, TargetHead)
-from slipstream.models.decoder import Decoder, DecoderConfig
 from slipstream.rollout.model_runner import StepFeatures
+from tests.drafter.random_target import random_target
 
 V, H = 16, 16
 
 
 def _trainer(fill=True, **kw) -> BubbleTrainer:
-    c = DecoderConfig(model_type="llama", vocab_size=V, hidden_size=H, num_layers=1, num_heads=2, num_kv_heads=2,
-                      head_dim=8, intermediate_size=32)
-    target = Decoder(c)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        target.embed.weight.copy_(torch.randn(V, H, generator=g))
-        target.norm.weight.fill_(1.0)
-        target.lm_head.weight.copy_(torch.randn(V, H, generator=g))
+    c, target = random_target(V, H, heads=2, kv_heads=2)
     cfg = DrafterConfig(**{"batch_tokens": 64, "seq_len": 32, "slice_steps": 2, "window": 8, **kw})
     buffer = FeatureBuffer(cfg, H)
     if fill:
-        n = 40
+        n, g = 40, torch.Generator().manual_seed(1)
         buffer(StepFeatures([("r0", 0), ("r0", 1)], torch.arange(2 * n) // n, torch.arange(2 * n) % n,
                             torch.randint(V, (2 * n,), generator=g), {-1: torch.randn(2 * n, H, generator=g)}))
     torch.manual_seed(0)

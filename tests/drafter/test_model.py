@@ -4,20 +4,13 @@ key/value cache equals recomputing the whole chain, and only the drafter's own w
 import torch
 
 from slipstream.drafter import DraftContext, Drafter, DrafterConfig, TargetHead
-from slipstream.models.decoder import Decoder, DecoderConfig
+from tests.drafter.random_target import random_target
 
 V, H = 24, 32
 
 
 def _drafter(window=64, **kw) -> Drafter:
-    c = DecoderConfig(model_type="llama", vocab_size=V, hidden_size=H, num_layers=1, num_heads=4, num_kv_heads=2,
-                      head_dim=8, intermediate_size=48)
-    target = Decoder(c)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        target.embed.weight.copy_(torch.randn(V, H, generator=g))
-        target.norm.weight.fill_(1.0)
-        target.lm_head.weight.copy_(torch.randn(V, H, generator=g))
+    c, target = random_target(V, H, heads=4, kv_heads=2, intermediate=48)
     torch.manual_seed(1)
     return Drafter(c, TargetHead.from_decoder(target), DrafterConfig(window=window, **kw))
 

@@ -46,21 +46,14 @@ def _worker(rank: int, tmp: str, port: int) -> None:
     torch.set_num_threads(1)
     from slipstream.drafter import (BubbleTrainer, Drafter, DrafterConfig, DrafterSlot, FeatureBuffer, RankBubble,
                                     TargetHead, broadcast_drafter)
-    from slipstream.models.decoder import Decoder, DecoderConfig
     from slipstream.rollout.model_runner import StepFeatures
+    from tests.drafter.random_target import random_target
 
     store = dist.FileStore(os.path.join(tmp, "store"), WORLD)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
     try:
         V, H = 16, 16
-        c = DecoderConfig(model_type="llama", vocab_size=V, hidden_size=H, num_layers=1, num_heads=2, num_kv_heads=2,
-                          head_dim=8, intermediate_size=32)
-        target = Decoder(c)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            target.embed.weight.copy_(torch.randn(V, H, generator=g))
-            target.norm.weight.fill_(1.0)
-            target.lm_head.weight.copy_(torch.randn(V, H, generator=g))
+        c, target = random_target(V, H, heads=2, kv_heads=2)
         cfg = DrafterConfig(batch_tokens=32, seq_len=16, slice_steps=2, window=8, seed=rank)
         torch.manual_seed(100 + rank)  # different initial weights: the broadcast must equalise them
         drafter = Drafter(c, TargetHead.from_decoder(target), cfg)

@@ -6,20 +6,13 @@ import time
 import torch
 
 from slipstream.drafter import DraftContext, Drafter, DrafterConfig, DrafterSlot, TargetHead
-from slipstream.models.decoder import Decoder, DecoderConfig
+from tests.drafter.random_target import random_target
 
 V, H, K = 32, 32, 6
 
 
 def _drafter() -> Drafter:
-    c = DecoderConfig(model_type="llama", vocab_size=V, hidden_size=H, num_layers=1, num_heads=4, num_kv_heads=4,
-                      head_dim=8, intermediate_size=64)
-    target = Decoder(c)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        target.embed.weight.copy_(torch.randn(V, H, generator=g))
-        target.norm.weight.fill_(1.0)
-        target.lm_head.weight.copy_(torch.randn(V, H, generator=g))
+    c, target = random_target(V, H, heads=4, kv_heads=4, intermediate=64)
     torch.manual_seed(0)
     return Drafter(c, TargetHead.from_decoder(target), DrafterConfig(window=16))
 
