@@ -69,10 +69,9 @@ def prefill_setup(bench, L):
 
 
 def decode_setup(bench, L, batch, grid):
-    import triton
-
     from slipstream.kernels.attention import decode_block_n
-    from slipstream.kernels.paged_attention import choose_num_splits, paged_decode_attention, sm_count
+    from slipstream.kernels.paged_attention import (choose_num_splits, decode_block_m, decode_launch_config,
+                                                    paged_decode_attention, sm_count)
 
     a = bench.args
     q_len = a.decode_q_len
@@ -96,10 +95,10 @@ def decode_setup(bench, L, batch, grid):
                                           block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
         return dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp), run
 
-    block_m = max(16, triton.next_power_of_2(q_len * a.heads // a.kv_heads))
     block_n = decode_block_n(True)
-    config = dict(block_n=block_n, num_warps=8 if block_m * a.head_dim >= 128 * 128 else 4,
-                  num_stages=2, num_splits=splits_for(block_n))
+    warps, stages = decode_launch_config(decode_block_m(q_len, a.heads // a.kv_heads), block_n, a.head_dim,
+                                         data["q"].element_size())
+    config = dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits_for(block_n))
     candidates = list(itertools.product(grid["block_n"], grid["warps"], grid["stages"], grid["splits"]))
     return data, engine, config, candidates, candidate
 

@@ -239,6 +239,19 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int,
     return 1 << (splits.bit_length() - 1) if skip else splits
 
 
+def decode_block_m(max_q_len: int, group: int) -> int:
+    """Query rows of a decode program: every query token of the GQA group, padded to a power of two >= 16."""
+    return max(16, triton.next_power_of_2(max_q_len * group))
+
+
+def decode_launch_config(block_m: int, block_n: int, head_dim: int, elem_size: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the decode kernel by default."""
+    num_warps = 8 if block_m * head_dim >= 128 * 128 else 4
+    # Two K/V stages, one where they and the query tile would crowd shared memory (float32, big tiles).
+    smem = (2 * 2 * block_n + block_m) * head_dim * elem_size
+    return num_warps, 2 if smem <= 160 * 1024 else 1
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs: exact float32 products (the default would be TF32 on tensor-core GPUs).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -288,7 +301,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     if T == 0 or B == 0 or max_q_len == 0:
         return out
-    block_m = max(16, triton.next_power_of_2(max_q_len * group))
+    block_m = decode_block_m(max_q_len, group)
     if num_splits is None:
         num_splits = choose_num_splits(B, KVH, block_tables.shape[1] * page, block_n, sm_count(q.device),
                                        min_tiles_per_split, skip=skip_scale > 0)
@@ -299,12 +312,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         m_part = l_part = acc_part = out  # unused
     cnt = counters if counters is not None else cu_seqlens_q  # unused without COUNT
-    if num_warps is None:
-        num_warps = 8 if block_m * D >= 128 * 128 else 4
-    if num_stages is None:
-        # Two K/V stages, one where they and the query tile would crowd shared memory (float32, big tiles).
-        smem = (2 * 2 * block_n + block_m) * D * q.element_size()
-        num_stages = 2 if smem <= 160 * 1024 else 1
+    default_warps, default_stages = decode_launch_config(block_m, block_n, D, q.element_size())
+    num_warps = default_warps if num_warps is None else num_warps
+    num_stages = default_stages if num_stages is None else num_stages
     _decode_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, out,
         cu_seqlens_q, seq_lens, block_tables,
