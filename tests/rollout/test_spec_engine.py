@@ -420,7 +420,11 @@ def test_idle_work_brings_the_trees_where_a_drafting_step_would(tiny_model):
                 for t in history[k % 4][start:min(stop, 5 + 5 * k)]:
                     seq.append_token(t, 0.0)
             if idle:
-                assert not spec.idle_work(live=spec.policy.config.min_batch_for_off)  # a large batch: no work
+                # a large batch: only the windows' deferred work (the earlier rollouts), never the live trees
+                fed, windows = dict(spec._fed), 0
+                while spec.idle_work(live=spec.policy.config.min_batch_for_off):
+                    windows += 1
+                assert spec._fed == fed and windows == (len(history) if start == 0 else 0)
                 while spec.idle_work(live=6, max_tokens=4):
                     done.append(1)
                 assert not spec.idle_work(live=6) and spec.idle_seconds > 0

@@ -413,6 +413,53 @@ def test_memory_caps_bound_the_stored_tokens():
     assert d.stored_tokens("g") == 10
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_deferred_window_work_gives_the_windows_of_immediate_indexing(seed):
+    # Recording only queues a rollout; its tree catches up when a draft reads it or a unit at a
+    # time in index_some. Whatever the order, each window must hold exactly what indexing at once
+    # would keep: the newest rollouts within the step window and the token cap.
+    rng = random.Random(seed)
+    cfg = dict(window_steps=3, max_tokens_per_prompt=40, max_depth=8, min_token_prob=0.0)
+    eager, lazy, units = SuffixDrafter(SuffixConfig(**cfg)), SuffixDrafter(SuffixConfig(**cfg)), 0
+    kept = {g: [] for g in "abc"}  # (step, tokens) of every rollout, to derive the window from
+    for step in range(12):
+        for g in rng.sample("abc", rng.randint(0, 3)):
+            for _ in range(rng.randint(1, 3)):
+                out = [rng.randrange(6) for _ in range(rng.randint(1, 30))]
+                kept[g].append((eager.step, out))
+                for d in (eager, lazy):
+                    d.add_rollout(g, out)
+        while eager.index_some():
+            units += 1
+        nxt = eager.step + rng.choice([1, 1, 1, 2])  # steps may jump ahead
+        for d in (eager, lazy):
+            d.start_step(nxt)
+        while eager.index_some():
+            units += 1
+        if rng.random() < 0.3:
+            while lazy.index_some():
+                pass
+        for g in "abc":
+            # lazy has not caught up: its queue is bounded by the cap all the same
+            h = lazy._prompts.get(g)
+            assert h is None or sum(len(t) for _, t in h.queued) <= cfg["max_tokens_per_prompt"]
+            window, total = [], 0
+            for s, out in reversed(kept[g]):
+                if s < eager.step - cfg["window_steps"]:
+                    break
+                total += len(out[:40])
+                if total > 40:
+                    break
+                window.insert(0, out[:40])
+            ctx = [rng.randrange(6) for _ in range(4)]
+            assert lazy.propose(None, g, ctx) == eager.propose(None, g, ctx)
+            got = eager._prompts[g].tree.sequences() if g in eager._prompts else []
+            assert got == window
+            assert lazy.expected_length(g) == eager.expected_length(g)
+    assert units > 0
+    assert lazy.state_dict() == eager.state_dict()
+
+
 def test_state_dict_round_trip_gives_identical_proposals():
     rng = random.Random(4)
     cfg = SuffixConfig(window_steps=3, max_depth=16, alpha=2.0, min_token_prob=0.05,

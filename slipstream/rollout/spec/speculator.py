@@ -4,7 +4,7 @@ Per engine step, `propose` asks the policy for every decoding sequence's draft b
 the live batch is large) and the drafter for a draft within it; after the step, `observe` tells
 the policy the step's measured throughput under the arm it chose. Per rollout (one
 `Engine.generate` call, one RL step for the drafter's windows), `begin` registers the sequences
-and ranks their prompts by expected length, `end` moves the finished outputs into their prompts'
+and ranks their prompts by expected length, `end` records the finished outputs in their prompts'
 windows.
 
 The drafter is kept cheap where it cannot pay off: while the batch is large, or the bandit plays
@@ -15,14 +15,14 @@ growing it token by token) and only for groups with a live sequence: the outputs
 are done help no draft in this rollout. While the engine waits for a decode replay on the GPU,
 it hands the host's idle time to `idle_work`, which catches the trees up a little at a time, so
 that a drafting step finds little backlog (drafting, mostly catching up, had taken 3-10 ms of
-host time per drafting step on an H200 host: several decode steps' worth). Moving a rollout's outputs into
-the windows (`end`) runs in a background thread, overlapping whatever follows the rollout (the
-trainer's update); the next rollout and `state_dict` wait for it.
+host time per drafting step on an H200 host: several decode steps' worth). The same waits, at
+any batch size, index the rollouts that earlier `end`s recorded in the windows (the drafter
+defers that work): done in a thread after the rollout, it slowed the trainer's update, whose
+kernel launches need the interpreter, by about as long as it ran.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,7 +61,6 @@ class Speculator:
         self._closed: set[int] = set()  # finished sequences already handed to the drafter
         self._arm: int | None = None  # the bandit's arm for the current step (None: large batch)
         self._pending_arm: int | None = None  # a drafting arm `will_draft` chose for the next step
-        self._worker: threading.Thread | None = None
         self.draft_seconds = 0.0  # spent indexing and proposing in this rollout
         self.idle_seconds = 0.0  # spent catching up while the engine waited for the GPU
         # Set by the engine: hands the feature sink the captured rows still queued in the decode
@@ -70,15 +69,8 @@ class Speculator:
 
     # ---------------------------------------------------------------- rollout lifecycle
 
-    def wait(self) -> None:
-        """Wait for the previous rollout's outputs to be in the windows."""
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
-
     def begin(self, seqs: Iterable[Sequence], record: bool = True) -> None:
         """A rollout of `seqs` starts; `record`: whether it will feed the history (see `end`)."""
-        self.wait()
         self._seqs = {s.seq_id: s for s in seqs}
         self._groups = {}
         for s in self._seqs.values():
@@ -89,19 +81,15 @@ class Speculator:
         self.policy.set_expected_lengths({g: self.drafter.expected_length(g) for g in self._groups})
 
     def end(self, record: bool = True) -> None:
-        """Hand the rollout's outputs to the drafter's windows (in the background); with
-        `record=False` forget them instead, leaving the windows and the drafter's step alone."""
+        """Record the rollout's outputs in the drafter's windows (their indexing is deferred, see
+        `idle_work`); with `record=False` forget them instead, leaving the windows and the
+        drafter's step alone."""
         pending = [(sid, s.group_id, s.output_ids, sid in self._fed)
                    for sid, s in self._seqs.items() if sid not in self._closed]
         self._seqs, self._groups, self._fed, self._closed = {}, {}, {}, set()
         if not record:
             self.drafter.discard_step()
             return
-        self._worker = threading.Thread(target=self._close_rollout, args=(pending,), daemon=True,
-                                        name="suffix-drafter-windows")
-        self._worker.start()
-
-    def _close_rollout(self, pending: list[tuple[int, str, list[int], bool]]) -> None:
         for sid, group_id, output, registered in pending:
             if registered:
                 self.drafter.finish_request(sid, output)
@@ -144,18 +132,22 @@ class Speculator:
         return did
 
     def idle_work(self, live: int, max_tokens: int = 32) -> bool:
-        """Catch the drafter up on one sequence of a group with a live sequence, by at most about
-        `max_tokens` tokens (a first registration indexes what the sequence has in one pass), for
-        the engine to call while the GPU is busy: small units, so that the wait it fills ends
-        soon after the GPU's work. Only below `min_batch_for_off` (live: the live batch), where
-        drafting steps would do the same work: above it the trees wait, since a sequence indexed
-        late in one pass costs several times less per token than one grown token by token.
-        Returns False when there was nothing to do."""
-        if live >= self.policy.config.min_batch_for_off or not self.catches_up_in_idle_time:
+        """One small unit of the drafter's catching up, for the engine to call while the GPU is
+        busy, so that the wait it fills ends soon after the GPU's work: first a rollout that
+        earlier rollouts recorded in the windows is indexed (at any batch size: that work is owed
+        whatever happens); then, only below `min_batch_for_off` (live: the live batch), where
+        drafting steps would do the same work, one sequence of a group with a live sequence
+        catches up by at most about `max_tokens` tokens (a first registration indexes what the
+        sequence has in one pass). Above it the live trees wait, since a sequence indexed late in
+        one pass costs several times less per token than one grown token by token. Returns False
+        when there was nothing to do."""
+        if not self.catches_up_in_idle_time:
             return False
         t0 = time.perf_counter()
         try:
-            return self._catch_up_some(max_tokens)
+            if self.drafter.index_some():
+                return True
+            return live < self.policy.config.min_batch_for_off and self._catch_up_some(max_tokens)
         finally:
             self.idle_seconds += time.perf_counter() - t0
 
@@ -259,11 +251,9 @@ class Speculator:
 
     def state_dict(self) -> dict[str, Any]:
         """The drafter's windows and the policy's statistics (JSON-serialisable)."""
-        self.wait()
         return {"version": 1, "drafter": self.drafter.state_dict(), "policy": self.policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.wait()
         if state.get("version") != 1:
             raise ValueError(f"unknown speculation state version {state.get('version')!r} (expected 1)")
         self.drafter.load_state_dict(state["drafter"])

@@ -765,14 +765,24 @@ class SuffixDraft:
 
 class _History:
     """A prompt's finished rollouts over the window: their index (oldest first), the step of
-    each indexed rollout, and (step, length) of every rollout in the window."""
+    each indexed rollout, the rollouts recorded but not indexed yet (step, tokens; all newer than
+    the indexed ones) and (step, length) of every rollout in the window."""
 
-    __slots__ = ("tree", "steps", "lengths")
+    __slots__ = ("tree", "steps", "queued", "lengths")
 
     def __init__(self, max_depth: int):
         self.tree = SuffixTree(max_depth)
         self.steps: deque[int] = deque()
+        self.queued: deque[tuple[int, list[int]]] = deque()
         self.lengths: deque[tuple[int, int]] = deque()
+
+    def drop_queued(self) -> None:
+        """Drop the oldest queued rollout: every indexed one is older, so they go too (with the
+        tree, not one by one)."""
+        self.queued.popleft()
+        if self.steps:
+            self.tree = SuffixTree(self.tree.max_depth)
+            self.steps.clear()
 
 
 class _Request:
@@ -827,6 +837,16 @@ class SuffixDrafter:
     windows, drops the per-step state (requests still running are dropped too) and advances the
     step, evicting rollouts older than the window. `start_step(step)` sets the step explicitly
     (ending a step in progress first). `add_rollout` records a finished rollout directly.
+
+    A window's tree work is deferred: recording a rollout notes its length and queues its tokens,
+    and a rollout that leaves the window stays in the tree; the tree catches up when a draft reads
+    it (`sources`), when the state is saved, or a unit at a time in `index_some`, which the engine
+    calls while it waits for the GPU. So the work leaves the RL step's critical path (as a thread,
+    it took the interpreter from the trainer's update, which is bound by the host's kernel
+    launches), and windows that no draft reads (a rollout that never speculates) cost nothing but
+    their queues. The trees that result, and so the drafts, are those of immediate indexing: a
+    window holds the newest rollouts within its step range and token cap whatever the order of
+    the work.
     """
 
     SOURCES = ("own", "siblings", "window")
@@ -838,6 +858,7 @@ class SuffixDrafter:
         self._groups: dict[Hashable, _Group] = {}
         self._requests: dict[Hashable, _Request] = {}
         self._pending: dict[Hashable, list[list[int]]] = {}  # finished this step, not committed
+        self._behind: dict[Hashable, None] = {}  # prompts whose tree has deferred work, in order
 
     # ---------------------------------------------------------------- step lifecycle
 
@@ -868,16 +889,20 @@ class SuffixDrafter:
         self._evict_window()
 
     def _evict_window(self) -> None:
+        """Drop what left the window from the lengths and the queues; a tree's rollouts that left
+        it are removed with the tree's other deferred work (a prompt with none left goes whole)."""
         oldest = self.step - self.config.window_steps
         for gid in list(self._prompts):
             h = self._prompts[gid]
-            while h.steps and h.steps[0] < oldest:
-                h.tree.pop_oldest()
-                h.steps.popleft()
+            while h.queued and h.queued[0][0] < oldest:
+                h.drop_queued()
             while h.lengths and h.lengths[0][0] < oldest:
                 h.lengths.popleft()
-            if not h.steps and not h.lengths:
+            if not h.lengths and not h.queued and not (h.steps and h.steps[-1] >= oldest):
                 del self._prompts[gid]
+                self._behind.pop(gid, None)
+            elif h.steps and h.steps[0] < oldest:
+                self._behind[gid] = None
 
     def _commit(self, group_id: Hashable, tokens: list[int], step: int) -> None:
         cfg = self.config
@@ -885,23 +910,60 @@ class SuffixDrafter:
         if h is None:
             h = self._prompts[group_id] = _History(cfg.max_depth)
             while len(self._prompts) > cfg.max_prompts:
-                self._prompts.popitem(last=False)
+                self._behind.pop(self._prompts.popitem(last=False)[0], None)
         else:
             self._prompts.move_to_end(group_id)
-            if h.steps and step < h.steps[-1]:
-                raise ValueError(f"rollouts must be recorded in step order: {step} after "
-                                 f"{h.steps[-1]}")
+            last = h.queued[-1][0] if h.queued else h.steps[-1] if h.steps else None
+            if last is not None and step < last:
+                raise ValueError(f"rollouts must be recorded in step order: {step} after {last}")
         h.lengths.append((step, len(tokens)))
-        h.tree.add(tokens[:cfg.max_tokens_per_prompt])
-        h.steps.append(step)
-        while h.tree.num_tokens > cfg.max_tokens_per_prompt:
-            h.tree.pop_oldest()
-            h.steps.popleft()
+        h.queued.append((step, tokens[:cfg.max_tokens_per_prompt]))
+        # the token cap bounds the queue too: a rollout followed by more than the cap is out
+        while sum(len(t) for _, t in h.queued) > cfg.max_tokens_per_prompt:
+            h.drop_queued()
+        self._behind[group_id] = None
+
+    def _index_one(self, group_id: Hashable) -> bool:
+        """One unit of a window's deferred tree work, oldest first: remove a rollout that left the
+        window, else index the oldest queued one (then remove the oldest while over the token
+        cap). False, and the prompt no longer behind, when there is none."""
+        h = self._prompts.get(group_id)
+        if h is not None:
+            oldest = self.step - self.config.window_steps
+            if h.steps and h.steps[0] < oldest:
+                h.tree.pop_oldest()
+                h.steps.popleft()
+                return True
+            if h.queued:
+                step, tokens = h.queued.popleft()
+                h.tree.add(tokens)
+                h.steps.append(step)
+                while h.tree.num_tokens > self.config.max_tokens_per_prompt:
+                    h.tree.pop_oldest()
+                    h.steps.popleft()
+                return True
+        self._behind.pop(group_id, None)
+        return False
+
+    def _catch_up(self, group_id: Hashable) -> None:
+        """Bring one prompt's window tree up to date."""
+        if group_id in self._behind:
+            while self._index_one(group_id):
+                pass
+
+    def index_some(self) -> bool:
+        """One unit of the windows' deferred work (a rollout indexed or removed, about 1-2 us
+        per token); False when every window is up to date."""
+        while self._behind:
+            if self._index_one(next(iter(self._behind))):
+                return True
+        return False
 
     def add_rollout(self, group_id: Hashable, tokens: Iterable[int],
                     step: int | None = None) -> None:
-        """Record a finished rollout of `group_id` (output tokens) in its window right away, as
-        of `step` (default: the current step). Steps must not decrease per prompt."""
+        """Record a finished rollout of `group_id` (output tokens) in its window now (its tree
+        catches up later), as of `step` (default: the current step). Steps must not decrease per
+        prompt."""
         self._commit(group_id, _int_list(tokens), self.step if step is None else int(step))
 
     # ---------------------------------------------------------------- requests
@@ -1003,8 +1065,10 @@ class SuffixDrafter:
         if group is not None:
             out["siblings"] = group.tree
         h = self._prompts.get(group_id)
-        if h is not None and h.tree.num_tokens:
-            out["window"] = h.tree
+        if h is not None:
+            self._catch_up(group_id)
+            if h.tree.num_tokens:
+                out["window"] = h.tree
         return out
 
     # ---------------------------------------------------------------- history queries
@@ -1030,10 +1094,13 @@ class SuffixDrafter:
         return list(self._prompts)
 
     def stored_tokens(self, group_id: Hashable | None = None) -> int:
-        """Tokens indexed in the windows (of one prompt, or of all)."""
+        """Tokens indexed in the windows (of one prompt, or of all), deferred work done first."""
         if group_id is not None:
             h = self._prompts.get(group_id)
+            self._catch_up(group_id)
             return 0 if h is None else h.tree.num_tokens
+        while self.index_some():
+            pass
         return sum(h.tree.num_tokens for h in self._prompts.values())
 
     # ---------------------------------------------------------------- state
@@ -1041,6 +1108,8 @@ class SuffixDrafter:
     def state_dict(self) -> dict[str, Any]:
         """The step, every prompt's window (LRU order) and this step's finished outputs, as plain
         lists and dicts (JSON-serialisable when group ids are). Live requests are not saved."""
+        while self.index_some():
+            pass
         prompts = []
         for gid, h in self._prompts.items():
             prompts.append({"group_id": gid,
@@ -1058,18 +1127,16 @@ class SuffixDrafter:
         self._groups.clear()
         self._requests.clear()
         self._pending.clear()
+        self._behind.clear()
         for entry in state["prompts"]:
             gid = _hashable(entry["group_id"])
             h = self._prompts[gid] = _History(cfg.max_depth)
-            for s, toks in entry["rollouts"]:
-                h.tree.add(toks[:cfg.max_tokens_per_prompt])
-                h.steps.append(int(s))
-            while h.tree.num_tokens > cfg.max_tokens_per_prompt:
-                h.tree.pop_oldest()
-                h.steps.popleft()
+            # indexed as deferred work, like newly recorded rollouts (the caps apply there)
+            h.queued.extend((int(s), _int_list(toks)[:cfg.max_tokens_per_prompt]) for s, toks in entry["rollouts"])
             h.lengths.extend((int(s), int(n)) for s, n in entry["lengths"])
+            self._behind[gid] = None
         while len(self._prompts) > cfg.max_prompts:
-            self._prompts.popitem(last=False)
+            self._behind.pop(self._prompts.popitem(last=False)[0], None)
         for gid, outs in state.get("pending", []):
             self._pending[_hashable(gid)] = [_int_list(o) for o in outs]
         self._evict_window()
