@@ -339,7 +339,11 @@ def run_one(model: str, backend: str, n: int, args, workdir: Path, model_dirs: d
     if args.profile_step:
         row["profile_dir"] = str(run_dir / "profile")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    if code != 0:
+    if code is None and row["steps_logged"] >= args.steps:
+        # every step is in metrics.jsonl: only the exit (final evaluation, report) ran past the limit
+        row["exit_timed_out"] = f"every step logged, then timed out after {args.timeout:.0f} s while exiting"
+        print(f"   {row['exit_timed_out']}", flush=True)
+    elif code != 0:
         tail = log.read_text(errors="replace")[-4000:].strip()
         row["error"] = f"timed out after {args.timeout:.0f} s" if code is None else f"exit code {code}"
         row["log_tail"] = tail
@@ -428,6 +432,8 @@ def table(rows: list[dict]) -> str:
             return f"{r[key]:.2f}" if key in r else "-"
 
         note = f"  ({r['error']}, {r['steps_measured']} steps)" if "error" in r else ""
+        if "exit_timed_out" in r:
+            note += "  (timed out while exiting, every step logged)"
         if "foreign_gpu_processes" in r:
             note += "  (GPUs shared with other processes)"
         lines.append(f"{lead} {r['step_s']:8.3f} {r['rollout_tokens_per_s_per_gpu']:17.1f} "
