@@ -42,8 +42,7 @@ def run(live_max_depth: int, args) -> tuple[float, float, float]:
         for g in range(args.groups):
             d.add_rollout(g, _text(rng, phrases, 1000), step=step)
     d.start_step(4)
-    while d.index_some():  # the windows indexed before the timed steps, as the engine's waits do
-        pass
+    d.catch_up()  # the windows indexed before the timed steps, as the engine's waits do
     prompts = {g: [rng.randrange(49152) for _ in range(100)] for g in range(args.groups)}
     outputs = {r: _text(rng, phrases, args.steps) for r in range(args.live)}
     for r in range(args.live):

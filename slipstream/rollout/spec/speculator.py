@@ -84,17 +84,18 @@ class Speculator:
         """Record the rollout's outputs in the drafter's windows (their indexing is deferred, see
         `idle_work`); with `record=False` forget them instead, leaving the windows and the
         drafter's step alone."""
-        pending = [(sid, s.group_id, s.output_ids, sid in self._fed)
-                   for sid, s in self._seqs.items() if sid not in self._closed]
+        seqs, fed, closed = self._seqs, self._fed, self._closed
         self._seqs, self._groups, self._fed, self._closed = {}, {}, {}, set()
         if not record:
             self.drafter.discard_step()
             return
-        for sid, group_id, output, registered in pending:
-            if registered:
-                self.drafter.finish_request(sid, output)
+        for sid, seq in seqs.items():
+            if sid in closed:
+                continue
+            if sid in fed:  # registered: its group's live index holds it until end_step
+                self.drafter.finish_request(sid, seq.output_ids)
             else:
-                self.drafter.add_rollout(group_id, output)
+                self.drafter.add_rollout(seq.group_id, seq.output_ids)
         self.drafter.end_step()
 
     # ---------------------------------------------------------------- per step

@@ -945,9 +945,12 @@ class SuffixDrafter:
         self._behind.pop(group_id, None)
         return False
 
-    def _catch_up(self, group_id: Hashable) -> None:
-        """Bring one prompt's window tree up to date."""
-        if group_id in self._behind:
+    def catch_up(self, group_id: Hashable | None = None) -> None:
+        """Bring one prompt's window tree (None: every window) up to date."""
+        if group_id is None:
+            while self.index_some():
+                pass
+        elif group_id in self._behind:
             while self._index_one(group_id):
                 pass
 
@@ -1066,7 +1069,7 @@ class SuffixDrafter:
             out["siblings"] = group.tree
         h = self._prompts.get(group_id)
         if h is not None:
-            self._catch_up(group_id)
+            self.catch_up(group_id)
             if h.tree.num_tokens:
                 out["window"] = h.tree
         return out
@@ -1097,10 +1100,9 @@ class SuffixDrafter:
         """Tokens indexed in the windows (of one prompt, or of all), deferred work done first."""
         if group_id is not None:
             h = self._prompts.get(group_id)
-            self._catch_up(group_id)
+            self.catch_up(group_id)
             return 0 if h is None else h.tree.num_tokens
-        while self.index_some():
-            pass
+        self.catch_up()
         return sum(h.tree.num_tokens for h in self._prompts.values())
 
     # ---------------------------------------------------------------- state
@@ -1108,8 +1110,7 @@ class SuffixDrafter:
     def state_dict(self) -> dict[str, Any]:
         """The step, every prompt's window (LRU order) and this step's finished outputs, as plain
         lists and dicts (JSON-serialisable when group ids are). Live requests are not saved."""
-        while self.index_some():
-            pass
+        self.catch_up()
         prompts = []
         for gid, h in self._prompts.items():
             prompts.append({"group_id": gid,
