@@ -111,6 +111,8 @@ def main(argv=None):
     for name, default in DECODE_GRID.items():
         own.add_argument(f"--{name.replace('_', '-')}", type=ints, default=default,
                          help=f"decode candidates' {name} (comma list, default {default})")
+    own.add_argument("--prefill-candidates", default=None,
+                     help="prefill candidates as BMxBNxWARPSxSTAGES, comma separated (default: the built-in list)")
     mine, rest = own.parse_known_args(argv)
     target, phase = mine.target, mine.phase
     out = ROOT / "benchmarks" / "results" / f"{phase}_skip_configs.json"
@@ -127,11 +129,13 @@ def main(argv=None):
     for L, batch in shapes:
         if phase == "prefill":
             data, engine, config, candidates, candidate = prefill_setup(bench, L)
+            if mine.prefill_candidates:
+                candidates = [tuple(int(x) for x in c.split("x")) for c in mine.prefill_candidates.split(",")]
         else:
             grid = {name: getattr(mine, name) for name in DECODE_GRID}
             data, engine, config, candidates, candidate = decode_setup(bench, L, batch, grid)
         where = dict(context=L) if batch is None else dict(context=L, batch=batch)
-        dense_ms = bench.time_ms(lambda: engine(), 3)
+        dense_ms = bench.time_ms(lambda: engine())
         dense_out = engine()
         print(f"[{time.time() - t0:6.1f}s] {where}: dense {dense_ms:.3f} ms", flush=True)
         extremes = {}
@@ -139,7 +143,7 @@ def main(argv=None):
             counters = torch.zeros(2, dtype=torch.int64, device=bench.dev)
             engine(scale, counters)
             c = counters.tolist()
-            extremes[name] = (bench.time_ms(lambda: engine(scale), 3), c[0] / max(c[1], 1))
+            extremes[name] = (bench.time_ms(lambda: engine(scale)), c[0] / max(c[1], 1))
         (t_none, _), (t_all, s_all) = extremes["none"], extremes["all"]
         # per-tile costs from the two runs: t = tiles * (kept + s * (skipped - kept))
         t_floor = t_none + (t_all - t_none) * target / s_all
@@ -154,7 +158,7 @@ def main(argv=None):
             settings, run = candidate(c)
             try:
                 scale, sparsity = bench.scale_for(run, target, steps=10)
-                ms = bench.time_ms(lambda: run(scale), 3)
+                ms = bench.time_ms(lambda: run(scale))
                 err = (run(scale).float() - dense_out.float()).abs().max().item()
             except Exception as e:  # a configuration that does not fit this GPU's shared memory
                 print(f"  {settings}: {type(e).__name__}: {str(e)[:120]}", flush=True)

@@ -48,17 +48,59 @@ MAX_Q_LEN = MAX_DECODE_Q_LEN
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update with one key tile: s are base-2 scores, -inf where masked."""
+def _attend_tile(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_mask, MASKED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Online-softmax update with one key tile: qk are the raw dot products (-inf where masked),
+    qk * qk_scale the base-2 scores, m_tile their row maxima."""
     m_new = tl.maximum(m_i, m_tile)
     # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so no inf - inf appears.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
-    p = tl.exp2(s - m_shift[:, None])
+    p = tl.exp2(qk * qk_scale - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, n_skipped, q, t, ctx, row_valid, pos, m_ref, log2_lambda, qk_scale,
+                 bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                 MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    kv_mask = n < ctx
+    if MASKED:
+        page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + n // PAGE).to(tl.int64)
+    slot = n % PAGE
+    k_ptrs = k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None]  # [HEAD_DIM, BLOCK_N]
+    v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=kv_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+    if MASKED:
+        qk = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), qk, float("-inf"))
+    # Scaling the row maxima instead of the tile gives the same m_tile (rounding is monotonic and
+    # qk_scale > 0) and spares a skipped tile a multiply per score.
+    m_tile = tl.max(qk, 1) * qk_scale
+    if SKIP:
+        # Padding rows, and rows that see no key of this tile, never block the skip.
+        row_skip = (m_tile < tl.maximum(m_i, m_ref) + log2_lambda) | (m_tile == float("-inf")) | (row_valid == 0)
+        tile_skip = tl.min(row_skip.to(tl.int32), 0)
+        if tile_skip == 0:
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_mask, MASKED, DOT_PRECISION)
+        n_skipped += tile_skip
+    else:
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_mask, MASKED, DOT_PRECISION)
+    return acc, l_i, m_i, n_skipped
 
 
 @triton.jit
@@ -119,12 +161,13 @@ def _decode_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    log2_lambda = 0.0
+    # The skip test's reference maximum: the running maximum, and in later splits also the score of
+    # key 0 (one key row loaded, scored like the tiles: the same dot, other keys masked).
+    m_ref = tl.full([BLOCK_M], float("-inf"), tl.float32)
     if SKIP:
         # log2(lambda), lambda = skip_scale / seq_len: this sequence's threshold.
         log2_lambda = tl.log2(skip_scale / ctx.to(tl.float32))
-        # The skip test's reference maximum: the running maximum, and in later splits also the
-        # score of key 0 (one key row loaded, scored like the tiles: the same dot, other keys masked).
-        m_ref = tl.full([BLOCK_M], float("-inf"), tl.float32)
         if (t_begin > 0) & (t_begin < t_end):
             key0 = offs_n == 0
             page0 = tl.load(bt_row).to(tl.int64)
@@ -133,26 +176,18 @@ def _decode_kernel(
             s0 = tl.dot(q, k0, input_precision=DOT_PRECISION) * qk_scale
             s0 = tl.where(row_valid[:, None] & key0[None, :], s0, float("-inf"))
             m_ref = tl.max(s0, 1)
-    for t in range(t_begin, t_end):
-        n = t * BLOCK_N + offs_n
-        kv_mask = n < ctx
-        page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
-        slot = n % PAGE
-        k = tl.load(k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None],
-                    mask=kv_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-        m_tile = tl.max(s, 1)
-        v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
-        if SKIP:
-            # A row with no visible key in this tile (m_tile = -inf, padding rows too) never blocks the skip.
-            row_skip = (m_tile < tl.maximum(m_i, m_ref) + log2_lambda) | (m_tile == float("-inf"))
-            tile_skip = tl.min(row_skip.to(tl.int32), 0)
-            if tile_skip == 0:
-                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION)
-            n_skipped += tile_skip
-        else:
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, s, m_tile, v_ptrs, kv_mask, DOT_PRECISION)
+    # Tiles whose every key is visible to every query row need no masks (the rest: the causal tail).
+    n_full = tl.minimum(tl.maximum((ctx - q_len + 1) // BLOCK_N, t_begin), t_end)
+    for t in range(t_begin, n_full):
+        acc, l_i, m_i, n_skipped = _decode_tile(
+            acc, l_i, m_i, n_skipped, q, t, ctx, row_valid, pos, m_ref, log2_lambda, qk_scale,
+            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
+            HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION)
+    for t in range(n_full, t_end):
+        acc, l_i, m_i, n_skipped = _decode_tile(
+            acc, l_i, m_i, n_skipped, q, t, ctx, row_valid, pos, m_ref, log2_lambda, qk_scale,
+            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
+            HEAD_DIM, BLOCK_N, PAGE, True, SKIP, DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

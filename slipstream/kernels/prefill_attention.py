@@ -29,14 +29,15 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 @triton.jit
-def _softmax_update(acc, l_i, m_i, s, m_tile, v_ptrs, kv_end, n, MASKED: tl.constexpr,
+def _softmax_update(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_end, n, MASKED: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    """Online-softmax update with one key tile: s are base-2 scores, -inf where masked."""
+    """Online-softmax update with one key tile: qk are the raw dot products (-inf where masked),
+    qk * qk_scale the base-2 scores, m_tile their row maxima."""
     m_new = tl.maximum(m_i, m_tile)
     # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so no inf - inf appears.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
-    p = tl.exp2(s - m_shift[:, None])
+    p = tl.exp2(qk * qk_scale - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_ptrs, mask=(n < kv_end)[:, None], other=0.0)
@@ -65,20 +66,24 @@ def _prefill_tile(acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_l
         k = tl.load(k_ptrs, mask=kv_mask[None, :], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
     if MASKED:
-        s = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-    m_tile = tl.max(s, 1)
+        qk = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), qk, float("-inf"))
+    # Scaling the row maxima instead of the tile gives the same m_tile (rounding is monotonic and
+    # qk_scale > 0) and spares a skipped tile a multiply per score.
+    m_tile = tl.max(qk, 1) * qk_scale
 
     if SKIP:
         # Padding rows, and rows that see no key of this tile, never block the skip.
         row_skip = (m_tile < m_i + log2_lambda) | (m_tile == float("-inf")) | (row_valid == 0)
         tile_skip = tl.min(row_skip.to(tl.int32), 0)
         if tile_skip == 0:
-            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, m_tile, v_ptrs, kv_end, n, MASKED, DOT_PRECISION)
+            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_end, n, MASKED,
+                                            DOT_PRECISION)
         n_skipped += tile_skip
     else:
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, m_tile, v_ptrs, kv_end, n, MASKED, DOT_PRECISION)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_end, n, MASKED,
+                                        DOT_PRECISION)
     return acc, l_i, m_i, n_skipped
 
 
