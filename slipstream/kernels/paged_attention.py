@@ -325,6 +325,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("block_n must be a power of two >= 16")
     if skip_scale < 0:
         raise ValueError("skip_scale must be >= 0")
+    if not scale > 0:  # the kernels scale row maxima, not scores: exact only for a positive scale
+        raise ValueError(f"scale must be > 0, got {scale}")
     check_counters(counters, q.device)
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"q, k_cache, v_cache must share a dtype ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})")

@@ -183,6 +183,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                          f"cache {tuple(k_cache.shape)})")
     if skip_scale < 0:
         raise ValueError("skip_scale must be >= 0")
+    if not scale > 0:  # the kernels scale row maxima, not scores: exact only for a positive scale
+        raise ValueError(f"scale must be > 0, got {scale}")
     check_counters(counters, q.device)
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"q, k_cache, v_cache must share a dtype ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})")

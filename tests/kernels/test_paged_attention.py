@@ -105,6 +105,9 @@ def test_rejects_bad_arguments(paged_batch):
         paged_decode_attention(*args, 0.125, max_q_len=17)
     with pytest.raises(ValueError):
         paged_decode_attention(*args, 0.125, max_q_len=1, counters=torch.zeros(3, dtype=torch.int32))
+    for scale in (0.0, -0.125, float("nan")):  # the kernels scale row maxima: a positive scale only
+        with pytest.raises(ValueError, match="scale must be > 0"):
+            paged_decode_attention(*args, scale, max_q_len=1)
     q, k, v, *rest = paged_batch([20], [1], 4, 2, 48, 16)
     with pytest.raises(ValueError):
         paged_decode_attention(q, k, v, *rest, 0.125, max_q_len=1)
