@@ -67,13 +67,16 @@ def _attend_tile(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_mask, MASKED: t
 
 
 @triton.jit
-def _decode_tile(acc, l_i, m_i, n_skipped, q, t, ctx, row_valid, pos, m_ref, log2_lambda, qk_scale,
-                 bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                 MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attention_tile(acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
+                    bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                    MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Key tile t (keys t * BLOCK_N ..., gathered through the block table) into the online softmax.
+    MASKED: the tile crosses kv_end or a row's causal position (else every row sees all of it).
+    SKIP: the skip test against max(running max, m_ref). Shared by the decode and prefill kernels."""
     n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
-    kv_mask = n < ctx
+    kv_mask = n < kv_end
     if MASKED:
         page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
     else:
@@ -179,12 +182,12 @@ def _decode_kernel(
     # Tiles whose every key is visible to every query row need no masks (the rest: the causal tail).
     n_full = tl.minimum(tl.maximum((ctx - q_len + 1) // BLOCK_N, t_begin), t_end)
     for t in range(t_begin, n_full):
-        acc, l_i, m_i, n_skipped = _decode_tile(
+        acc, l_i, m_i, n_skipped = _attention_tile(
             acc, l_i, m_i, n_skipped, q, t, ctx, row_valid, pos, m_ref, log2_lambda, qk_scale,
             bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
             HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION)
     for t in range(n_full, t_end):
-        acc, l_i, m_i, n_skipped = _decode_tile(
+        acc, l_i, m_i, n_skipped = _attention_tile(
             acc, l_i, m_i, n_skipped, q, t, ctx, row_valid, pos, m_ref, log2_lambda, qk_scale,
             bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
             HEAD_DIM, BLOCK_N, PAGE, True, SKIP, DOT_PRECISION)

@@ -23,68 +23,9 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels.attention import prefill_config
-from slipstream.kernels.paged_attention import _dot_precision, check_counters
+from slipstream.kernels.paged_attention import _attention_tile, _dot_precision, check_counters
 
 LOG2E = 1.0 / math.log(2.0)
-
-
-@triton.jit
-def _softmax_update(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_end, n, MASKED: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """Online-softmax update with one key tile: qk are the raw dot products (-inf where masked),
-    qk * qk_scale the base-2 scores, m_tile their row maxima."""
-    m_new = tl.maximum(m_i, m_tile)
-    # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so no inf - inf appears.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_shift)
-    p = tl.exp2(qk * qk_scale - m_shift[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=(n < kv_end)[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _prefill_tile(acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_lambda,
-                  bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                  MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
-    if MASKED:
-        kv_mask = n < kv_end
-        page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
-    else:
-        page = tl.load(bt_row + n // PAGE).to(tl.int64)
-    slot = n % PAGE
-    k_ptrs = k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None]
-    v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=kv_mask[None, :], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-    if MASKED:
-        qk = tl.where(row_valid[:, None] & (n[None, :] <= pos[:, None]), qk, float("-inf"))
-    # Scaling the row maxima instead of the tile gives the same m_tile (rounding is monotonic and
-    # qk_scale > 0) and spares a skipped tile a multiply per score.
-    m_tile = tl.max(qk, 1) * qk_scale
-
-    if SKIP:
-        # Padding rows, and rows that see no key of this tile, never block the skip.
-        row_skip = (m_tile < m_i + log2_lambda) | (m_tile == float("-inf")) | (row_valid == 0)
-        tile_skip = tl.min(row_skip.to(tl.int32), 0)
-        if tile_skip == 0:
-            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_end, n, MASKED,
-                                            DOT_PRECISION)
-        n_skipped += tile_skip
-    else:
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, qk, qk_scale, m_tile, v_ptrs, kv_end, n, MASKED,
-                                        DOT_PRECISION)
-    return acc, l_i, m_i, n_skipped
 
 
 @triton.jit
@@ -144,15 +85,16 @@ def _prefill_kernel(
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    m_ref = tl.full([BLOCK_M], float("-inf"), tl.float32)  # the skip test uses the running maximum only
     for t in range(0, n_full):
-        acc, l_i, m_i, n_skipped = _prefill_tile(
-            acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_lambda,
-            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
+        acc, l_i, m_i, n_skipped = _attention_tile(
+            acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
+            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
             HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION)
     for t in range(n_full, n_tiles):
-        acc, l_i, m_i, n_skipped = _prefill_tile(
-            acc, l_i, m_i, n_skipped, q, t, row_valid, pos, kv_end, log2_lambda,
-            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
+        acc, l_i, m_i, n_skipped = _attention_tile(
+            acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
+            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
             HEAD_DIM, BLOCK_N, PAGE, True, SKIP, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
