@@ -1,6 +1,6 @@
 """Dense paged decode attention against its split-K factor, with the GPU's waves of programs (one GPU).
 
-    python benchmarks/decode_splits.py --shapes 65536x1,32768x1,8192x8,32768x8,8192x32 --commit SHA
+    python benchmarks/decode_splits.py --shapes 65536x1,32768x1,8192x8,32768x8,8192x32 [--decode-q-len 4] --commit SHA
 
 For each (context x batch) the dense decode kernel as the engine calls it (`choose_num_splits`),
 then forced to each of `--splits`. Prints ms, K/V read rate (TB/s) and the programs launched in
@@ -74,25 +74,26 @@ def main(argv=None):
     rows, t0 = [], time.time()
     for shape in mine.shapes.split(","):
         L, batch = (int(x) for x in shape.split("x"))
-        data = bench.make([L] * batch, [1] * batch)
+        q_len = args.decode_q_len
+        data = bench.make([L] * batch, [q_len] * batch)
         call = (data["q"], data["k_cache"], data["v_cache"], data["cu"], data["seq_lens"], data["tables"],
                 args.head_dim**-0.5)
         width = data["tables"].shape[1] * args.page
         heuristic = choose_num_splits(batch, args.kv_heads, width, decode_block_n(False), sms)
-        ref = paged_decode_attention(*call, max_q_len=1)
+        ref = paged_decode_attention(*call, max_q_len=q_len)
         for splits in [None] + [int(s) for s in mine.splits.split(",") if s]:
             n = heuristic if splits is None else splits
-            out_ = paged_decode_attention(*call, max_q_len=1, num_splits=splits)
+            out_ = paged_decode_attention(*call, max_q_len=q_len, num_splits=splits)
             err = (out_.float() - ref.float()).abs().max().item()
-            ms = bench.time_ms(lambda: paged_decode_attention(*call, max_q_len=1, num_splits=splits))
+            ms = bench.time_ms(lambda: paged_decode_attention(*call, max_q_len=q_len, num_splits=splits))
             per_sm = resident_programs(last_compiled(kernel_fn), props)
             programs = batch * args.kv_heads * n
-            row = dict(context=L, batch=batch, num_splits=n, heuristic=splits is None, ms=ms,
+            row = dict(context=L, batch=batch, q_len=q_len, num_splits=n, heuristic=splits is None, ms=ms,
                        tbps=batch * L * kv_elem / ms / 1e9, programs=programs, resident_per_sm=per_sm,
                        waves=programs / (per_sm * sms) if per_sm else None, max_err_vs_heuristic=err)
             rows.append(row)
             waves = f"{row['waves']:.2f} waves of {per_sm * sms}" if per_sm else "waves unknown"
-            print(f"[{time.time() - t0:6.1f}s] {L:6d} x {batch:3d}  splits {n:4d}{' (heuristic)' if splits is None else ''}"
+            print(f"[{time.time() - t0:6.1f}s] {L:6d} x {batch:3d} q {q_len:2d}  splits {n:4d}{' (heuristic)' if splits is None else ''}"
                   f"  {ms:.4f} ms  {row['tbps']:.2f} TB/s  {programs} programs, {waves}", flush=True)
         del data
         torch.cuda.empty_cache()
