@@ -93,7 +93,8 @@ def main(argv=None):
                        waves=programs / (per_sm * sms) if per_sm else None, max_err_vs_heuristic=err)
             rows.append(row)
             waves = f"{row['waves']:.2f} waves of {per_sm * sms}" if per_sm else "waves unknown"
-            print(f"[{time.time() - t0:6.1f}s] {L:6d} x {batch:3d} q {q_len:2d}  splits {n:4d}{' (heuristic)' if splits is None else ''}"
+            tag = " (heuristic)" if splits is None else ""
+            print(f"[{time.time() - t0:6.1f}s] {L:6d} x {batch:3d} q {q_len:2d}  splits {n:4d}{tag}"
                   f"  {ms:.4f} ms  {row['tbps']:.2f} TB/s  {programs} programs, {waves}", flush=True)
         del data
         torch.cuda.empty_cache()

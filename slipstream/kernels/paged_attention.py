@@ -247,9 +247,14 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNTS[idx]
 
 
-# Split-K aims at this many decode programs per SM (H200, bf16, 32/8 heads: with 2, and at most
-# 32 splits, 8 sequences of 64k took 0.636 ms and one 0.105; with 8 and at most 64 splits, 0.523
-# and 0.080; batch 32 unchanged, 32 per SM slower there).
+# Dense split-K fills at most one wave: as many programs as fit on the GPU at once (the compiled
+# kernel's shared memory, registers and warps against the SM's), rounded down to whole splits. On an
+# H200 (bf16, 32/8 heads, head dim 128; `benchmarks/decode_splits.py`) a launch just past a wave
+# was the slowest (8 sequences of 32k, 12 splits = 1.16 waves: 0.328 ms against 0.260 with 8), one
+# wave or a little less the fastest or within 2% of it, from 1 to 64 sequences and 1 to 16 query
+# tokens, where aiming at 8 programs per SM (rounded up) had taken up to 15% longer (16 sequences
+# of 32k with 16 query tokens: 0.650 ms against 0.567 with 2 splits, 2 programs fitting per SM).
+# Where the fit cannot be read (Triton's interpreter, a Triton without the fields), the old aim.
 PROGRAMS_PER_SM = 8
 # With skip-softmax a kept tile's V load sits behind the skip test, which needs that tile's K: it
 # cannot be fetched ahead, so more programs per SM hide its latency, in a power-of-two number of
@@ -261,20 +266,51 @@ SKIP_PROGRAMS_PER_SM = 32
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int, num_sms: int,
-                      min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT, skip: bool = False) -> int:
-    """Context splits per (sequence, kv head): enough programs for about PROGRAMS_PER_SM per SM
-    (with skip-softmax about SKIP_PROGRAMS_PER_SM, rounded down to a power of two, up to
-    SKIP_MAX_SPLITS parts of at least SKIP_MIN_TILES_PER_SPLIT tiles), 1 for short contexts."""
+                      min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT, skip: bool = False,
+                      resident_per_sm: int | None = None) -> int:
+    """Context splits per (sequence, kv head), 1 for short contexts. Dense: as many as keep the
+    programs within one wave of `resident_per_sm` programs per SM (without it, about
+    PROGRAMS_PER_SM per SM), up to MAX_SPLITS. Skip-softmax: about SKIP_PROGRAMS_PER_SM per SM,
+    rounded down to a power of two, up to SKIP_MAX_SPLITS parts of at least SKIP_MIN_TILES_PER_SPLIT tiles."""
     tiles = triton.cdiv(max(max_context, 1), block_n)
+    pairs = max(batch * kv_heads, 1)
     if skip:
         most = min(SKIP_MAX_SPLITS, tiles // max(min_tiles_per_split, SKIP_MIN_TILES_PER_SPLIT))
     else:
         most = min(MAX_SPLITS, tiles // min_tiles_per_split)
     if most <= 1:
         return 1
-    aim = SKIP_PROGRAMS_PER_SM if skip else PROGRAMS_PER_SM
-    splits = min(triton.cdiv(aim * num_sms, max(batch * kv_heads, 1)), most)  # >= 1
-    return 1 << (splits.bit_length() - 1) if skip else splits
+    if skip:
+        splits = min(triton.cdiv(SKIP_PROGRAMS_PER_SM * num_sms, pairs), most)  # >= 1
+        return 1 << (splits.bit_length() - 1)
+    if resident_per_sm:
+        return max(1, min(resident_per_sm * num_sms // pairs, most))
+    return min(triton.cdiv(PROGRAMS_PER_SM * num_sms, pairs), most)
+
+
+_RESIDENT: dict[tuple, int | None] = {}
+
+
+def resident_programs_per_sm(kernel, device: torch.device, key: tuple, args: tuple, kwargs: dict) -> int | None:
+    """How many programs of `kernel` (a Triton JIT function, compiled for `args`/`kwargs` without a
+    launch) one SM holds at once, from its shared memory, registers and warps; cached under `key`.
+    None where that cannot be read."""
+    if key not in _RESIDENT:
+        _RESIDENT[key] = None
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+            compiled._init_handles()  # loads the binary: fills n_regs
+            props = torch.cuda.get_device_properties(device)
+            warps = compiled.metadata.num_warps
+            fits = [props.max_threads_per_multi_processor // (32 * warps)]
+            if compiled.metadata.shared:
+                fits.append(props.shared_memory_per_multiprocessor // compiled.metadata.shared)
+            if compiled.n_regs:
+                fits.append(props.regs_per_multiprocessor // (compiled.n_regs * 32 * warps))
+            _RESIDENT[key] = max(min(fits), 1)
+        except Exception:  # an interpreter or a Triton without these fields: the fallback aim
+            pass
+    return _RESIDENT[key]
 
 
 def decode_block_m(max_q_len: int, group: int) -> int:
@@ -342,9 +378,32 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if T == 0 or B == 0 or max_q_len == 0:
         return out
     block_m = decode_block_m(max_q_len, group)
+    default_warps, default_stages = decode_launch_config(block_m, block_n, D, q.element_size())
+    num_warps = default_warps if num_warps is None else num_warps
+    num_stages = default_stages if num_stages is None else num_stages
+    constants = dict(GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
+                     MIN_TILES=min_tiles_per_split, SKIP=skip_scale > 0, COUNT=counters is not None,
+                     DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q))
+    args = (q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+               block_tables.stride(0), H)
     if num_splits is None:
+        resident = None
+        if skip_scale == 0 and q.device.type == "cuda":
+            key = (q.device, q.dtype, group, D, block_m, block_n, page, min_tiles_per_split, counters is not None,
+                   num_warps, num_stages)
+            resident = _RESIDENT.get(key)
+            # Compiled outside graph capture (the engine's eager warm-up run comes first); a split
+            # program's fit (NUM_SPLITS=2) stands for every split count: the same loop.
+            if key not in _RESIDENT and not torch.cuda.is_current_stream_capturing():
+                part = torch.empty(1, device=q.device, dtype=torch.float32)
+                resident = resident_programs_per_sm(
+                    _decode_kernel, q.device, key,
+                    args + (part, part, part, cu_seqlens_q, float(scale) * LOG2E, 0.0) + strides,
+                    dict(constants, NUM_SPLITS=2))
         num_splits = choose_num_splits(B, KVH, block_tables.shape[1] * page, block_n, sm_count(q.device),
-                                       min_tiles_per_split, skip=skip_scale > 0)
+                                       min_tiles_per_split, skip=skip_scale > 0, resident_per_sm=resident)
     if num_splits > 1:
         m_part = torch.empty(T, H, num_splits, device=q.device, dtype=torch.float32)
         l_part = torch.empty_like(m_part)
@@ -352,24 +411,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         m_part = l_part = acc_part = out  # unused
     cnt = counters if counters is not None else cu_seqlens_q  # unused without COUNT
-    default_warps, default_stages = decode_launch_config(block_m, block_n, D, q.element_size())
-    num_warps = default_warps if num_warps is None else num_warps
-    num_stages = default_stages if num_stages is None else num_stages
     _decode_kernel[(B, KVH, num_splits)](
-        q, k_cache, v_cache, out,
-        cu_seqlens_q, seq_lens, block_tables,
-        m_part, l_part, acc_part, cnt,
-        float(scale) * LOG2E, float(skip_scale),
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        block_tables.stride(0),
-        H,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
-        NUM_SPLITS=num_splits, MIN_TILES=min_tiles_per_split,
-        SKIP=skip_scale > 0, COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q),
+        *args, m_part, l_part, acc_part, cnt, float(scale) * LOG2E, float(skip_scale), *strides,
+        NUM_SPLITS=num_splits, **constants,
     )
     if num_splits > 1:
         _combine_splits_kernel[(T, H)](

@@ -64,6 +64,13 @@ def test_split_heuristic():
     # ... and never into parts shorter than min_tiles_per_split tiles.
     assert choose_num_splits(batch=1, kv_heads=1, max_context=1024, block_n=64, num_sms=132,
                              min_tiles_per_split=4) == 4
+    # Knowing how many programs fit on an SM, dense decode fills at most one wave: 5 per SM on 132
+    # SMs hold 660 programs (8 kv heads: 82 splits for one sequence, capped at 64; 10 for 8; 2 for
+    # 32; one for 64 or more); 2 per SM (a verification step's bigger tile) hold 264.
+    for batch, resident, splits in ((1, 5, 64), (8, 5, 10), (32, 5, 2), (64, 5, 1), (256, 5, 1), (8, 2, 4), (4, 2, 8)):
+        assert choose_num_splits(batch=batch, kv_heads=8, max_context=32768, block_n=64, num_sms=132,
+                                 resident_per_sm=resident) == splits, (batch, resident)
+    assert choose_num_splits(batch=1, kv_heads=8, max_context=640, block_n=64, num_sms=132, resident_per_sm=5) == 10
     # Skip-softmax aims at more programs per SM (its V loads wait on the skip test), in a power of
     # two of parts of at least two tiles, up to 128 parts.
     assert choose_num_splits(batch=32, kv_heads=8, max_context=65536, block_n=64, num_sms=132) == 5
