@@ -2,8 +2,8 @@
 
     python benchmarks/decode_splits.py --shapes 65536x1,32768x1,8192x8,32768x8,8192x32 [--decode-q-len 4] --commit SHA
 
-For each (context x batch) the dense decode kernel as the engine calls it (`choose_num_splits`),
-then forced to each of `--splits`. Prints ms, K/V read rate (TB/s) and the programs launched in
+For each (context x batch) the dense decode kernel as the engine calls it (`choose_num_splits`
+with the fit read from the compiled kernel), then forced to each of `--splits`. Prints ms, K/V read rate (TB/s) and the programs launched in
 waves of the programs that fit on the GPU at once (from the compiled kernel's shared memory and
 registers, when this Triton exposes them). Same data and timing as `attention.py`. Writes
 benchmarks/results/decode_splits.json.
@@ -79,14 +79,15 @@ def main(argv=None):
         call = (data["q"], data["k_cache"], data["v_cache"], data["cu"], data["seq_lens"], data["tables"],
                 args.head_dim**-0.5)
         width = data["tables"].shape[1] * args.page
-        heuristic = choose_num_splits(batch, args.kv_heads, width, decode_block_n(False), sms)
         ref = paged_decode_attention(*call, max_q_len=q_len)
         for splits in [None] + [int(s) for s in mine.splits.split(",") if s]:
-            n = heuristic if splits is None else splits
             out_ = paged_decode_attention(*call, max_q_len=q_len, num_splits=splits)
             err = (out_.float() - ref.float()).abs().max().item()
             ms = bench.time_ms(lambda: paged_decode_attention(*call, max_q_len=q_len, num_splits=splits))
             per_sm = resident_programs(last_compiled(kernel_fn), props)
+            # The op's own choice, from the same fit (what it read from the compiled kernel).
+            n = splits or choose_num_splits(batch, args.kv_heads, width, decode_block_n(False), sms,
+                                            resident_per_sm=per_sm)
             programs = batch * args.kv_heads * n
             row = dict(context=L, batch=batch, q_len=q_len, num_splits=n, heuristic=splits is None, ms=ms,
                        tbps=batch * L * kv_elem / ms / 1e9, programs=programs, resident_per_sm=per_sm,
