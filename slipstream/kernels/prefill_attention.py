@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels.attention import prefill_config
-from slipstream.kernels.paged_attention import _attention_tile, _dot_precision, check_counters
+from slipstream.kernels.paged_attention import _dot_precision, _walk_tiles, check_counters
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -86,16 +86,10 @@ def _prefill_kernel(
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
     m_ref = tl.full([BLOCK_M], float("-inf"), tl.float32)  # the skip test uses the running maximum only
-    for t in range(0, n_full):
-        acc, l_i, m_i, n_skipped = _attention_tile(
-            acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
-            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
-            HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION)
-    for t in range(n_full, n_tiles):
-        acc, l_i, m_i, n_skipped = _attention_tile(
-            acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
-            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
-            HEAD_DIM, BLOCK_N, PAGE, True, SKIP, DOT_PRECISION)
+    acc, l_i, m_i, n_skipped = _walk_tiles(
+        acc, l_i, m_i, n_skipped, q, 0, n_full, n_tiles, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
+        bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
+        HEAD_DIM, BLOCK_N, PAGE, SKIP, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
