@@ -74,16 +74,22 @@ def _tile_pages(bt_row, t, kv_end, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
 
 
 @triton.jit
-def _attention_tile(acc, l_i, m_i, n_skipped, q, t, page, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
-                    k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
+def _attention_tile(acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
+                    bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                    MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Key tile t (keys t * BLOCK_N ..., in the pages `page`) into the online softmax.
+                    MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr, page=None):
+    """Key tile t (keys t * BLOCK_N ..., gathered through the block table, or from the block-table
+    entries `page` the caller loaded) into the online softmax.
     MASKED: the tile crosses kv_end or a row's causal position (else every row sees all of it).
     SKIP: the skip test against max(running max, m_ref)."""
     n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     kv_mask = n < kv_end
+    if page is None:
+        if MASKED:
+            page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0)
+        else:
+            page = tl.load(bt_row + n // PAGE)
     page = page.to(tl.int64)
     slot = n % PAGE
     k_ptrs = k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None]  # [HEAD_DIM, BLOCK_N]
@@ -114,33 +120,31 @@ def _attention_tile(acc, l_i, m_i, n_skipped, q, t, page, kv_end, row_valid, pos
 def _walk_tiles(acc, l_i, m_i, n_skipped, q, t_begin, n_full, t_end, kv_end, row_valid, pos, m_ref, log2_lambda,
                 qk_scale, bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SKIP: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                PREFETCH_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Key tiles t_begin .. t_end - 1 into the online softmax: those before n_full, which every query
-    row sees whole, without masks, then the rest. Shared by the decode and prefill kernels."""
-    if SKIP:
-        for t in range(t_begin, n_full):
-            page = _tile_pages(bt_row, t, kv_end, BLOCK_N, PAGE)
-            acc, l_i, m_i, n_skipped = _attention_tile(
-                acc, l_i, m_i, n_skipped, q, t, page, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
-                k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
-                HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION)
-    else:
-        # The next tile's block-table entries load a tile ahead, so K's addresses are known when the
-        # loop's pipelining fetches it (H200, dense causal prefill of 32k: 23.2 -> 20.2 ms). With
-        # skip-softmax this was slower (15.6 -> 15.8 ms at 70% skipped).
+    row sees whole, without masks, then the rest. Shared by the decode and prefill kernels.
+    PREFETCH_PAGES: the next tile's block-table entries load a tile ahead, so K's addresses are known
+    when the pipelined loop fetches it (H200, dense causal prefill: 23.3 -> 20.2 ms at 32k; slower
+    in decode, which holds fewer programs per SM with it, and in skip-softmax prefill)."""
+    if PREFETCH_PAGES:
         page = _tile_pages(bt_row, t_begin, kv_end, BLOCK_N, PAGE)
         for t in range(t_begin, n_full):
             page_next = _tile_pages(bt_row, t + 1, kv_end, BLOCK_N, PAGE)
             acc, l_i, m_i, n_skipped = _attention_tile(
-                acc, l_i, m_i, n_skipped, q, t, page, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
-                k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
-                HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION)
+                acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
+                bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
+                HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION, page)
             page = page_next
+    else:
+        for t in range(t_begin, n_full):
+            acc, l_i, m_i, n_skipped = _attention_tile(
+                acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
+                bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
+                HEAD_DIM, BLOCK_N, PAGE, False, SKIP, DOT_PRECISION)
     for t in range(n_full, t_end):
-        page = _tile_pages(bt_row, t, kv_end, BLOCK_N, PAGE)
         acc, l_i, m_i, n_skipped = _attention_tile(
-            acc, l_i, m_i, n_skipped, q, t, page, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
-            k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
+            acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
+            bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
             HEAD_DIM, BLOCK_N, PAGE, True, SKIP, DOT_PRECISION)
     return acc, l_i, m_i, n_skipped
 
@@ -223,7 +227,7 @@ def _decode_kernel(
     acc, l_i, m_i, n_skipped = _walk_tiles(
         acc, l_i, m_i, n_skipped, q, t_begin, n_full, t_end, ctx, row_valid, pos, m_ref, log2_lambda, qk_scale,
         bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
-        HEAD_DIM, BLOCK_N, PAGE, SKIP, DOT_PRECISION)
+        HEAD_DIM, BLOCK_N, PAGE, SKIP, False, DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -89,7 +89,7 @@ def _prefill_kernel(
     acc, l_i, m_i, n_skipped = _walk_tiles(
         acc, l_i, m_i, n_skipped, q, 0, n_full, n_tiles, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
         bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
-        HEAD_DIM, BLOCK_N, PAGE, SKIP, DOT_PRECISION)
+        HEAD_DIM, BLOCK_N, PAGE, SKIP, not SKIP, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
