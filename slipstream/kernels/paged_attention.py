@@ -77,20 +77,20 @@ def _tile_pages(bt_row, t, kv_end, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
 def _attention_tile(acc, l_i, m_i, n_skipped, q, t, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
                     bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                    MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr, page=None):
+                    MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr, page_given=None):
     """Key tile t (keys t * BLOCK_N ..., gathered through the block table, or from the block-table
-    entries `page` the caller loaded) into the online softmax.
+    entries `page_given` the caller loaded) into the online softmax.
     MASKED: the tile crosses kv_end or a row's causal position (else every row sees all of it).
     SKIP: the skip test against max(running max, m_ref)."""
     n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     kv_mask = n < kv_end
-    if page is None:
-        if MASKED:
-            page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0)
-        else:
-            page = tl.load(bt_row + n // PAGE)
-    page = page.to(tl.int64)
+    if page_given is not None:
+        page = page_given.to(tl.int64)
+    elif MASKED:
+        page = tl.load(bt_row + n // PAGE, mask=kv_mask, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + n // PAGE).to(tl.int64)
     slot = n % PAGE
     k_ptrs = k_head + page[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None]  # [HEAD_DIM, BLOCK_N]
     v_ptrs = v_head + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]

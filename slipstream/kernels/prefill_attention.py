@@ -45,6 +45,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     SKIP: tl.constexpr,
+    PREFETCH_PAGES: tl.constexpr,
     COUNT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -89,7 +90,7 @@ def _prefill_kernel(
     acc, l_i, m_i, n_skipped = _walk_tiles(
         acc, l_i, m_i, n_skipped, q, 0, n_full, n_tiles, kv_end, row_valid, pos, m_ref, log2_lambda, qk_scale,
         bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
-        HEAD_DIM, BLOCK_N, PAGE, SKIP, not SKIP, DOT_PRECISION)
+        HEAD_DIM, BLOCK_N, PAGE, SKIP, PREFETCH_PAGES, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -150,7 +151,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0),
         num_q_tiles,
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
-        SKIP=skip_scale > 0, COUNT=counters is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        SKIP=skip_scale > 0, PREFETCH_PAGES=skip_scale == 0, COUNT=counters is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
