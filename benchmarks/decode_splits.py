@@ -1,12 +1,13 @@
 """Dense paged decode attention against its split-K factor, with the GPU's waves of programs (one GPU).
 
-    python benchmarks/decode_splits.py --shapes 65536x1,32768x1,8192x8,32768x8,8192x32 [--decode-q-len 4] --commit SHA
+    python benchmarks/decode_splits.py --shapes 65536x1,32768x1,8192x8,32768x8,8192x32 \\
+        [--decode-q-len 4] --commit SHA
 
 For each (context x batch) the dense decode kernel as the engine calls it (`choose_num_splits`
-with the fit read from the compiled kernel), then forced to each of `--splits`. Prints ms, K/V read rate (TB/s) and the programs launched in
-waves of the programs that fit on the GPU at once (from the compiled kernel's shared memory and
-registers, when this Triton exposes them). Same data and timing as `attention.py`. Writes
-benchmarks/results/decode_splits.json.
+with the fit read from the compiled kernel), then forced to each of `--splits`. Prints ms, K/V
+read rate (TB/s) and the programs launched in waves of the programs that fit on the GPU at once
+(`programs_per_sm`, when this Triton exposes the compiled kernel). Same data and timing as
+`attention.py`. Writes benchmarks/results/decode_splits.json.
 """
 
 from __future__ import annotations
@@ -23,20 +24,6 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.attention import Bench, git_commit  # noqa: E402
 from benchmarks.attention import parse_args as attention_args  # noqa: E402
-
-
-def resident_programs(kernel, props) -> int | None:
-    """Programs of `kernel` (a compiled Triton kernel) that one SM holds at once, or None if unknown."""
-    try:
-        shared, regs, warps = kernel.metadata.shared, kernel.n_regs, kernel.metadata.num_warps
-    except AttributeError:
-        return None
-    limits = [props.max_threads_per_multi_processor // (32 * warps), 32]
-    if shared:
-        limits.append(props.shared_memory_per_multiprocessor // shared)
-    if regs:
-        limits.append(props.regs_per_multiprocessor // (regs * 32 * warps))
-    return min(limits)
 
 
 def last_compiled(jit_fn):
@@ -61,14 +48,14 @@ def main(argv=None):
     import triton
 
     from slipstream.kernels.attention import decode_block_n
-    from slipstream.kernels.paged_attention import choose_num_splits, paged_decode_attention, sm_count
+    from slipstream.kernels.paged_attention import (choose_num_splits, paged_decode_attention, programs_per_sm,
+                                                    sm_count)
 
     # `slipstream.kernels.paged_attention` the attribute is the op; the module holds the kernel.
     kernel_fn = sys.modules["slipstream.kernels.paged_attention"]._decode_kernel
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode_splits.py needs a CUDA GPU")
     bench = Bench(args)
-    props = torch.cuda.get_device_properties(bench.dev)
     sms = sm_count(bench.dev)
     kv_elem = args.kv_heads * args.head_dim * torch.tensor([], dtype=bench.dtype).element_size() * 2
     rows, t0 = [], time.time()
@@ -84,7 +71,10 @@ def main(argv=None):
             out_ = paged_decode_attention(*call, max_q_len=q_len, num_splits=splits)
             err = (out_.float() - ref.float()).abs().max().item()
             ms = bench.time_ms(lambda: paged_decode_attention(*call, max_q_len=q_len, num_splits=splits))
-            per_sm = resident_programs(last_compiled(kernel_fn), props)
+            try:
+                per_sm = programs_per_sm(last_compiled(kernel_fn), bench.dev)
+            except AttributeError:  # a Triton that hides the compiled kernel or its fields
+                per_sm = None
             # The op's own choice, from the same fit (what it read from the compiled kernel).
             n = splits or choose_num_splits(batch, args.kv_heads, width, decode_block_n(False), sms,
                                             resident_per_sm=per_sm)

@@ -123,7 +123,8 @@ def main() -> None:
     print(f"\nmedians per step: update alone {1e3 * med['update_alone_s']:.0f} ms; the thread adds "
           f"{1e3 * med['thread_adds_s']:.1f} ms to it, the deferred recording {1e3 * med['deferred_adds_s']:.1f} ms "
           f"(differences within a step); recording takes {1e3 * med['record_s']:.1f} ms "
-          f"and {1e3 * med['deferred_indexing_s']:.1f} ms of indexing (units up to {1e3 * med['longest_unit_s']:.2f} ms) "
+          f"and {1e3 * med['deferred_indexing_s']:.1f} ms of indexing "
+          f"(units up to {1e3 * med['longest_unit_s']:.2f} ms) "
           f"move to the next rollout's waits for the GPU")
     out = {"meta": {"commit": args.commit, "python": platform.python_version(), "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(), "args": vars(args)},

@@ -328,23 +328,28 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int,
 _RESIDENT: dict[tuple, int | None] = {}
 
 
+def programs_per_sm(compiled, device: torch.device) -> int:
+    """Programs of a compiled, loaded Triton kernel that one SM holds at once: its warps, shared
+    memory and registers against the SM's (AttributeError from a Triton without these fields)."""
+    props = torch.cuda.get_device_properties(device)
+    warps = compiled.metadata.num_warps
+    fits = [props.max_threads_per_multi_processor // (32 * warps)]
+    if compiled.metadata.shared:
+        fits.append(props.shared_memory_per_multiprocessor // compiled.metadata.shared)
+    if compiled.n_regs:
+        fits.append(props.regs_per_multiprocessor // (compiled.n_regs * 32 * warps))
+    return max(min(fits), 1)
+
+
 def resident_programs_per_sm(kernel, device: torch.device, key: tuple, args: tuple, kwargs: dict) -> int | None:
-    """How many programs of `kernel` (a Triton JIT function, compiled for `args`/`kwargs` without a
-    launch) one SM holds at once, from its shared memory, registers and warps; cached under `key`.
-    None where that cannot be read."""
+    """`programs_per_sm` of `kernel` (a Triton JIT function, compiled for `args`/`kwargs` without a
+    launch), cached under `key`; None where that cannot be read."""
     if key not in _RESIDENT:
         _RESIDENT[key] = None
         try:
             compiled = kernel.warmup(*args, grid=(1,), **kwargs)
             compiled._init_handles()  # loads the binary: fills n_regs
-            props = torch.cuda.get_device_properties(device)
-            warps = compiled.metadata.num_warps
-            fits = [props.max_threads_per_multi_processor // (32 * warps)]
-            if compiled.metadata.shared:
-                fits.append(props.shared_memory_per_multiprocessor // compiled.metadata.shared)
-            if compiled.n_regs:
-                fits.append(props.regs_per_multiprocessor // (compiled.n_regs * 32 * warps))
-            _RESIDENT[key] = max(min(fits), 1)
+            _RESIDENT[key] = programs_per_sm(compiled, device)
         except Exception:  # an interpreter or a Triton without these fields: the fallback aim
             pass
     return _RESIDENT[key]
