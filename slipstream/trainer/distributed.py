@@ -32,6 +32,12 @@ class CollectiveTimeoutError(RuntimeError):
 # its own message; the host-side deadline is the backstop for when it does not, a little later.
 COLLECTIVE_GRACE_S = 2.0
 
+# A rank that lost its connection to a dead peer waits this long before raising, so that torchrun
+# (which polls its workers every 0.1 s) sees the dead rank first and names it as the root cause,
+# not the healthy rank's "connection reset" (torchrun orders failures by whole-second timestamps).
+PEER_LOST_WAIT_S = 3.0
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "remote process exited")
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -120,8 +126,10 @@ class DistContext:
                 time.sleep(0.0002)
         try:
             work.wait()
-        except Exception:  # the backend's own timeout, or a peer that died: nothing is left in flight
+        except Exception as e:  # the backend's own timeout, or a peer that died: nothing is left in flight
             _abort_nccl()
+            if any(s in str(e) for s in _PEER_LOST):
+                time.sleep(PEER_LOST_WAIT_S)
             raise
 
     def _comm_device(self) -> torch.device:
