@@ -144,17 +144,31 @@ class SpeculationConfig:
 
 
 @dataclass
-class LearnedDrafterConfig:
-    # off; frozen: the warm-start drafter, never trained during the run; online: trained in the
-    # RL step's bubbles (ranks done early, reward computation, a gated side stream).
-    kind: str = "off"
-    warm_start: str | None = None  # a file of `slipstream drafter warmup`; null: start untrained
-    # online: optimizer steps taken after each rollout whatever the bubbles gave (time the step
-    # pays for; 0: the bubbles only), and the side-stream training of the small-batch tail (one
-    # GPU, one process; gated by the measured slowdown).
-    train_steps_after_rollout: int = 0
-    side_stream: bool = True
-    # The rest is `slipstream.drafter.DrafterConfig` (see its docstring and docs/config.md).
+class DrafterSettings:
+    """Settings of the drafter model, its feature buffer and its training in bubbles.
+
+    Model: `capture_layer` is the target layer whose residual stream feeds the drafter (the
+    decoder's capture convention: -1 is the last layer, before the final norm); `window` is how
+    many earlier positions the drafter's attention sees, in training and drafting alike;
+    `intermediate_size` 0 takes the target's MLP width. `max_draft_len` is the longest chain.
+
+    Buffer: at most `buffer_tokens` token rows, none older than `buffer_max_age` RL steps, kept in
+    `buffer_storage` (device: the target's device; pinned: page-locked host memory filled by
+    asynchronous copies; cpu: plain host memory).
+
+    Training: AdamW at `lr`; each optimizer step sees about `batch_tokens` aligned positions, cut
+    into pieces of at most `seq_len` packed into rows; `slice_steps` optimizer steps form one
+    preemptible slice (the stop condition is checked between slices). The loss is
+    `feature_loss_weight` x SmoothL1(predicted, true next feature; both through the target's final
+    norm) + `token_loss_weight` x
+    KL(target distribution || drafter distribution) at the next position (EAGLE's 1.0 / 0.1).
+
+    Side stream: training overlaps decode only while the live batch is at most
+    `side_stream_max_batch` and the measured slowdown of decode steps stays under
+    `side_stream_max_slowdown`; each measurement uses `side_stream_probe_steps` steps with and
+    without training and is repeated every `side_stream_reprobe_steps` steps.
+    """
+
     capture_layer: int = -1
     window: int = 64
     intermediate_size: int = 0
@@ -174,6 +188,19 @@ class LearnedDrafterConfig:
     side_stream_max_batch: int = 8
     side_stream_probe_steps: int = 8
     side_stream_reprobe_steps: int = 256
+
+
+@dataclass
+class LearnedDrafterConfig(DrafterSettings):
+    # off; frozen: the warm-start drafter, never trained during the run; online: trained in the
+    # RL step's bubbles (ranks done early, reward computation, a gated side stream).
+    kind: str = "off"
+    warm_start: str | None = None  # a file of `slipstream drafter warmup`; null: start untrained
+    # online: optimizer steps taken after each rollout whatever the bubbles gave (time the step
+    # pays for; 0: the bubbles only), and the side-stream training of the small-batch tail (one
+    # GPU, one process; gated by the measured slowdown).
+    train_steps_after_rollout: int = 0
+    side_stream: bool = True
 
 
 @dataclass
@@ -401,7 +428,7 @@ def drafter_config(drafter: LearnedDrafterConfig, seed: int = 0):
 
     from slipstream.drafter.config import DrafterConfig
 
-    values = {f.name: getattr(drafter, f.name) for f in dataclasses.fields(DrafterConfig) if f.name != "seed"}
+    values = {f.name: getattr(drafter, f.name) for f in dataclasses.fields(DrafterSettings)}
     try:
         return DrafterConfig(**values, seed=seed)
     except ValueError as e:

@@ -1,57 +1,22 @@
-"""`DrafterConfig`: every knob of the learned drafter, its feature buffer and its bubble trainer."""
+"""`DrafterConfig`: every knob of the learned drafter, its feature buffer and its bubble trainer.
+
+The knobs a user sets are `slipstream.config.DrafterSettings` (the `drafter` config group extends
+them); `DrafterConfig` adds the seed, which a run takes from `trainer.seed`, and checks the values.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slipstream.config import DrafterSettings
+
 STORAGES = ("device", "pinned", "cpu")
 
 
 @dataclass
-class DrafterConfig:
-    """Settings of the drafter model, its feature buffer and its training in bubbles.
+class DrafterConfig(DrafterSettings):
+    """The drafter's settings and seed, checked: a value out of range raises ValueError naming it."""
 
-    Model: `capture_layer` is the target layer whose residual stream feeds the drafter (the
-    decoder's capture convention: -1 is the last layer, before the final norm); `window` is how
-    many earlier positions the drafter's attention sees, in training and drafting alike;
-    `intermediate_size` 0 takes the target's MLP width. `max_draft_len` is the longest chain.
-
-    Buffer: at most `buffer_tokens` token rows, none older than `buffer_max_age` RL steps, kept in
-    `buffer_storage` (device: the target's device; pinned: page-locked host memory filled by
-    asynchronous copies; cpu: plain host memory).
-
-    Training: AdamW at `lr`; each optimizer step sees about `batch_tokens` aligned positions, cut
-    into pieces of at most `seq_len` packed into rows; `slice_steps` optimizer steps form one
-    preemptible slice (the stop condition is checked between slices). The loss is
-    `feature_loss_weight` x SmoothL1(predicted, true next feature; both through the target's final
-    norm) + `token_loss_weight` x
-    KL(target distribution || drafter distribution) at the next position (EAGLE's 1.0 / 0.1).
-
-    Side stream: training overlaps decode only while the live batch is at most
-    `side_stream_max_batch` and the measured slowdown of decode steps stays under
-    `side_stream_max_slowdown`; each measurement uses `side_stream_probe_steps` steps with and
-    without training and is repeated every `side_stream_reprobe_steps` steps.
-    """
-
-    capture_layer: int = -1
-    window: int = 64
-    intermediate_size: int = 0
-    max_draft_len: int = 8
-    buffer_tokens: int = 262144
-    buffer_max_age: int = 2
-    buffer_storage: str = "device"
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_tokens: int = 2048
-    seq_len: int = 256
-    slice_steps: int = 4
-    feature_loss_weight: float = 1.0
-    token_loss_weight: float = 0.1
-    side_stream_max_slowdown: float = 0.05
-    side_stream_max_batch: int = 8
-    side_stream_probe_steps: int = 8
-    side_stream_reprobe_steps: int = 256
     seed: int = 0
 
     def __post_init__(self):
