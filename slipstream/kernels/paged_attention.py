@@ -373,11 +373,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def check_counters(counters: torch.Tensor | None, device: torch.device) -> None:
-    if counters is None:
-        return
-    if counters.shape != (2,) or counters.dtype not in (torch.int32, torch.int64) or counters.device != device:
+def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                           skip_scale: float, counters: torch.Tensor | None) -> None:
+    """The checks the decode and prefill wrappers share; ValueError names what is wrong."""
+    H, D, KVH, Dk = q.shape[1], q.shape[2], k_cache.shape[2], k_cache.shape[3]
+    if Dk != D or H % KVH or D < 16 or D & (D - 1):
+        raise ValueError(f"need head_dim a power of two >= 16 and heads % kv_heads == 0 (q {tuple(q.shape)}, "
+                         f"cache {tuple(k_cache.shape)})")
+    if skip_scale < 0:
+        raise ValueError("skip_scale must be >= 0")
+    if not scale > 0:  # the kernels scale row maxima, not scores: exact only for a positive scale
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if counters is not None and (counters.shape != (2,) or counters.dtype not in (torch.int32, torch.int64)
+                                 or counters.device != q.device):
         raise ValueError("counters must be an int32/int64 tensor of shape [2] on the queries' device")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"q, k_cache, v_cache must share a dtype ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})")
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -394,23 +405,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     `choose_num_splits` heuristic, whose context bound is the block table's width, so no host sync).
     """
     T, H, D = q.shape
-    _, page, KVH, Dk = k_cache.shape
+    _, page, KVH, _ = k_cache.shape
     B = seq_lens.shape[0]
     if not 0 <= max_q_len <= MAX_Q_LEN:
         raise ValueError(f"max_q_len must be in 0..{MAX_Q_LEN}, got {max_q_len}")
-    if Dk != D or H % KVH or D < 16 or D & (D - 1):
-        raise ValueError(f"need head_dim a power of two >= 16 and heads % kv_heads == 0 (q {tuple(q.shape)}, "
-                         f"cache {tuple(k_cache.shape)})")
+    check_attention_inputs(q, k_cache, v_cache, scale, skip_scale, counters)
     block_n = decode_block_n(skip_scale > 0) if block_n is None else block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError("block_n must be a power of two >= 16")
-    if skip_scale < 0:
-        raise ValueError("skip_scale must be >= 0")
-    if not scale > 0:  # the kernels scale row maxima, not scores: exact only for a positive scale
-        raise ValueError(f"scale must be > 0, got {scale}")
-    check_counters(counters, q.device)
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"q, k_cache, v_cache must share a dtype ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})")
     cu_seqlens_q, seq_lens, block_tables = cu_seqlens_q.contiguous(), seq_lens.contiguous(), block_tables.contiguous()
     group = H // KVH
     q = q if q.stride(-1) == 1 else q.contiguous()

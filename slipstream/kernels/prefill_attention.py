@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels.attention import prefill_config
-from slipstream.kernels.paged_attention import _dot_precision, _walk_tiles, check_counters
+from slipstream.kernels.paged_attention import _dot_precision, _walk_tiles, check_attention_inputs
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -113,18 +113,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     the grid, so no host sync is needed).
     """
     T, H, D = q.shape
-    _, page, KVH, Dk = k_cache.shape
+    _, page, KVH, _ = k_cache.shape
     B = seq_lens.shape[0]
-    if Dk != D or H % KVH or D < 16 or D & (D - 1):
-        raise ValueError(f"need head_dim a power of two >= 16 and heads % kv_heads == 0 (q {tuple(q.shape)}, "
-                         f"cache {tuple(k_cache.shape)})")
-    if skip_scale < 0:
-        raise ValueError("skip_scale must be >= 0")
-    if not scale > 0:  # the kernels scale row maxima, not scores: exact only for a positive scale
-        raise ValueError(f"scale must be > 0, got {scale}")
-    check_counters(counters, q.device)
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"q, k_cache, v_cache must share a dtype ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})")
+    check_attention_inputs(q, k_cache, v_cache, scale, skip_scale, counters)
     cu_seqlens_q, seq_lens, block_tables = cu_seqlens_q.contiguous(), seq_lens.contiguous(), block_tables.contiguous()
     dm, dn, warps, stages = prefill_config(max_q_len, D, skip_scale > 0, q.element_size())
     block_m, block_n = block_m or dm, block_n or dn

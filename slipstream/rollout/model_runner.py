@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slipstream.kernels.attention import MAX_DECODE_Q_LEN as DECODE_MAX_Q_LEN
+from slipstream.kernels.attention import MAX_DECODE_Q_LEN
 from slipstream.models.decoder import AttentionMetadata, Decoder
 from slipstream.rollout.cuda_graph import DecodeGraphs
 from slipstream.rollout.sampler import sample
-from slipstream.rollout.scheduler import ScheduledBatch
+from slipstream.rollout.scheduler import ModelInputs, ScheduledBatch
 
 
 @dataclass
@@ -240,13 +240,18 @@ class ModelRunner:
             return self._sample(logits, entries)
         return self._run_eager(batch)
 
-    def _run_eager(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
-        inputs = batch.build_inputs(self.device)
-        phase = "decode" if inputs.max_q_len <= DECODE_MAX_Q_LEN else "prefill"
+    def eager_attention(self, inputs: ModelInputs) -> AttentionMetadata:
+        """Attention metadata of an eager forward over `inputs` (`ScheduledBatch.build_inputs`): the
+        decode or prefill kernel by query length, with that phase's skip scale and tile counters."""
+        phase = "decode" if inputs.max_q_len <= MAX_DECODE_Q_LEN else "prefill"
         skip = self.decode_skip_scale if phase == "decode" else self.prefill_skip_scale
-        attn = AttentionMetadata(inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables, inputs.slot_mapping,
+        return AttentionMetadata(inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables, inputs.slot_mapping,
                                  inputs.max_q_len, skip_scale=skip,
                                  counters=self.tile_counters[phase] if skip > 0 else None)
+
+    def _run_eager(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
+        inputs = batch.build_inputs(self.device)
+        attn = self.eager_attention(inputs)
         if self.capture_layers:
             hidden, captured = self.decoder(inputs.input_ids, inputs.positions, attn, self.kv_caches,
                                             capture_layers=self.capture_layers)

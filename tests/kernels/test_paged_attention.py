@@ -5,6 +5,7 @@ import torch
 
 from slipstream.kernels import paged_attention, paged_attention_ref
 from slipstream.kernels.paged_attention import choose_num_splits, paged_decode_attention
+from slipstream.kernels.prefill_attention import paged_prefill_attention
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
 
@@ -108,13 +109,25 @@ def test_dispatcher_routes_decode_and_keeps_torch_path_on_cpu(paged_batch, monke
 
 def test_rejects_bad_arguments(paged_batch):
     args = paged_batch([20], [1], 4, 2, 64, 16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_q_len must be in 0..16"):
         paged_decode_attention(*args, 0.125, max_q_len=17)
-    with pytest.raises(ValueError):
-        paged_decode_attention(*args, 0.125, max_q_len=1, counters=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        paged_decode_attention(*args, 0.125, max_q_len=1, block_n=24)
+
+
+@pytest.mark.parametrize("wrapper", [paged_decode_attention, paged_prefill_attention])
+def test_both_wrappers_reject_what_the_kernels_cannot_take(paged_batch, wrapper):
+    args = paged_batch([20], [4], 4, 2, 64, 16)
+    with pytest.raises(ValueError, match="counters must be"):
+        wrapper(*args, 0.125, max_q_len=4, counters=torch.zeros(3, dtype=torch.int32))
     for scale in (0.0, -0.125, float("nan")):  # the kernels scale row maxima: a positive scale only
         with pytest.raises(ValueError, match="scale must be > 0"):
-            paged_decode_attention(*args, scale, max_q_len=1)
-    q, k, v, *rest = paged_batch([20], [1], 4, 2, 48, 16)
-    with pytest.raises(ValueError):
-        paged_decode_attention(q, k, v, *rest, 0.125, max_q_len=1)
+            wrapper(*args, scale, max_q_len=4)
+    with pytest.raises(ValueError, match="skip_scale must be >= 0"):
+        wrapper(*args, 0.125, max_q_len=4, skip_scale=-1.0)
+    q, k, v, *rest = args
+    with pytest.raises(ValueError, match="must share a dtype"):
+        wrapper(q.half(), k, v, *rest, 0.125, max_q_len=4)
+    for heads, kv_heads, head_dim in ((4, 2, 48), (3, 2, 64)):  # not a power of two; heads % kv_heads
+        with pytest.raises(ValueError, match="need head_dim a power of two"):
+            wrapper(*paged_batch([20], [4], heads, kv_heads, head_dim, 16), 0.125, max_q_len=4)

@@ -57,10 +57,3 @@ def test_visits_only_tiles_below_the_diagonal(paged_batch):
     paged_prefill_attention(q, k, v, cu, lens, tables, 0.25, max_q_len=64, block_m=16, block_n=16,
                             counters=counters)
     assert counters.tolist() == [0, (1 + 2 + 3 + 4) + (5 + 6 + 7)]
-
-
-def test_rejects_a_scale_that_is_not_positive(paged_batch):
-    args = paged_batch([80], [80], 4, 2, 64, 16)
-    for scale in (0.0, -0.125, float("nan")):
-        with pytest.raises(ValueError, match="scale must be > 0"):
-            paged_prefill_attention(*args, scale, max_q_len=80)

@@ -19,8 +19,6 @@ import itertools
 
 import torch
 
-from slipstream.kernels.attention import MAX_DECODE_Q_LEN
-from slipstream.models.decoder import AttentionMetadata
 from slipstream.rollout.model_runner import ModelRunner, StepFeatures
 from slipstream.rollout.scheduler import ScheduledBatch
 from slipstream.rollout.spec.verify import verify_drafts
@@ -90,11 +88,7 @@ class SpecRunner:
         repeat its last row: verification never reads them)."""
         r = self.runner
         inputs = batch.build_inputs(r.device)
-        phase = "decode" if inputs.max_q_len <= MAX_DECODE_Q_LEN else "prefill"
-        skip = r.decode_skip_scale if phase == "decode" else r.prefill_skip_scale
-        attn = AttentionMetadata(inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables, inputs.slot_mapping,
-                                 inputs.max_q_len, skip_scale=skip,
-                                 counters=r.tile_counters[phase] if skip > 0 else None)
+        attn = r.eager_attention(inputs)
         if r.capture_layers:
             hidden, captured = r.decoder(inputs.input_ids, inputs.positions, attn, r.kv_caches,
                                          capture_layers=r.capture_layers)
