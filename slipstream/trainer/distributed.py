@@ -13,6 +13,7 @@ import datetime
 import os
 import sys
 import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,11 +33,41 @@ class CollectiveTimeoutError(RuntimeError):
 # its own message; the host-side deadline is the backstop for when it does not, a little later.
 COLLECTIVE_GRACE_S = 2.0
 
-# A rank that lost its connection to a dead peer waits this long before raising, so that torchrun
-# (which polls its workers every 0.1 s) sees the dead rank first and names it as the root cause,
-# not the healthy rank's "connection reset" (torchrun orders failures by whole-second timestamps).
+# A rank that lost its connection to a dead peer waits this long before its error escapes, so that
+# torchrun (which polls its workers every 0.1 s) sees the dead rank first and names it as the root
+# cause, not the healthy rank's "connection reset" (torchrun orders failures by whole-second timestamps).
 PEER_LOST_WAIT_S = 3.0
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "remote process exited")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, says that another rank's process is gone."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if any(s in str(error) for s in _PEER_LOST):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def rank_entry_point(fn: Callable) -> Callable:
+    """A torchrun entry point: torch elastic's `record` writes an escaping error and its traceback
+    to torchrun's error file, so the launcher's summary names the failed rank; an error that only
+    says a peer is gone (from any collective: ours or the training backend's) waits
+    PEER_LOST_WAIT_S first, so that the rank that died is the one named."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if peer_lost(e):
+                time.sleep(PEER_LOST_WAIT_S)
+            raise
+
+    return record(run)
 
 
 @dataclass(frozen=True)
@@ -126,10 +157,8 @@ class DistContext:
                 time.sleep(0.0002)
         try:
             work.wait()
-        except Exception as e:  # the backend's own timeout, or a peer that died: nothing is left in flight
+        except Exception:  # the backend's own timeout, or a peer that died: nothing is left in flight
             _abort_nccl()
-            if any(s in str(e) for s in _PEER_LOST):
-                time.sleep(PEER_LOST_WAIT_S)
             raise
 
     def _comm_device(self) -> torch.device:

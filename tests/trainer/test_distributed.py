@@ -54,3 +54,33 @@ def test_nccl_failure_defaults_are_set_unless_the_user_set_them():
         set_nccl_failure_defaults(env)
         assert env[name] == "7"
         assert ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC" in env) == (name != "TORCH_FR_WAIT_TIMEOUT_DUMP_MILSEC")
+
+
+def test_only_an_error_that_says_a_peer_is_gone_makes_the_rank_wait(monkeypatch):
+    from slipstream.trainer import distributed
+
+    reset = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:43432: Connection reset by peer")
+    try:
+        try:
+            raise reset
+        except RuntimeError as e:
+            raise ValueError("reduce-scatter of the gradients failed") from e  # a backend's wrapper
+    except ValueError as wrapped:
+        assert distributed.peer_lost(wrapped)
+    assert not distributed.peer_lost(RuntimeError("reward verifier crashed"))
+    assert not distributed.peer_lost(RuntimeError("Timed out waiting 5000ms for recv operation to complete"))
+
+    waits = []
+    monkeypatch.setattr(distributed.time, "sleep", waits.append)
+
+    @distributed.rank_entry_point
+    def fails(error):
+        raise error
+
+    for error, waited in ((reset, [distributed.PEER_LOST_WAIT_S]), (KeyError("x"), [])):
+        waits.clear()
+        try:
+            fails(error)
+        except type(error) as e:
+            assert e is error  # the error itself escapes, after the wait
+        assert waits == waited

@@ -5,7 +5,7 @@ host-side deadline on the collective (5 s) can end rank 0's wait.
 
 Rank 0 meanwhile waits in a collective, as a healthy rank of a training step would: gloo on the
 CPU (the tests), NCCL with `cuda` as the second argument (`benchmarks/spmd_failure_check.py`). The entry
-point is wrapped like slipstream's own (`record`), so torchrun reports the failed rank's error.
+point is wrapped like slipstream's own (`rank_entry_point`), so torchrun reports the failed rank's error.
 """
 
 import dataclasses
@@ -15,12 +15,11 @@ import sys
 import time
 
 import torch
-from torch.distributed.elastic.multiprocessing.errors import record
 
-from slipstream.trainer.distributed import init_distributed
+from slipstream.trainer.distributed import init_distributed, rank_entry_point
 
 
-@record
+@rank_entry_point
 def main(mode: str, device: str) -> None:
     ctx = init_distributed(device, timeout_s=60 if mode == "hang-host" else 5, need_group=True)
     if mode == "hang-host":
