@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from slipstream.rollout.sampler import sample, shape_logits
+from slipstream.rollout.sampler import inverse_cdf, sample, shape_logits
 
 from tests.chi_square import chi_square_p
 
@@ -54,3 +54,15 @@ def test_rows_keep_their_own_parameters_and_greedy_rows_take_the_argmax():
     tokens, lp = sample(logits, temp, top_p, top_k, generator=gen)
     assert tokens[0] == logits[0].argmax() and tokens[3] == logits[3].argmax()
     assert math.isclose(lp[0].item(), logits[0].log_softmax(-1).max().item(), abs_tol=1e-6)
+
+
+def test_a_tail_token_far_below_the_running_sum_keeps_its_interval():
+    # Weights [1, 1e-9, 1]: token 1 owns the running sums (1, 1 + 1e-9], which a float32 sum would
+    # round away (1 + 1e-9 == 1 in float32), drawing token 2 there instead.
+    weights = torch.tensor([[1.0, 1e-9, 1.0]] * 3)
+    total = 2.0 + 1e-9
+    reach = torch.tensor([[1.0 + 0.5e-9], [1.0 + 1e-9], [1.0]], dtype=torch.float64)  # sums to reach
+    assert inverse_cdf(weights, 1.0 - reach / total).tolist() == [1, 1, 0]
+    # the ends of [0, 1): u = 0 reaches the whole sum, the largest u the first token with a weight
+    ends = torch.tensor([[0.0], [1.0 - 2.0 ** -53]], dtype=torch.float64)
+    assert inverse_cdf(torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0]] * 2), ends).tolist() == [3, 1]
