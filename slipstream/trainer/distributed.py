@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import os
 import sys
 import time
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
